@@ -1,0 +1,15 @@
+"""Fine-tuning: strategies, parameter groups, the freeze/unfreeze callback, LR schedules."""
+
+from thaw.finetune.callback import FreezeUnfreeze
+from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
+from thaw.finetune.strategies import Full, FinetuneStrategy, LinearProbe, TwoPhase
+
+__all__ = [
+    "FinetuneStrategy",
+    "FreezeUnfreeze",
+    "Full",
+    "LinearProbe",
+    "TwoPhase",
+    "build_param_groups",
+    "discriminative_lrs",
+]

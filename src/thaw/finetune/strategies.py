@@ -1,0 +1,84 @@
+"""Fine-tuning strategies: which backbone groups train in which epoch, and their learning rates.
+
+The phase is a pure function of the epoch, so a run resumed anywhere recomputes the same state.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+BN_MODES = ("eval", "train")
+
+
+@dataclass(kw_only=True)
+class FinetuneStrategy(ABC):
+    """What every strategy shares.
+
+    bn: how BatchNorm layers of frozen groups behave: `eval` keeps their running statistics and
+        affine weights fixed; `train` keeps them training (statistics and affine weights), as
+        fastai does.
+    backbone_lr_ratio: the lowest backbone group's learning rate as a fraction of the head's;
+        the groups between are spaced geometrically.
+    group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding the spacing.
+    """
+
+    bn: str = "eval"
+    backbone_lr_ratio: float = 0.1
+    group_lrs: dict[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.bn not in BN_MODES:
+            raise ValueError(f"finetune.bn={self.bn!r} is not one of {list(BN_MODES)}")
+        if not 0 < self.backbone_lr_ratio <= 1:
+            raise ValueError(
+                f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
+            )
+
+    @abstractmethod
+    def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
+        """The backbone groups (ordered lowest first) that train during `epoch`."""
+
+
+@dataclass(kw_only=True)
+class TwoPhase(FinetuneStrategy):
+    """Head only for `freeze_epochs`, then the top `unfreeze_groups` groups (None: all) as well."""
+
+    freeze_epochs: int = 1
+    unfreeze_groups: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze_epochs < 0:
+            raise ValueError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
+        if self.unfreeze_groups is not None and self.unfreeze_groups < 1:
+            raise ValueError(
+                f"finetune.unfreeze_groups={self.unfreeze_groups} must be >= 1, or null for all"
+            )
+
+    def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
+        if epoch < self.freeze_epochs:
+            return []
+        n = len(backbone_groups)
+        k = n if self.unfreeze_groups is None else self.unfreeze_groups
+        if k > n:
+            raise ValueError(
+                f"finetune.unfreeze_groups={k} but the backbone has {n} groups {backbone_groups}"
+            )
+        return backbone_groups[n - k :]
+
+
+@dataclass(kw_only=True)
+class Full(FinetuneStrategy):
+    """Every group trains from the first step."""
+
+    def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
+        return list(backbone_groups)
+
+
+@dataclass(kw_only=True)
+class LinearProbe(FinetuneStrategy):
+    """Only the head trains; the backbone is a fixed feature extractor."""
+
+    def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
+        return []

@@ -1,0 +1,160 @@
+"""The LightningModule: backbone + head, the loss, metrics, and optimizer over fixed layer groups."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import ConfusionMatrix, MaxMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from thaw.checkpoint import RUN_KEY
+from thaw.finetune import FinetuneStrategy, build_param_groups, discriminative_lrs
+from thaw.finetune.callback import HEAD
+from thaw.models.backbones import Backbone
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., dict[str, Any]]
+
+
+def metric_tag(class_name: str) -> str:
+    """A class name usable in a metric name (TensorBoard treats '/' as a folder)."""
+    return class_name.replace("/", "_").replace(" ", "_")
+
+
+class Classifier(pl.LightningModule):
+    """An image classifier whose parameters are organised in layer groups, lowest first, head last.
+
+    `run_config` (the composed config) and `classes` travel in every checkpoint, so evaluation,
+    prediction and export need nothing but the checkpoint.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        classes: list[str],
+        optimizer: OptimizerFactory,
+        finetune: FinetuneStrategy,
+        scheduler: SchedulerFactory | None = None,
+        head_dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        num_classes = len(classes)
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
+        self.backbone = backbone.model
+        self.backbone_groups = backbone.groups
+        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes))
+        self.classes = list(classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.finetune = finetune
+        self.run_config = run_config or {}
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc_best = MaxMetric()
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_f1_macro = MulticlassF1Score(num_classes, average="macro")
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
+        self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
+        self.test_report: dict[str, Any] = {}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def layer_groups(self) -> dict[str, list[nn.Module]]:
+        """Backbone groups lowest first, then the head: the unit of freezing and of learning rate."""
+        groups = {
+            name: [self.backbone.get_submodule(path) for path in paths]
+            for name, paths in self.backbone_groups.items()
+        }
+        groups[HEAD] = [self.head]
+        return groups
+
+    # -- steps --------------------------------------------------------------------------------
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        images, labels = batch
+        logits = self(images)
+        return self.criterion(logits, labels), logits, labels
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, labels = self._shared_step(batch)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        lrs = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
+        self.log_dict(lrs, on_step=True, on_epoch=False)
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation on an untrained model: keep it out of the best.
+        self.val_acc_best.reset()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, labels = self._shared_step(batch)
+        self.val_acc(logits, labels)
+        self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, labels = self._shared_step(batch)
+        for metric in (self.test_acc, self.test_acc_top5, self.test_f1_macro):
+            metric(logits, labels)
+        self.test_acc_per_class.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log("test/loss", loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/acc_top5", self.test_acc_top5, on_step=False, on_epoch=True)
+        self.log("test/f1_macro", self.test_f1_macro, on_step=False, on_epoch=True)
+
+    def on_test_epoch_end(self) -> None:
+        per_class = self.test_acc_per_class.compute().tolist()
+        for name, acc in zip(self.classes, per_class, strict=True):
+            self.log(f"test/acc_class/{metric_tag(name)}", acc)
+        self.test_report = {
+            "per_class_acc": dict(zip(self.classes, per_class, strict=True)),
+            "confusion_matrix": self.test_confusion.compute().tolist(),
+        }
+        self.test_acc_per_class.reset()
+        self.test_confusion.reset()
+
+    # -- optimization -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = self.layer_groups()
+        base = getattr(self.optimizer_factory, "keywords", {})
+        if "lr" not in base:
+            raise ValueError("the optimizer config needs an `lr` (optimizer.lr=...)")
+        lrs = discriminative_lrs(
+            list(groups), base["lr"], self.finetune.backbone_lr_ratio, self.finetune.group_lrs
+        )
+        param_groups = build_param_groups(groups, lrs, base.get("weight_decay", 0.0))
+        optimizer = self.optimizer_factory(param_groups)
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)  # also sets num_training_batches
+        batches, accumulate = self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
+        steps_per_epoch = max(1, math.ceil(batches / accumulate))
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    # -- checkpoint contents ------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_KEY] = {"config": self.run_config, "classes": self.classes}

@@ -1,0 +1,36 @@
+"""Human-facing renderings of results: the confusion matrix as an image, the metrics as JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+def confusion_matrix_image(matrix: list[list[int]], classes: list[str], cell: int = 36) -> np.ndarray:
+    """An HWC uint8 picture of a confusion matrix (rows: true class, columns: predicted), each
+    cell shaded by its share of the row and labelled with its count."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    n = len(classes)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    margin = 24 + 7 * max(len(c) for c in classes)
+    size = (margin + n * cell + 8, margin + n * cell + 8)
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    for i in range(n):
+        draw.text((4, margin + i * cell + cell // 3), f"{i} {classes[i]}", fill="black")
+        draw.text((margin + i * cell + 2, margin - 14), str(i), fill="black")
+        for j in range(n):
+            shade = int(255 * (1 - shares[i, j]))
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255))
+            draw.text((x + 3, y + cell // 3), str(counts[i, j]), fill="white" if shade < 128 else "black")
+    return np.asarray(image)
+
+
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """metrics.json: the scalar test metrics plus per-class accuracy and the confusion matrix."""
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

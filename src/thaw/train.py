@@ -1,0 +1,105 @@
+"""`python train.py ...`: compose the config, fit, test the best checkpoint, write metrics.json."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from thaw.config import config_dir, flat_hparams
+from thaw.data import ImageDataModule
+from thaw.finetune import FreezeUnfreeze
+from thaw.models import backbone_spec, build_classifier
+from thaw.report import confusion_matrix_image, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def build_datamodule(cfg: DictConfig) -> ImageDataModule:
+    """The DataModule of `cfg.data`, normalised with the backbone's pretraining statistics."""
+    spec = backbone_spec(cfg.model.name)
+    return instantiate(cfg.data, augment=cfg.augment, mean=spec.mean, std=spec.std)
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    return instantiate(cfg.trainer, callbacks=callbacks + extra_callbacks, logger=loggers or False)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means this run dir's last checkpoint; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
+    return str(path)
+
+
+def test_and_report(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    output_dir: Path,
+    ckpt_path: str | None,
+) -> dict[str, Any]:
+    """Test, then write metrics.json and log the confusion matrix as an image."""
+    (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
+    metrics.update({"test/" + k: v for k, v in model.test_report.items()})
+    metrics["checkpoint"] = ckpt_path
+    write_metrics(output_dir / "metrics.json", metrics)
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.TensorBoardLogger):
+            image = confusion_matrix_image(model.test_report["confusion_matrix"], model.classes)
+            logger.experiment.add_image("test/confusion_matrix", image, dataformats="HWC")
+            logger.experiment.flush()
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train as `cfg` says and return every logged metric (val and, if tested, test)."""
+    output_dir = Path(cfg.paths.output_dir)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    model = build_classifier(cfg, datamodule.classes)
+    trainer = build_trainer(cfg, [FreezeUnfreeze(model.finetune)])
+
+    log.info("Run dir: %s", output_dir)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint was saved; testing the weights as they are now.")
+        metrics.update(test_and_report(trainer, model, datamodule, output_dir, best or None))
+        hparam_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        for logger in trainer.loggers:
+            logger.log_hyperparams(flat_hparams(cfg), metrics=hparam_metrics)
+        log.info("Test metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+def _main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    summary = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    print(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+def main() -> None:
+    """Console entry point (`thaw-train`, `python train.py`)."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_main)()

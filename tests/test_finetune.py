@@ -1,0 +1,236 @@
+"""The fine-tuning engine: what is frozen stays bitwise frozen, what thaws trains, LRs are as set."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from thaw.finetune import (
+    FreezeUnfreeze,
+    Full,
+    LinearProbe,
+    TwoPhase,
+    build_param_groups,
+    discriminative_lrs,
+)
+from thaw.finetune import schedulers
+from thaw.models import BACKBONES, Classifier, create_backbone
+
+GROUPS = ["stage1", "stage2", "stage3", "stage4", "head"]
+
+
+def make_model(strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=None) -> Classifier:
+    torch.manual_seed(0)
+    return Classifier(
+        create_backbone("resnet18", weights=None),
+        ["a", "b", "c"],
+        optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+        finetune=strategy,
+        scheduler=scheduler,
+    )
+
+
+def loader(n: int = 24, size: int = 32) -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(n, 3, size, size, generator=g)
+    labels = torch.arange(n) % 3
+    return DataLoader(TensorDataset(images, labels), batch_size=8)
+
+
+class RecordOptimizer(pl.Callback):
+    """Records, at every step, the optimizer's groups and which parameters it holds."""
+
+    def __init__(self) -> None:
+        self.group_counts: list[int] = []
+        self.param_ids: list[frozenset[int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        groups = trainer.optimizers[0].param_groups
+        self.group_counts.append(len(groups))
+        self.param_ids.append(frozenset(id(p) for g in groups for p in g["params"]))
+
+
+def fit(model: Classifier, epochs: int, *extra: pl.Callback) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=epochs,
+        callbacks=[FreezeUnfreeze(model.finetune), *extra],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, train_dataloaders=loader())
+    return trainer
+
+
+def snapshot(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{i}.{k}": v.clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], modules: list[nn.Module]) -> dict[str, bool]:
+    after = snapshot(modules)
+    return {k: not torch.equal(before[k], after[k]) for k in before}
+
+
+def group_snapshots(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: snapshot(mods) for name, mods in model.layer_groups().items()}
+
+
+def test_phase_one_freezes_backbone_bitwise_while_head_learns():
+    model = make_model(TwoPhase(freeze_epochs=1))
+    before = group_snapshots(model)
+    fit(model, epochs=1)
+    groups = model.layer_groups()
+    for name in GROUPS[:-1]:  # weights, biases and BatchNorm running stats alike
+        diff = changed(before[name], groups[name])
+        assert not any(diff.values()), f"{name} moved while frozen: {[k for k, v in diff.items() if v]}"
+    assert all(changed(before["head"], groups["head"]).values())
+
+
+def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes():
+    model = make_model(TwoPhase(freeze_epochs=1, unfreeze_groups=2))
+    recorder = RecordOptimizer()
+    before = group_snapshots(model)
+    trainer = fit(model, 2, recorder)
+    groups = model.layer_groups()
+    for name in ("stage1", "stage2"):
+        assert not any(changed(before[name], groups[name]).values()), name
+    for name in ("stage3", "stage4", "head"):
+        diff = changed(before[name], groups[name])
+        assert all(diff.values()), f"{name} did not train: {[k for k, v in diff.items() if not v]}"
+    assert len(set(recorder.group_counts)) == 1 and len(set(recorder.param_ids)) == 1
+    assert recorder.group_counts[0] == len(trainer.optimizers[0].param_groups)
+    every_param = {id(p) for p in model.parameters()}
+    assert recorder.param_ids[0] == every_param  # frozen ones too: nothing is added later
+
+
+def test_bn_train_keeps_frozen_batchnorm_training():
+    model = make_model(TwoPhase(freeze_epochs=5, bn="train"))
+    bn = model.backbone.bn1
+    conv = model.backbone.conv1
+    stats, affine, weight = bn.running_mean.clone(), bn.weight.clone(), conv.weight.clone()
+    fit(model, epochs=1)
+    assert not torch.equal(stats, bn.running_mean)
+    assert not torch.equal(affine, bn.weight)
+    assert torch.equal(weight, conv.weight)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "epoch", "expected"),
+    [
+        (TwoPhase(freeze_epochs=2), 1, []),
+        (TwoPhase(freeze_epochs=2), 2, GROUPS[:-1]),
+        (TwoPhase(freeze_epochs=0, unfreeze_groups=1), 0, ["stage4"]),
+        (Full(), 0, GROUPS[:-1]),
+        (LinearProbe(), 99, []),
+    ],
+)
+def test_strategy_phase_is_a_function_of_the_epoch(strategy, epoch, expected):
+    assert strategy.trainable_groups(epoch, GROUPS[:-1]) == expected
+
+
+def test_full_trains_everything_from_the_first_step_and_linear_probe_nothing_but_head():
+    model = make_model(Full())
+    before = group_snapshots(model)
+    fit(model, epochs=1)
+    assert all(any(changed(before[n], model.layer_groups()[n]).values()) for n in GROUPS)
+
+    model = make_model(LinearProbe())
+    before = group_snapshots(model)
+    fit(model, epochs=2)
+    moved = [n for n in GROUPS if any(changed(before[n], model.layer_groups()[n]).values())]
+    assert moved == ["head"]
+
+
+def test_discriminative_lrs_are_geometric_from_ratio_to_head():
+    lrs = discriminative_lrs(GROUPS, lr=1e-3, backbone_lr_ratio=0.01)
+    assert lrs["head"] == pytest.approx(1e-3)
+    assert lrs["stage1"] == pytest.approx(1e-5)
+    ratios = [lrs[b] / lrs[a] for a, b in zip(GROUPS, GROUPS[1:])]
+    assert ratios == pytest.approx([0.01 ** (-1 / 4)] * 4)
+    explicit = discriminative_lrs(GROUPS, 1e-3, 0.01, {"stage4": 5e-4})
+    assert explicit["stage4"] == 5e-4 and explicit["stage3"] == lrs["stage3"]
+    with pytest.raises(ValueError, match="layer9.*stage1"):
+        discriminative_lrs(GROUPS, 1e-3, 0.1, {"layer9": 1.0})
+
+
+def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm():
+    model = make_model(TwoPhase(backbone_lr_ratio=0.1, group_lrs={"stage2": 7e-4}), lr=1e-2)
+    trainer = fit(model, epochs=1)
+    expected = discriminative_lrs(GROUPS, 1e-2, 0.1, {"stage2": 7e-4})
+    norm_params = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for p in m.parameters()
+    }
+    for group in trainer.optimizers[0].param_groups:
+        assert group["lr"] == pytest.approx(expected[group["name"]])
+        for p in group["params"]:
+            decays = group["weight_decay"] > 0
+            assert decays == (p.ndim > 1 and id(p) not in norm_params)
+    assert {g["name"] for g in trainer.optimizers[0].param_groups} == set(GROUPS)
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_every_backbone_parameter_is_in_exactly_one_group(name):
+    backbone = create_backbone(name, weights=None)
+    assert list(backbone.groups) == GROUPS[:-1]
+    model = Classifier(backbone, ["a", "b"], optimizer=partial(torch.optim.SGD, lr=0.1), finetune=Full())
+    groups = model.layer_groups()
+    grouped = [id(p) for mods in groups.values() for m in mods for p in m.parameters()]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    param_groups = build_param_groups(groups, dict.fromkeys(GROUPS, 0.1), 0.05)
+    assert sum(len(g["params"]) for g in param_groups) == len(list(model.parameters()))
+    out = model(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 2)
+
+
+def test_cosine_schedule_warms_up_then_decays_every_group_alike():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.1}])
+    sched = schedulers.cosine(opt, total_steps=12, steps_per_epoch=4, warmup_epochs=0.5,
+                              min_lr_ratio=0.1)["scheduler"]
+    seen = []
+    for _ in range(12):
+        seen.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx([0.5, 0.05]) and seen[1] == pytest.approx([1.0, 0.1])
+    assert seen[-1][0] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))
+    assert all(a[1] == pytest.approx(a[0] / 10) for a in seen)
+
+
+def test_onecycle_peaks_at_each_groups_own_lr():
+    params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.1}])
+    sched = schedulers.onecycle(opt, total_steps=20, steps_per_epoch=5, pct_start=0.25)["scheduler"]
+    peaks = [0.0, 0.0]
+    for _ in range(20):
+        peaks = [max(p, g["lr"]) for p, g in zip(peaks, opt.param_groups)]
+        opt.step()
+        sched.step()
+    assert peaks == pytest.approx([1.0, 0.1])
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: TwoPhase(bn="frozen"), r"finetune.bn='frozen'.*\['eval', 'train'\]"),
+        (lambda: TwoPhase(backbone_lr_ratio=0), "backbone_lr_ratio=0"),
+        (lambda: TwoPhase(unfreeze_groups=0), "unfreeze_groups=0"),
+        (lambda: TwoPhase(unfreeze_groups=9).trainable_groups(5, GROUPS[:-1]), "has 4 groups"),
+    ],
+)
+def test_bad_finetune_values_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

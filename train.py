@@ -1,0 +1,6 @@
+"""python train.py model=resnet18 data=cifar10 (see conf/train.yaml and `python train.py --help`)."""
+
+from thaw.train import main
+
+if __name__ == "__main__":
+    main()
