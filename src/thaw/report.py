@@ -33,4 +33,5 @@ def confusion_matrix_image(matrix: list[list[int]], classes: list[str], cell: in
 
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """metrics.json: the scalar test metrics plus per-class accuracy and the confusion matrix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

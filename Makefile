@@ -1,0 +1,43 @@
+# Every target bootstraps .venv itself; `make quickstart` and `make test` are all a new machine needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+QUICKSTART_DIR := logs/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
+
+.PHONY: install quickstart train test lint tensorboard clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# Transfer learning on real data, offline: pretrain resnet18 on five Fashion-MNIST classes, then
+# fine-tune it two-phase on the five others with 100 images per class; the same 100 images from
+# scratch are the baseline.
+quickstart: install
+	$(PY) train.py experiment=fmnist_source hydra.run.dir=$(QUICKSTART_DIR)/source
+	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/transfer \
+		source_checkpoint=$(QUICKSTART_DIR)/source/checkpoints/best.ckpt
+	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/scratch \
+		model.weights=null finetune=full
+	$(PY) scripts/compare_runs.py $(QUICKSTART_DIR)/transfer $(QUICKSTART_DIR)/scratch
+
+# make train ARGS="model=mobilenet_v3_large data=cifar10"
+train: install
+	$(PY) train.py $(ARGS)
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir logs
+
+clean:
+	rm -rf logs multirun outputs .pytest_cache .ruff_cache

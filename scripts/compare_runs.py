@@ -1,0 +1,30 @@
+"""Print a table of the test metrics of finished runs: python scripts/compare_runs.py RUN_DIR..."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("test/acc", "test/acc_top5", "test/f1_macro")
+
+
+def table(run_dirs: list[Path]) -> str:
+    rows = [("run", "weights", *COLUMNS)]
+    for run in run_dirs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        config = (run / ".hydra" / "overrides.yaml").read_text() if (run / ".hydra").is_dir() else ""
+        weights = next(
+            (line.split("=", 1)[1] for line in config.splitlines() if "model.weights=" in line), "-"
+        )
+        rows.append((str(run), weights, *(f"{metrics[c]:.4f}" for c in COLUMNS)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    print(table([Path(p) for p in sys.argv[1:]]))

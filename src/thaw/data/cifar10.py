@@ -1,0 +1,112 @@
+"""CIFAR-10 from the official python archive (cifar-10-python.tar.gz), read with our own reader."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+
+from thaw.data.base import ImageSet, Splits
+from thaw.data.download import DataUnavailableError, check_md5, download, extract_tar
+
+log = logging.getLogger(__name__)
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+MD5 = "c58f30108f718f92721af3b95e74349a"
+FOLDER = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META = "batches.meta"
+
+
+class CIFAR10:
+    """CIFAR-10 as uint8 tensors (N, 3, 32, 32): 50000 train, 10000 test, no validation split.
+
+    Looks for `root/cifar-10-batches-py`; failing that extracts the archive from `root`, downloading
+    it from `url` first when `download` is true. `md5` None skips the checksum (for a mirror that
+    repacks the archive).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        download: bool = True,
+        url: str = URL,
+        md5: str | None = MD5,
+    ) -> None:
+        self.root = Path(root)
+        self.download = download
+        self.url = url
+        self.md5 = md5
+
+    @property
+    def folder(self) -> Path:
+        return self.root / FOLDER
+
+    @property
+    def archive(self) -> Path:
+        return self.root / (Path(urlparse(self.url).path).name or "cifar-10-python.tar.gz")
+
+    def prepare(self) -> None:
+        """Make sure `root/cifar-10-batches-py` exists: extract the archive, fetched if needed."""
+        if self.folder.is_dir():
+            return
+        if not self.archive.is_file():
+            if not self.download:
+                raise DataUnavailableError(
+                    f"CIFAR-10 is not in {self.root} and download is off: download {self.url} "
+                    f"and place {self.archive.name} (or its extracted {FOLDER}/ folder) in "
+                    f"{self.root}, or set download: true"
+                )
+            try:
+                download(self.url, self.archive, self.md5)
+            except OSError as err:
+                raise DataUnavailableError(
+                    f"Could not download CIFAR-10 from {self.url} ({err}): download it by other "
+                    f"means and place {self.archive.name} (or its extracted {FOLDER}/ folder) "
+                    f"in {self.root}"
+                ) from err
+        else:
+            check_md5(self.archive, self.md5)
+        log.info("Extracting %s", self.archive)
+        extract_tar(self.archive, FOLDER, self.root)
+
+    def load(self) -> Splits:
+        self.prepare()
+        classes = [name.decode() for name in _unpickle(self.folder / META)[b"label_names"]]
+        train = _read_batches([self.folder / name for name in TRAIN_BATCHES], classes)
+        test = _read_batches([self.folder / TEST_BATCH], classes)
+        return Splits(train=train, test=test)
+
+
+def _unpickle(path: Path) -> dict[bytes, object]:
+    """The batches were pickled by Python 2: keys are bytes, hence encoding="bytes"."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 file {path} is missing; delete {path.parent} to extract it again"
+        )
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _read_batches(paths: list[Path], classes: list[str]) -> ImageSet:
+    """Rows of 3072 bytes are 1024 red, 1024 green, 1024 blue values, each plane row-major."""
+    images, labels = [], []
+    for path in paths:
+        batch = _unpickle(path)
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
+            raise ValueError(
+                f"{path}: expected data (N, 3072) and N labels, "
+                f"got data {data.shape} and {len(batch_labels)} labels"
+            )
+        if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < len(classes):
+            raise ValueError(f"{path}: labels outside 0..{len(classes) - 1}")
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))
+        labels.append(torch.from_numpy(batch_labels))
+    return ImageSet(torch.cat(images), torch.cat(labels), classes)

@@ -1,0 +1,120 @@
+"""A folder of class folders: the way users bring their own images.
+
+    root/[train/]<class>/<any/depth>/<image>     class names = sorted folder names
+    root/val/<class>/...   root/test/<class>/... optional, same class folders as train
+
+Images stay on disk as a list of paths and are decoded one at a time by the Dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from thaw.data.base import ImageSet, Splits
+from thaw.data.download import DataUnavailableError
+from thaw.data.split import split_imageset
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image file to RGB, turned upright as its EXIF orientation says (phone photos)."""
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as err:  # PIL raises many types for a corrupt or truncated file
+        raise OSError(f"could not decode image {path}: {err}") from err
+
+
+class ImageFolder:
+    """Images in class folders, optionally split into train/, val/ and test/ folders.
+
+    Without a test/ folder, a stratified `test_fraction` of the training images (seeded by
+    `split_seed`) becomes the test set; without a val/ folder the DataModule splits one off.
+    """
+
+    def __init__(self, root: str | Path, test_fraction: float = 0.1, split_seed: int = 0) -> None:
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+        self.root = Path(root)
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+
+    def prepare(self) -> None:
+        """Nothing to download; fail early when the folder is not there."""
+        if not self.root.is_dir():
+            raise DataUnavailableError(
+                f"image folder {self.root} does not exist: place one folder of images per class in "
+                f"{self.root} (or in {self.root}/train, with optional val/ and test/ beside it)"
+            )
+
+    def load(self) -> Splits:
+        self.prepare()
+        train_dir = self.root / "train"
+        if not train_dir.is_dir():
+            stray = [name for name in ("val", "test") if (self.root / name).is_dir()]
+            if stray:
+                raise ValueError(
+                    f"{self.root} has {'/ and '.join(stray)}/ but no train/ folder; put the "
+                    "training class folders in train/"
+                )
+            train_dir = self.root
+        classes = _class_folders(train_dir)
+        if not classes:
+            raise ValueError(f"{train_dir} has no class folders (one folder of images per class)")
+        train = _scan(train_dir, classes)
+        empty = [name for name in classes if not (train.labels == classes.index(name)).any()]
+        if empty:
+            raise ValueError(f"class folders without images in {train_dir}: {empty}")
+        val = _scan_split(self.root / "val", classes, train_dir)
+        test = _scan_split(self.root / "test", classes, train_dir)
+        if test is None:
+            if self.test_fraction == 0:
+                raise ValueError(
+                    f"{self.root} has no test/ folder and test_fraction is 0: "
+                    "give a test/ folder or a test_fraction > 0"
+                )
+            train, test = split_imageset(train, self.test_fraction, self.split_seed)
+        return Splits(train=train, test=test, val=val)
+
+
+def _class_folders(directory: Path) -> list[str]:
+    entries = directory.iterdir()
+    return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan(directory: Path, classes: list[str]) -> ImageSet:
+    """Every image file under each class folder (recursively, hidden files and folders skipped),
+    sorted."""
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        class_dir = directory / name
+        files = sorted(
+            path
+            for path in class_dir.rglob("*")
+            if path.suffix.lower() in IMAGE_SUFFIXES
+            and path.is_file()
+            and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+        )
+        paths += files
+        labels += [label] * len(files)
+    return ImageSet(paths, torch.tensor(labels, dtype=torch.long), classes)
+
+
+def _scan_split(directory: Path, classes: list[str], train_dir: Path) -> ImageSet | None:
+    """The val/ or test/ folder if there is one; its class folders must be train's."""
+    if not directory.is_dir():
+        return None
+    found = _class_folders(directory)
+    if found != classes:
+        missing = sorted(set(classes) - set(found))
+        extra = sorted(set(found) - set(classes))
+        raise ValueError(
+            f"class folders in {directory} differ from {train_dir}: "
+            f"missing {missing}, not in train {extra}"
+        )
+    return _scan(directory, classes)

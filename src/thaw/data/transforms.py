@@ -1,0 +1,116 @@
+"""Per-image transforms (torchvision.transforms.v2) from the `augment` config group.
+
+Both pipelines take a uint8 CHW tensor or a PIL image and return a float32 CHW tensor with 3
+channels, normalised with the backbone's pretraining statistics; augmentation runs on uint8, before
+the conversion, where it is cheapest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+# The augment config's keys and the largest value each takes (all start at 0 = off).
+AUGMENT_LIMITS = {"crop_padding": 1.0, "hflip": 1.0, "color_jitter": float("inf")}
+
+
+class ToRGB(torch.nn.Module):
+    """Repeat a single (grayscale) channel three times, so every backbone sees RGB input."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        channels = image.shape[-3]
+        if channels == 3:
+            return image
+        if channels != 1:
+            raise ValueError(f"expected an image with 1 or 3 channels, got {channels}")
+        return F.to_image(image.repeat_interleave(3, dim=-3))
+
+
+class RandomPadCrop(torch.nn.Module):
+    """Zero-pad each side by `fraction` of its length, then crop a random window of the original
+    size: the CIFAR-style shift, for any input size (0.125 gives 4 pixels on 32)."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        self.fraction = fraction
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.shape[-2:]
+        pad_h, pad_w = round(self.fraction * height), round(self.fraction * width)
+        padded = F.pad(image, [pad_w, pad_h, pad_w, pad_h])
+        top = int(torch.randint(0, 2 * pad_h + 1, ()))
+        left = int(torch.randint(0, 2 * pad_w + 1, ()))
+        return F.crop(padded, top, left, height, width)
+
+
+def build_train_transform(
+    augment: Mapping[str, Any] | None,
+    image_size: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> v2.Compose:
+    """Resize as for evaluation, then the augmentations `augment` switches on (0 = off):
+    `crop_padding` (padded random crop), `hflip` (probability), `color_jitter` (strength)."""
+    options = _augment_options(augment)
+    steps: list[torch.nn.Module] = []
+    if options["crop_padding"] > 0:
+        steps.append(RandomPadCrop(options["crop_padding"]))
+    if options["hflip"] > 0:
+        steps.append(v2.RandomHorizontalFlip(options["hflip"]))
+    strength = options["color_jitter"]
+    if strength > 0:
+        steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
+    return _pipeline(image_size, mean, std, steps)
+
+
+def build_eval_transform(
+    image_size: int | None, mean: Sequence[float], std: Sequence[float]
+) -> v2.Compose:
+    """Deterministic: RGB, resize, normalise."""
+    return _pipeline(image_size, mean, std, [])
+
+
+def _pipeline(
+    image_size: int | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    augmentations: list[torch.nn.Module],
+) -> v2.Compose:
+    mean, std = _stats(mean, "mean"), _stats(std, "std")
+    steps: list[torch.nn.Module] = [v2.ToImage(), ToRGB()]
+    if image_size is not None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive integer or null, got {image_size!r}")
+        steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
+    steps += augmentations
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
+    return v2.Compose(steps)
+
+
+def _augment_options(augment: Mapping[str, Any] | None) -> dict[str, float]:
+    """The augment config as floats, missing keys off; unknown keys and bad values rejected."""
+    augment = dict(augment or {})
+    unknown = sorted(set(augment) - set(AUGMENT_LIMITS))
+    if unknown:
+        raise ValueError(f"unknown augment keys {unknown}; known keys: {list(AUGMENT_LIMITS)}")
+    options = {}
+    for key, high in AUGMENT_LIMITS.items():
+        value = augment.get(key) or 0.0
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+            allowed = f"[0, {high:g}]" if high < float("inf") else ">= 0"
+            raise ValueError(f"augment.{key} must be a number {allowed}, got {value!r}")
+        options[key] = float(value)
+    return options
+
+
+def _stats(values: Sequence[float], name: str) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {values}")
+    if name == "std" and min(values) <= 0:
+        raise ValueError(f"std must be positive, got {values}")
+    return values

@@ -1,0 +1,583 @@
+"""Behaviour of the data layer: readers on the real formats, download/extract, splits, transforms,
+the DataModule and the data configs."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from data_formats import (
+    CIFAR10_CLASSES,
+    cifar10_archive,
+    closed_port_url,
+    serve_directory,
+    write_cifar10,
+    write_cifar_batch,
+    write_fashion_mnist,
+    write_idx,
+    write_image_folder,
+)
+from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits
+from thaw.data import fashion_mnist as fmnist
+from thaw.data.cifar10 import CIFAR10
+from thaw.data.datamodule import ImageDataset
+from thaw.data.download import ChecksumError
+from thaw.data.fashion_mnist import FashionMNIST
+from thaw.data.imagefolder import ImageFolder, load_image
+from thaw.data.split import limit_per_class, select_classes, stratified_split
+from thaw.data.transforms import build_eval_transform, build_train_transform
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests to 127.0.0.1 must not go through a proxy set in the environment."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+def augment_conf(name: str) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(CONF / "augment" / f"{name}.yaml"))
+
+
+def counts(labels: torch.Tensor) -> dict[int, int]:
+    return dict(Counter(labels.tolist()))
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar10_reads_the_batches_exactly(tmp_path: Path) -> None:
+    folder = write_cifar10(tmp_path, n_per_class=3)
+    row = np.zeros((1, 3072), dtype=np.uint8)
+    row[0, 2 * 1024 + 5 * 32 + 7] = 255  # blue plane, row 5, column 7
+    write_cifar_batch(folder / "data_batch_1", np.concatenate([row, row + 1]), [4, 9], "b1")
+
+    splits = CIFAR10(tmp_path, download=False).load()
+
+    batches = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    expected = [pickle.loads(path.read_bytes(), encoding="bytes") for path in batches]
+    data = np.concatenate([batch[b"data"] for batch in expected])
+    labels = sum((batch[b"labels"] for batch in expected), [])
+    train = splits.train
+    assert train.in_memory and train.images.dtype == torch.uint8
+    assert train.images.shape == (len(data), 3, 32, 32)
+    assert torch.equal(train.images.reshape(len(data), -1), torch.from_numpy(data))
+    assert train.labels.tolist() == labels and train.labels.dtype == torch.long
+    assert train.images[0, 2, 5, 7] == 255 and train.images[0].sum() == 255
+    assert train.classes == CIFAR10_CLASSES
+    test = pickle.loads((folder / "test_batch").read_bytes(), encoding="bytes")
+    assert torch.equal(splits.test.images.reshape(30, -1), torch.from_numpy(test[b"data"]))
+    assert splits.test.labels.tolist() == test[b"labels"]
+    assert splits.val is None
+
+
+def test_cifar10_downloads_checks_and_extracts_the_archive(tmp_path: Path, loopback: None) -> None:
+    archive, md5 = cifar10_archive(tmp_path / "server", n_per_class=2)
+    root = tmp_path / "data"
+    with serve_directory(archive.parent) as base_url:
+        source = CIFAR10(root, url=base_url + archive.name, md5=md5)
+        source.prepare()
+        splits = source.load()
+    assert len(splits.train) == 20 and len(splits.test) == 20
+    assert counts(splits.train.labels) == {c: 2 for c in range(10)}
+    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", archive.name]
+
+
+def test_cifar10_extracts_an_archive_placed_by_hand(tmp_path: Path) -> None:
+    _, md5 = cifar10_archive(tmp_path, n_per_class=1)
+    assert len(CIFAR10(tmp_path, download=False, md5=md5).load().train) == 10
+
+
+def test_cifar10_wrong_md5_leaves_nothing_behind(tmp_path: Path, loopback: None) -> None:
+    archive, md5 = cifar10_archive(tmp_path / "server", n_per_class=1)
+    root = tmp_path / "data"
+    wrong = "0" * 32
+    with serve_directory(archive.parent) as base_url:
+        with pytest.raises(ChecksumError) as err:
+            CIFAR10(root, url=base_url + archive.name, md5=wrong).load()
+    message = str(err.value)
+    assert archive.name in message and wrong in message and md5 in message
+    assert list(root.iterdir()) == []
+
+
+def test_cifar10_unreachable_url_says_what_to_place_where(tmp_path: Path, loopback: None) -> None:
+    url = closed_port_url() + "cifar-10-python.tar.gz"
+    with pytest.raises(DataUnavailableError) as err:
+        CIFAR10(tmp_path / "data", url=url).load()
+    message = str(err.value)
+    assert url in message and str(tmp_path / "data") in message
+    assert "cifar-10-python.tar.gz" in message
+    assert not (tmp_path / "data" / "cifar-10-batches-py").exists()
+
+
+def test_cifar10_absent_without_download(tmp_path: Path) -> None:
+    with pytest.raises(DataUnavailableError, match="download is off") as err:
+        CIFAR10(tmp_path, download=False).prepare()
+    assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in str(err.value)
+    assert str(tmp_path) in str(err.value)
+
+
+# ---------------------------------------------------------------- Fashion-MNIST
+
+
+@pytest.mark.parametrize("suffix", [".gz", ""])
+def test_fashion_mnist_reads_idx_files_exactly(tmp_path: Path, suffix: str) -> None:
+    rng = np.random.default_rng(1)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (7, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, 7, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, 3, dtype=np.uint8),
+    }
+    for stem, array in arrays.items():
+        write_idx(tmp_path / f"{stem}{suffix}", array)
+
+    splits = FashionMNIST(tmp_path, download=False, system_dir=None).load()
+
+    train, test = splits.train, splits.test
+    assert train.images.shape == (7, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert np.array_equal(train.images[:, 0].numpy(), arrays["train-images-idx3-ubyte"])
+    assert train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert np.array_equal(test.images[:, 0].numpy(), arrays["t10k-images-idx3-ubyte"])
+    assert test.labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert train.classes[0] == "T-shirt/top" and train.classes[9] == "Ankle boot"
+    assert splits.val is None
+
+
+def test_fashion_mnist_wrong_magic_names_the_file(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path, n_train=4, n_test=2)
+    bad = tmp_path / "train-labels-idx1-ubyte.gz"
+    write_idx(bad, np.zeros((4, 2, 2), dtype=np.uint8))  # an images header where labels belong
+    with pytest.raises(ValueError, match="magic number") as err:
+        FashionMNIST(tmp_path, download=False, system_dir=None).load()
+    assert str(bad) in str(err.value)
+
+
+def test_fashion_mnist_found_in_system_dir(tmp_path: Path) -> None:
+    system_dir = write_fashion_mnist(tmp_path / "system", n_train=20, n_test=10)
+    splits = FashionMNIST(tmp_path / "empty", download=False, system_dir=system_dir).load()
+    assert len(splits.train) == 20 and len(splits.test) == 10
+    assert not (tmp_path / "empty").exists()
+
+
+def test_fashion_mnist_downloads_with_md5_check(
+    tmp_path: Path, loopback: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = write_fashion_mnist(tmp_path / "server", n_train=10, n_test=5)
+    for path in served.iterdir():
+        md5 = hashlib.md5(path.read_bytes()).hexdigest()
+        monkeypatch.setitem(fmnist.FILES, path.name.removesuffix(".gz"), md5)
+    root = tmp_path / "data"
+    with serve_directory(served) as base_url:
+        splits = FashionMNIST(root, url=base_url, system_dir=None).load()
+    assert len(splits.train) == 10 and len(splits.test) == 5
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in served.iterdir())
+
+
+def test_fashion_mnist_unavailable_names_url_files_dir_and_package(
+    tmp_path: Path, loopback: None
+) -> None:
+    url = closed_port_url()
+    with pytest.raises(DataUnavailableError) as err:
+        FashionMNIST(tmp_path / "data", url=url, system_dir=tmp_path / "nowhere").load()
+    message = str(err.value)
+    for part in (
+        url,
+        str(tmp_path / "data"),
+        "train-images-idx3-ubyte.gz",
+        "dataset-fashion-mnist",
+    ):
+        assert part in message
+
+
+def test_fashion_mnist_real_debian_files(tmp_path: Path) -> None:
+    names = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    names += ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    if not all((REAL_FASHION_MNIST / name).is_file() for name in names):
+        pytest.fail(
+            f"the real Fashion-MNIST files are not in {REAL_FASHION_MNIST}: "
+            "run `apt-get install dataset-fashion-mnist`"
+        )
+    splits = FashionMNIST(tmp_path, download=False).load()
+    assert splits.train.images.shape == (60000, 1, 28, 28)
+    assert splits.test.images.shape == (10000, 1, 28, 28)
+    assert counts(splits.train.labels) == {c: 6000 for c in range(10)}
+    assert counts(splits.test.labels) == {c: 1000 for c in range(10)}
+    assert len(splits.train.classes) == 10 and int(splits.train.images.max()) == 255
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+def test_imagefolder_classes_from_folders_and_non_images_ignored(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["dog", "cat", "ant"], n_per_class=3, splits=("",))
+    write_image_folder(tmp_path, ["cat"], n_per_class=1, splits=("",), suffix=".JPG", seed=1)
+    (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / ".hidden.png").write_bytes(b"")
+    (tmp_path / "README").write_text("top-level files are not classes")
+
+    splits = ImageFolder(tmp_path, test_fraction=0.1).load()
+
+    assert splits.train.classes == ["ant", "cat", "dog"]
+    every = splits.train.images + splits.test.images
+    assert sorted(p.suffix for p in every) == [".JPG"] + [".png"] * 9
+    assert counts(splits.test.labels) == {0: 1, 1: 1, 2: 1}
+    assert splits.val is None and not splits.train.in_memory
+
+
+def test_imagefolder_uses_split_folders(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=4, splits=("train",))
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=2, splits=("val", "test"))
+    splits = ImageFolder(tmp_path).load()
+    assert [len(splits.train), len(splits.val), len(splits.test)] == [8, 4, 4]
+    assert all(p.parts[-3] == "test" for p in splits.test.images)
+    assert all(p.parts[-3] == "val" for p in splits.val.images)
+
+
+def test_imagefolder_makes_a_stratified_test_split(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b", "c"], n_per_class=10, splits=("train",))
+    splits = ImageFolder(tmp_path, test_fraction=0.2, split_seed=3).load()
+    assert counts(splits.test.labels) == {0: 2, 1: 2, 2: 2}
+    assert counts(splits.train.labels) == {0: 8, 1: 8, 2: 8}
+    assert set(splits.train.images).isdisjoint(splits.test.images)
+    again = ImageFolder(tmp_path, test_fraction=0.2, split_seed=3).load()
+    assert again.test.images == splits.test.images
+
+
+def test_imagefolder_mismatched_class_folders(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=1, splits=("train",))
+    write_image_folder(tmp_path, ["a", "c"], n_per_class=1, splits=("val",))
+    with pytest.raises(ValueError, match="differ") as err:
+        ImageFolder(tmp_path).load()
+    message = str(err.value)
+    assert str(tmp_path / "val") in message and "'b'" in message and "'c'" in message
+
+
+def test_imagefolder_missing_or_empty_root(tmp_path: Path) -> None:
+    with pytest.raises(DataUnavailableError, match=str(tmp_path / "absent")):
+        ImageFolder(tmp_path / "absent").load()
+    (tmp_path / "notes.txt").write_text("no class folders here")
+    with pytest.raises(ValueError, match="no class folders") as err:
+        ImageFolder(tmp_path).load()
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "CMYK"])
+def test_load_image_gives_rgb(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
+    Image.new(mode, (6, 4)).save(path)
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (6, 4)
+    dataset = ImageDataset(
+        ImageSet([path], torch.tensor([0]), ["x"]), build_eval_transform(None, MEAN, STD)
+    )
+    tensor, label = dataset[0]
+    assert tensor.shape == (3, 4, 6) and tensor.dtype == torch.float32 and label == 0
+
+
+def test_load_image_follows_exif_orientation_and_names_bad_files(tmp_path: Path) -> None:
+    path = tmp_path / "photo.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.new("RGB", (12, 10)).save(path, exif=exif)
+    assert load_image(path).size == (10, 12)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(OSError, match="broken.png"):
+        load_image(broken)
+
+
+# ---------------------------------------------------------------- split helpers
+
+
+def test_stratified_split_holds_each_class_fraction() -> None:
+    sizes = {0: 10, 1: 7, 2: 3, 3: 50}
+    labels = torch.cat([torch.full((n,), c) for c, n in sizes.items()])
+    labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+
+    keep, held = stratified_split(labels, 0.2, seed=0)
+
+    assert torch.equal(torch.sort(torch.cat([keep, held])).values, torch.arange(len(labels)))
+    held_counts = counts(labels[held])
+    for c, n in sizes.items():
+        assert held_counts[c] == max(1, round(n * 0.2)) and abs(held_counts[c] - n * 0.2) <= 0.6
+    assert torch.equal(stratified_split(labels, 0.2, seed=0)[1], held)
+    assert not torch.equal(stratified_split(labels, 0.2, seed=1)[1], held)
+    keep_all, none = stratified_split(labels, 0.0, seed=0)
+    assert len(keep_all) == len(labels) and len(none) == 0
+
+
+def test_stratified_split_needs_two_samples_per_class() -> None:
+    with pytest.raises(ValueError, match="'lonely'"):
+        stratified_split(torch.tensor([0, 0, 1]), 0.5, seed=0, class_names=["many", "lonely"])
+
+
+def test_select_classes_and_limit_per_class() -> None:
+    labels = torch.tensor([0, 1, 2, 3] * 6)
+    images = torch.arange(len(labels), dtype=torch.uint8).reshape(-1, 1, 1, 1)
+    imageset = ImageSet(images, labels, ["a", "b", "c", "d"])
+
+    picked = select_classes(imageset, ["d", "b"])
+
+    assert picked.classes == ["d", "b"] and counts(picked.labels) == {0: 6, 1: 6}
+    assert torch.equal(imageset.labels[picked.images.flatten().long()], torch.tensor([1, 3] * 6))
+    assert torch.equal(picked.labels, torch.tensor([1, 0] * 6))
+    with pytest.raises(ValueError, match=r"\['a', 'b', 'c', 'd'\]"):
+        select_classes(imageset, ["b", "zebra"])
+
+    limited = limit_per_class(imageset, 4, seed=0)
+    assert counts(limited.labels) == {c: 4 for c in range(4)}
+    assert torch.equal(limit_per_class(imageset, 4, seed=0).images, limited.images)
+    assert not torch.equal(limit_per_class(imageset, 4, seed=1).images, limited.images)
+    assert len(limit_per_class(imageset, 100, seed=0)) == len(imageset)
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def test_transforms_output_float_rgb_at_the_requested_size() -> None:
+    gray = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    out = build_eval_transform(None, MEAN, STD)(gray)
+    assert out.shape == (3, 28, 28) and out.dtype == torch.float32
+    assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
+    basic = augment_conf("basic")
+    wide = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8)
+    assert build_train_transform(basic, 40, MEAN, STD)(wide).shape == (3, 40, 40)
+    pil = Image.new("L", (48, 32))
+    assert build_train_transform(basic, 24, MEAN, STD)(pil).shape == (3, 24, 24)
+
+
+def test_eval_transform_is_deterministic_and_equals_train_without_augment() -> None:
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    evaluate = build_eval_transform(16, MEAN, STD)
+    train = build_train_transform(augment_conf("none"), 16, MEAN, STD)
+    assert torch.equal(evaluate(image), evaluate(image))
+    assert all(torch.equal(train(image), evaluate(image)) for _ in range(5))
+
+
+def test_augmentations_vary_the_output() -> None:
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    plain = build_eval_transform(None, MEAN, STD)(image)
+
+    flip = build_train_transform({"hflip": 1.0}, None, MEAN, STD)
+    assert torch.equal(flip(image), plain.flip(-1))
+
+    crop = build_train_transform({"crop_padding": 0.125}, None, MEAN, STD)
+    crops = [crop(image) for _ in range(20)]
+    assert all(c.shape == (3, 32, 32) for c in crops)
+    assert len({c.numpy().tobytes() for c in crops}) > 1
+
+    basic = build_train_transform(augment_conf("basic"), None, MEAN, STD)
+    outputs = [basic(image) for _ in range(10)]
+    assert sum(not torch.equal(out, plain) for out in outputs) >= 9
+
+
+def test_augment_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="vflip") as err:
+        build_train_transform({"vflip": 0.5, "hflip": 0.5}, None, MEAN, STD)
+    assert "crop_padding" in str(err.value) and "color_jitter" in str(err.value)
+    with pytest.raises(ValueError, match="hflip"):
+        build_train_transform({"hflip": 1.5}, None, MEAN, STD)
+
+
+# ---------------------------------------------------------------- DataModule
+
+
+class CountingSource:
+    """Wraps a source to count loads."""
+
+    def __init__(self, source: CIFAR10) -> None:
+        self.source, self.loads = source, 0
+
+    def prepare(self) -> None:
+        self.source.prepare()
+
+    def load(self) -> Splits:
+        self.loads += 1
+        return self.source.load()
+
+
+def test_datamodule_filters_splits_and_limits(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_per_class=20)
+    source = CountingSource(CIFAR10(tmp_path, download=False))
+    dm = ImageDataModule(
+        source,
+        augment_conf("basic"),
+        MEAN,
+        STD,
+        val_fraction=0.25,
+        classes=["cat", "dog", "ship"],
+        samples_per_class=7,
+        batch_size=8,
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    train_set, val_set = dm.train_set, dm.val_set
+
+    assert dm.classes == ["cat", "dog", "ship"]
+    assert counts(train_set.labels) == {0: 7, 1: 7, 2: 7}
+    assert counts(val_set.labels) == {0: 5, 1: 5, 2: 5}
+    assert counts(dm.test_set.labels) == {0: 20, 1: 20, 2: 20}
+    train_rows = {bytes(image.numpy()) for image in train_set.images}
+    assert train_rows.isdisjoint(bytes(image.numpy()) for image in val_set.images)
+
+    images, labels = next(iter(dm.train_dataloader()))
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
+    assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1, 2}
+    assert len(dm.train_dataloader()) == 3  # 21 images, the last batch kept
+    images, _ = next(iter(dm.test_dataloader()))
+    assert images.shape == (8, 3, 32, 32)  # eval_batch_size defaults to batch_size
+    dm.setup("test")
+    dm.setup("validate")
+    assert source.loads == 1 and dm.train_set is train_set and dm.val_set is val_set
+
+
+def test_datamodule_streams_files_and_keeps_a_source_val(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=3, splits=("train", "val", "test"))
+    dm = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, image_size=16, batch_size=4)
+    dm.setup()
+    assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [6, 6, 6]
+    images, labels = next(iter(dm.val_dataloader()))
+    assert images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1]
+
+
+def test_datamodule_loader_options(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_per_class=2)
+    dm = ImageDataModule(
+        CIFAR10(tmp_path, download=False),
+        None,
+        MEAN,
+        STD,
+        num_workers=2,
+        eval_batch_size=5,
+        pin_memory=True,
+    )
+    with pytest.raises(RuntimeError, match="setup"):
+        _ = dm.classes
+    dm.setup()
+    train, test = dm.train_dataloader(), dm.test_dataloader()
+    assert train.persistent_workers and train.num_workers == 2 and train.pin_memory
+    assert not train.drop_last and test.batch_size == 5
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"samples_per_class": 0}, "samples_per_class"),
+        ({"samples_per_class": 2.5}, "samples_per_class"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"classes": "cat"}, "classes"),
+    ],
+)
+def test_datamodule_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        ImageDataModule(CIFAR10(tmp_path), None, MEAN, STD, **kwargs)
+
+
+def test_datamodule_runs_under_a_trainer(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_per_class=4)
+
+    class Linear(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            images, labels = batch
+            return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), labels)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            return self.step(batch)
+
+        def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> None:
+            self.log("val/loss", self.step(batch))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = ImageDataModule(CIFAR10(tmp_path, download=False), None, MEAN, STD, batch_size=16)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(Linear(), datamodule=dm)
+    assert trainer.num_training_batches == 2  # 36 of 40 images: 4 held out for validation
+    assert trainer.num_val_batches == [1] and dm.classes == CIFAR10_CLASSES
+
+
+# ---------------------------------------------------------------- configs
+
+
+def compose_data(name: str, data_dir: Path, **overrides: object) -> DictConfig:
+    """The data group as the root config holds it, with `paths.data_dir` and `seed` beside it."""
+    cfg = OmegaConf.create(
+        {
+            "paths": {"data_dir": str(data_dir)},
+            "seed": 0,
+            "data": OmegaConf.load(CONF / "data" / f"{name}.yaml"),
+        }
+    )
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "imagefolder"])
+def test_data_configs_instantiate(tmp_path: Path, name: str) -> None:
+    overrides = {"data.root": str(tmp_path / "images")} if name == "imagefolder" else {}
+    cfg = compose_data(name, tmp_path, **overrides)
+    for key in ("mean", "std", "augment"):
+        assert key not in cfg.data
+    dm = instantiate(
+        cfg.data, augment=OmegaConf.load(CONF / "augment" / "basic.yaml"), mean=MEAN, std=STD
+    )
+    assert isinstance(dm, ImageDataModule)
+    assert dm.source.root == dm.root
+    expected_root = tmp_path / "images" if name == "imagefolder" else tmp_path / name
+    assert dm.root == expected_root
+
+
+def test_imagefolder_config_needs_a_root(tmp_path: Path) -> None:
+    cfg = compose_data("imagefolder", tmp_path)
+    assert OmegaConf.is_missing(cfg.data, "root")
+
+
+def test_data_root_override_reaches_the_source(tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "mine", n_per_class=2)
+    cfg = compose_data(
+        "cifar10",
+        tmp_path / "unused",
+        **{
+            "data.root": str(tmp_path / "mine"),
+            "data.source.download": False,
+            "data.classes": ["cat", "dog"],
+            "data.num_workers": 0,
+        },
+    )
+    dm = instantiate(
+        cfg.data, augment=OmegaConf.load(CONF / "augment" / "none.yaml"), mean=MEAN, std=STD
+    )
+    dm.setup()
+    assert dm.classes == ["cat", "dog"] and len(dm.test_set) == 4

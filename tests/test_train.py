@@ -1,0 +1,290 @@
+"""End to end: composed configs train, write what a run promises, and fail clearly on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from conftest import REAL_FMNIST, TINY, compose_config, offline_fmnist
+from data_formats import closed_port_url
+from hydra.errors import ConfigCompositionException
+from hydra.utils import instantiate
+from omegaconf.errors import InterpolationToMissingValueError
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from thaw.checkpoint import CheckpointError
+from thaw.config import config_dir
+from thaw.data import DataUnavailableError
+from thaw.evaluate import evaluate
+from thaw.models import WeightsError, create_backbone
+from thaw.train import build_datamodule, build_trainer, run
+
+ROOT = Path(__file__).resolve().parents[1]
+GROUPS = [
+    "data",
+    "augment",
+    "model",
+    "optimizer",
+    "scheduler",
+    "finetune",
+    "trainer",
+    "callbacks",
+    "logger",
+]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    ("group", "option"),
+    [(g, o) for g in GROUPS for o in options(g)]
+    + [("experiment", "fmnist_source"), ("debug", "fast"), ("debug", "overfit")],
+)
+def test_every_config_option_composes_and_instantiates(train_config, group, option):
+    extra = ["model.weights=null"] if group == "experiment" else []
+    cfg = train_config(f"{group}={option}", *extra)
+    if group == "data" and option == "imagefolder":
+        cfg.data.root = str(ROOT)  # any existing directory: instantiating reads nothing yet
+    datamodule = build_datamodule(cfg)
+    assert datamodule.batch_size == cfg.data.batch_size
+    backbone = create_backbone(cfg.model.name, None)
+    assert backbone.feature_dim > 0
+    assert callable(instantiate(cfg.optimizer)) and callable(instantiate(cfg.scheduler))
+    assert instantiate(cfg.finetune).trainable_groups(0, list(backbone.groups)) is not None
+    assert build_trainer(cfg, []).max_epochs == cfg.trainer.max_epochs
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return set(events.Tags()["scalars"]) | {f"image:{t}" for t in events.Tags()["images"]}
+
+
+def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(train_config, tmp_path):
+    cfg = train_config("finetune.freeze_epochs=1")
+    metrics = run(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    tags = scalar_tags(run_dir)
+    expected = {
+        "train/loss_epoch",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "test/acc",
+        "test/acc_top5",
+        "test/f1_macro",
+        "image:test/confusion_matrix",
+    }
+    expected |= {f"lr/{g}" for g in ("stage1", "stage2", "stage3", "stage4", "head")}
+    assert expected <= tags, expected - tags
+
+    written = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test/acc", "test/acc_top5", "test/f1_macro"):
+        assert written[key] == pytest.approx(metrics[key])
+    assert set(written["test/per_class_acc"]) == {
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    }
+    confusion = torch.tensor(written["test/confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 40
+    assert written["test/acc"] == pytest.approx((confusion.diag().sum() / 40).item())
+
+    eval_cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={run_dir / 'checkpoints' / 'best.ckpt'}",
+            "trainer.accelerator=cpu",
+            "+trainer.enable_progress_bar=false",
+        ],
+        tmp_path / "eval",
+    )
+    recomputed = evaluate(eval_cfg)
+    for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
+        assert recomputed[key] == pytest.approx(written[key], abs=1e-6)
+    assert recomputed["test/confusion_matrix"] == written["test/confusion_matrix"]
+
+
+def test_resume_from_last_finishes_the_run(train_config):
+    cfg = train_config("trainer.max_epochs=1", "test=false")
+    run(cfg)
+    resumed = train_config("trainer.max_epochs=2", "test=false", "ckpt_path=last")
+    last_path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last_path, weights_only=True)["global_step"] == 5  # 72 images, 16 a batch
+    run(resumed)
+    assert torch.load(last_path, weights_only=True)["global_step"] == 2 * 5
+
+
+def test_a_thaw_checkpoint_is_usable_as_backbone_weights(train_config):
+    cfg = train_config("trainer.max_epochs=1", "test=false", "data.classes=[Bag,Sandal]")
+    run(cfg)
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    saved = torch.load(best, weights_only=True)
+    assert saved["thaw"]["classes"] == ["Bag", "Sandal"]
+    backbone = create_backbone("resnet18", str(best))
+    for key, value in backbone.model.state_dict().items():
+        assert torch.equal(value, saved["state_dict"][f"backbone.{key}"]), key
+    transfer = train_config("trainer.max_epochs=1", f"model.weights={best}", run="transfer")
+    assert run(transfer)["test/acc"] >= 0
+
+
+def test_learns_real_fashion_mnist(train_config, tmp_path):
+    assert REAL_FMNIST.is_dir(), "install the data: apt-get install dataset-fashion-mnist"
+    cfg = train_config(
+        f"data.root={tmp_path / 'empty'}",
+        "data.source.download=false",
+        f"data.source.system_dir={REAL_FMNIST}",
+        "data.samples_per_class=200",
+        "data.batch_size=64",
+        "data.eval_batch_size=500",
+        "finetune=full",
+        "scheduler=onecycle",
+        "optimizer.lr=3e-3",
+        "trainer.max_epochs=2",
+        "+trainer.limit_val_batches=4",
+        "+trainer.limit_test_batches=4",
+    )
+    metrics = run(cfg)
+    # 2,000 training images from random init: chance is 0.10; this reliably clears 0.70.
+    assert metrics["test/acc"] > 0.7, metrics
+
+
+def test_multirun_writes_one_run_dir_per_job(fmnist_root, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "-m",
+        *TINY,
+        *offline_fmnist(fmnist_root),
+        "trainer.max_epochs=1",
+        "optimizer.lr=1e-3,3e-4",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
+    assert [p.name for p in runs] == ["0", "1"]
+    lrs = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
+    assert "optimizer.lr=0.001" in lrs[0] and "optimizer.lr=0.0003" in lrs[1]
+
+
+def test_help_lists_the_config_groups():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    for group in GROUPS + ["experiment", "debug"]:
+        assert f"{group}:" in result.stdout, group
+
+
+# -- bad input ------------------------------------------------------------------------------------
+
+
+def test_unknown_group_option_lists_the_valid_ones(train_config):
+    with pytest.raises(ConfigCompositionException, match="(?s)model/nope.*resnet18"):
+        train_config("model=nope")
+
+
+def test_unknown_backbone_name_lists_the_valid_ones(train_config):
+    cfg = train_config("model.name=resnet9000")
+    with pytest.raises(ValueError, match=r"resnet9000.*\['efficientnet_b0'"):
+        run(cfg)
+
+
+def test_unknown_class_lists_the_valid_names(train_config):
+    with pytest.raises(ValueError, match="(?s)Shoe.*Ankle boot"):
+        run(train_config("data.classes=[Shoe,Bag]"))
+
+
+def test_missing_dataset_names_url_file_and_place(train_config, tmp_path):
+    cfg = train_config(f"data.root={tmp_path / 'nothing'}")
+    with pytest.raises(DataUnavailableError) as err:
+        run(cfg)
+    message = str(err.value)
+    assert "train-images-idx3-ubyte" in message and str(tmp_path / "nothing") in message
+    assert "http" in message and "dataset-fashion-mnist" in message
+
+
+def test_experiment_without_source_weights_says_which_value_is_missing(fmnist_root, tmp_path):
+    tiny = [o for o in TINY if not o.startswith("model.weights")]
+    cfg = compose_config("train", [*tiny, "experiment=fmnist_transfer", *offline_fmnist(fmnist_root)],
+                         tmp_path / "run")
+    with pytest.raises(InterpolationToMissingValueError, match="source_checkpoint"):
+        run(cfg)
+
+
+def test_undownloadable_weights_name_weights_cache_and_fixes(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    real = torchvision.models._api.load_state_dict_from_url
+    url = (
+        closed_port_url() + "resnet18-f37072fd.pth"
+    )  # the real download code, aimed at a port where nothing listens
+    monkeypatch.setattr(
+        torchvision.models._api,
+        "load_state_dict_from_url",
+        lambda _url, *a, **k: real(url, *a, **k),
+    )
+    with pytest.raises(WeightsError) as err:
+        create_backbone("resnet18", "IMAGENET1K_V1")
+    message = str(err.value)
+    assert "IMAGENET1K_V1" in message and str(tmp_path / "torch" / "hub" / "checkpoints") in message
+    assert "model.weights=" in message and "null" in message
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    assert create_backbone("resnet18", str(path)).feature_dim == 512  # its own kind fits
+    with pytest.raises(WeightsError, match=r"do not fit backbone resnet50.*layer1\.0\.conv3"):
+        create_backbone("resnet50", str(path))
+    with pytest.raises(WeightsError, match="IMAGENET9"):
+        create_backbone("resnet18", "IMAGENET9")
+    with pytest.raises(WeightsError, match="no such file"):
+        create_backbone("resnet18", str(tmp_path / "missing.pth"))
+
+
+def test_truncated_checkpoint_is_named(tmp_path):
+    path = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict()}, path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="broken.ckpt.*truncated"):
+        create_backbone("resnet18", str(path))
+
+
+def test_a_failing_run_leaves_written_checkpoints_alone(train_config):
+    cfg = train_config("trainer.max_epochs=1", "test=false")
+    run(cfg)
+    checkpoints = Path(cfg.paths.output_dir) / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    with pytest.raises(Exception, match="finetune.bn='sideways'"):
+        run(train_config("trainer.max_epochs=1", "finetune.bn=sideways"))
+    with pytest.raises(Exception, match="(?i)precision 17 is invalid. allowed"):
+        run(train_config("trainer.max_epochs=1", "trainer.precision=17"))
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+
+
+def test_console_script_runs_the_same_app():
+    script = Path(sys.executable).parent / "thaw-train"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "finetune:" in result.stdout
