@@ -23,7 +23,7 @@ quickstart: install
 	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/transfer \
 		source_checkpoint=$(QUICKSTART_DIR)/source/checkpoints/best.ckpt
 	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/scratch \
-		model.weights=null finetune=full
+		model.weights=null finetune=full finetune.backbone_lr_ratio=1.0
 	$(PY) scripts/compare_runs.py $(QUICKSTART_DIR)/transfer $(QUICKSTART_DIR)/scratch
 
 # make train ARGS="model=mobilenet_v3_large data=cifar10"

@@ -1,4 +1,4 @@
-"""python train.py model=resnet18 data=cifar10 (see conf/train.yaml and `python train.py --help`)."""
+"""python train.py model=resnet18 data=cifar10 (see conf/train.yaml, `python train.py --help`)."""
 
 from thaw.train import main
 

@@ -6,20 +6,25 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 COLUMNS = ("test/acc", "test/acc_top5", "test/f1_macro")
 
 
+def describe(run: Path) -> tuple[str, str]:
+    """The run's backbone weights and fine-tuning strategy, as its saved config says."""
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    strategy = str(cfg.finetune._target_).rsplit(".", 1)[-1]
+    return str(OmegaConf.select(cfg, "model.weights")), strategy
+
+
 def table(run_dirs: list[Path]) -> str:
-    rows = [("run", "weights", *COLUMNS)]
+    rows = [("run", "weights", "finetune", *COLUMNS)]
     for run in run_dirs:
         metrics = json.loads((run / "metrics.json").read_text())
-        config = (run / ".hydra" / "overrides.yaml").read_text() if (run / ".hydra").is_dir() else ""
-        weights = next(
-            (line.split("=", 1)[1] for line in config.splitlines() if "model.weights=" in line), "-"
-        )
-        rows.append((str(run), weights, *(f"{metrics[c]:.4f}" for c in COLUMNS)))
+        rows.append((run.name, *describe(run), *(f"{metrics[c]:.4f}" for c in COLUMNS)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

@@ -1,4 +1,4 @@
-"""Configs composed in process, as `python train.py ...` would compose them, but tiny and offline."""
+"""Configs composed in process, as `python train.py ...` composes them, but tiny and offline."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from data_formats import write_fashion_mnist
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from data_formats import write_fashion_mnist
 from thaw.config import config_dir
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -1,4 +1,4 @@
-"""The fine-tuning engine: what is frozen stays bitwise frozen, what thaws trains, LRs are as set."""
+"""The fine-tuning engine: frozen stays bitwise frozen, what thaws trains, LRs are as set."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from thaw.finetune import (
     TwoPhase,
     build_param_groups,
     discriminative_lrs,
+    schedulers,
 )
-from thaw.finetune import schedulers
 from thaw.models import BACKBONES, Classifier, create_backbone
 
 GROUPS = ["stage1", "stage2", "stage3", "stage4", "head"]
@@ -92,7 +92,9 @@ def test_phase_one_freezes_backbone_bitwise_while_head_learns():
     groups = model.layer_groups()
     for name in GROUPS[:-1]:  # weights, biases and BatchNorm running stats alike
         diff = changed(before[name], groups[name])
-        assert not any(diff.values()), f"{name} moved while frozen: {[k for k, v in diff.items() if v]}"
+        assert not any(diff.values()), (
+            f"{name} moved while frozen: {[k for k, v in diff.items() if v]}"
+        )
     assert all(changed(before["head"], groups["head"]).values())
 
 
@@ -155,7 +157,7 @@ def test_discriminative_lrs_are_geometric_from_ratio_to_head():
     lrs = discriminative_lrs(GROUPS, lr=1e-3, backbone_lr_ratio=0.01)
     assert lrs["head"] == pytest.approx(1e-3)
     assert lrs["stage1"] == pytest.approx(1e-5)
-    ratios = [lrs[b] / lrs[a] for a, b in zip(GROUPS, GROUPS[1:])]
+    ratios = [lrs[b] / lrs[a] for a, b in zip(GROUPS, GROUPS[1:], strict=False)]
     assert ratios == pytest.approx([0.01 ** (-1 / 4)] * 4)
     explicit = discriminative_lrs(GROUPS, 1e-3, 0.01, {"stage4": 5e-4})
     assert explicit["stage4"] == 5e-4 and explicit["stage3"] == lrs["stage3"]
@@ -168,10 +170,7 @@ def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm():
     trainer = fit(model, epochs=1)
     expected = discriminative_lrs(GROUPS, 1e-2, 0.1, {"stage2": 7e-4})
     norm_params = {
-        id(p)
-        for m in model.modules()
-        if isinstance(m, nn.BatchNorm2d)
-        for p in m.parameters()
+        id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()
     }
     for group in trainer.optimizers[0].param_groups:
         assert group["lr"] == pytest.approx(expected[group["name"]])
@@ -185,7 +184,9 @@ def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm():
 def test_every_backbone_parameter_is_in_exactly_one_group(name):
     backbone = create_backbone(name, weights=None)
     assert list(backbone.groups) == GROUPS[:-1]
-    model = Classifier(backbone, ["a", "b"], optimizer=partial(torch.optim.SGD, lr=0.1), finetune=Full())
+    model = Classifier(
+        backbone, ["a", "b"], optimizer=partial(torch.optim.SGD, lr=0.1), finetune=Full()
+    )
     groups = model.layer_groups()
     grouped = [id(p) for mods in groups.values() for m in mods for p in m.parameters()]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
@@ -198,8 +199,9 @@ def test_every_backbone_parameter_is_in_exactly_one_group(name):
 def test_cosine_schedule_warms_up_then_decays_every_group_alike():
     params = [nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))]
     opt = torch.optim.SGD([{"params": [params[0]], "lr": 1.0}, {"params": [params[1]], "lr": 0.1}])
-    sched = schedulers.cosine(opt, total_steps=12, steps_per_epoch=4, warmup_epochs=0.5,
-                              min_lr_ratio=0.1)["scheduler"]
+    sched = schedulers.cosine(
+        opt, total_steps=12, steps_per_epoch=4, warmup_epochs=0.5, min_lr_ratio=0.1
+    )["scheduler"]
     seen = []
     for _ in range(12):
         seen.append([g["lr"] for g in opt.param_groups])
@@ -216,7 +218,7 @@ def test_onecycle_peaks_at_each_groups_own_lr():
     sched = schedulers.onecycle(opt, total_steps=20, steps_per_epoch=5, pct_start=0.25)["scheduler"]
     peaks = [0.0, 0.0]
     for _ in range(20):
-        peaks = [max(p, g["lr"]) for p, g in zip(peaks, opt.param_groups)]
+        peaks = [max(p, g["lr"]) for p, g in zip(peaks, opt.param_groups, strict=True)]
         opt.step()
         sched.step()
     assert peaks == pytest.approx([1.0, 0.1])

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from conftest import REAL_FMNIST, TINY, compose_config, offline_fmnist
-from data_formats import closed_port_url
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import InterpolationToMissingValueError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import REAL_FMNIST, TINY, compose_config, offline_fmnist
+from data_formats import closed_port_url
 from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
 from thaw.data import DataUnavailableError
@@ -61,10 +61,14 @@ def test_every_config_option_composes_and_instantiates(train_config, group, opti
     assert build_trainer(cfg, []).max_epochs == cfg.trainer.max_epochs
 
 
-def scalar_tags(run_dir: Path) -> set[str]:
+def logged_tags(run_dir: Path) -> set[str]:
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
-    return set(events.Tags()["scalars"]) | {f"image:{t}" for t in events.Tags()["images"]}
+    return (
+        set(events.Tags()["scalars"])
+        | {f"image:{t}" for t in events.Tags()["images"]}
+        | {f"hparams:{t}" for t in events.PluginTagToContent("hparams")}
+    )
 
 
 def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(train_config, tmp_path):
@@ -74,7 +78,7 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(train_co
 
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
-    tags = scalar_tags(run_dir)
+    tags = logged_tags(run_dir)
     expected = {
         "train/loss_epoch",
         "train/acc",
@@ -85,6 +89,8 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(train_co
         "test/acc_top5",
         "test/f1_macro",
         "image:test/confusion_matrix",
+        "hparams:_hparams_/experiment",
+        "hparams:_hparams_/session_start_info",
     }
     expected |= {f"lr/{g}" for g in ("stage1", "stage2", "stage3", "stage4", "head")}
     assert expected <= tags, expected - tags
@@ -153,18 +159,21 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
         "data.source.download=false",
         f"data.source.system_dir={REAL_FMNIST}",
         "data.samples_per_class=200",
-        "data.batch_size=64",
+        "data.batch_size=32",
         "data.eval_batch_size=500",
+        "augment=none",
         "finetune=full",
+        "finetune.backbone_lr_ratio=1.0",
         "scheduler=onecycle",
         "optimizer.lr=3e-3",
-        "trainer.max_epochs=2",
+        "trainer.max_epochs=3",
         "+trainer.limit_val_batches=4",
         "+trainer.limit_test_batches=4",
     )
     metrics = run(cfg)
-    # 2,000 training images from random init: chance is 0.10; this reliably clears 0.70.
-    assert metrics["test/acc"] > 0.7, metrics
+    # 1,800 training images from random init, 3 epochs: seeds 42 and 1 gave 0.825 and 0.831 on
+    # these 2,000 test images; chance is 0.10.
+    assert metrics["test/acc"] > 0.75, metrics
 
 
 def test_multirun_writes_one_run_dir_per_job(fmnist_root, tmp_path):
@@ -228,8 +237,11 @@ def test_missing_dataset_names_url_file_and_place(train_config, tmp_path):
 
 def test_experiment_without_source_weights_says_which_value_is_missing(fmnist_root, tmp_path):
     tiny = [o for o in TINY if not o.startswith("model.weights")]
-    cfg = compose_config("train", [*tiny, "experiment=fmnist_transfer", *offline_fmnist(fmnist_root)],
-                         tmp_path / "run")
+    cfg = compose_config(
+        "train",
+        [*tiny, "experiment=fmnist_transfer", *offline_fmnist(fmnist_root)],
+        tmp_path / "run",
+    )
     with pytest.raises(InterpolationToMissingValueError, match="source_checkpoint"):
         run(cfg)
 

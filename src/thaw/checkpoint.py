@@ -33,7 +33,7 @@ def run_info(checkpoint: dict[str, Any], path: str | Path) -> tuple[dict[str, An
     """The composed config and the class names a thaw checkpoint was trained with."""
     if RUN_KEY not in checkpoint:
         raise CheckpointError(
-            f"{path} is not a thaw checkpoint (no {RUN_KEY!r} entry with the run's config and classes)"
+            f"{path} is not a thaw checkpoint (it has no {RUN_KEY!r} entry with config and classes)"
         )
     info = checkpoint[RUN_KEY]
     return info["config"], list(info["classes"])

@@ -8,7 +8,16 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 # Groups that describe the experiment (not where files go or how progress is shown).
-HPARAM_GROUPS = ("data", "augment", "model", "optimizer", "scheduler", "finetune", "trainer", "seed")
+HPARAM_GROUPS = (
+    "data",
+    "augment",
+    "model",
+    "optimizer",
+    "scheduler",
+    "finetune",
+    "trainer",
+    "seed",
+)
 
 
 def config_dir() -> Path:

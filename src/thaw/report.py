@@ -10,7 +10,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def confusion_matrix_image(matrix: list[list[int]], classes: list[str], cell: int = 36) -> np.ndarray:
+def confusion_matrix_image(
+    matrix: list[list[int]], classes: list[str], cell: int = 36
+) -> np.ndarray:
     """An HWC uint8 picture of a confusion matrix (rows: true class, columns: predicted), each
     cell shaded by its share of the row and labelled with its count."""
     counts = np.asarray(matrix, dtype=np.int64)
@@ -27,7 +29,9 @@ def confusion_matrix_image(matrix: list[list[int]], classes: list[str], cell: in
             shade = int(255 * (1 - shares[i, j]))
             x, y = margin + j * cell, margin + i * cell
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255))
-            draw.text((x + 3, y + cell // 3), str(counts[i, j]), fill="white" if shade < 128 else "black")
+            draw.text(
+                (x + 3, y + cell // 3), str(counts[i, j]), fill="white" if shade < 128 else "black"
+            )
     return np.asarray(image)
 
 

@@ -94,7 +94,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 def _main(cfg: DictConfig) -> float | None:
     metrics = run(cfg)
-    summary = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "val/acc_best"}
+    summary = {k: v for k, v in summary.items() if isinstance(v, float)}
     print(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)

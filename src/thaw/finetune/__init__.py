@@ -2,7 +2,7 @@
 
 from thaw.finetune.callback import FreezeUnfreeze
 from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
-from thaw.finetune.strategies import Full, FinetuneStrategy, LinearProbe, TwoPhase
+from thaw.finetune.strategies import FinetuneStrategy, Full, LinearProbe, TwoPhase
 
 __all__ = [
     "FinetuneStrategy",

@@ -20,7 +20,7 @@ class FinetuneStrategy(ABC):
         fastai does.
     backbone_lr_ratio: the lowest backbone group's learning rate as a fraction of the head's;
         the groups between are spaced geometrically.
-    group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding the spacing.
+    group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding spacing.
     """
 
     bn: str = "eval"

@@ -25,7 +25,7 @@ def _resnet_strip(model: nn.Module) -> int:
 
 
 def _mobilenet_v3_strip(model: nn.Module) -> int:
-    # Keep the pretrained 960 -> 1280 projection (timm's "pre-logits"); drop dropout and the classifier.
+    # Keep the pretrained 960 -> 1280 projection (timm's "pre-logits"); drop dropout and classifier.
     model.classifier = model.classifier[:2]
     return model.classifier[0].out_features
 
@@ -50,7 +50,7 @@ _RESNET_GROUPS = {
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to cut one torchvision architecture: what to strip, and which submodules form each group."""
+    """How to cut a torchvision model: what to strip, and which submodules form each group."""
 
     strip_classifier: Callable[[nn.Module], int]
     groups: dict[str, list[str]]
@@ -102,7 +102,9 @@ class WeightsError(RuntimeError):
 
 def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ValueError(f"model.name={name!r} is not a known backbone; choose one of {sorted(BACKBONES)}")
+        raise ValueError(
+            f"model.name={name!r} is not a known backbone; choose one of {sorted(BACKBONES)}"
+        )
     return BACKBONES[name]
 
 
@@ -131,7 +133,7 @@ def _load_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
     except KeyError:
         valid = list(torchvision.models.get_model_weights(name).__members__)
         raise WeightsError(
-            f"model.weights={weights!r} is neither a file nor a torchvision weights name for {name}; "
+            f"model.weights={weights!r} is neither a file nor a weights name of {name}; "
             f"valid names: {valid}, or a path to a .pth/.ckpt file, or null for random init"
         ) from None
     try:
@@ -158,7 +160,9 @@ def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str) -> None:
+def _fit_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], name: str, source: str
+) -> None:
     """Load `state` into `model`, ignoring only the classifier the backbone no longer has."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -174,7 +178,8 @@ def _fit_state_dict(model: nn.Module, state: dict[str, torch.Tensor], name: str,
         if mismatched:
             details.append(f"mismatched shapes ({len(mismatched)}): {mismatched[:8]}")
         raise WeightsError(
-            f"weights {source!r} do not fit backbone {name}: " + "; ".join(details)
+            f"weights {source!r} do not fit backbone {name}: "
+            + "; ".join(details)
             + ". Use weights saved from the same architecture (model.name)."
         )
     model.load_state_dict({k: state[k] for k in expected})

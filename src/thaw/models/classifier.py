@@ -1,4 +1,4 @@
-"""The LightningModule: backbone + head, the loss, metrics, and optimizer over fixed layer groups."""
+"""The LightningModule: backbone + head, loss, metrics, and an optimizer over fixed layer groups."""
 
 from __future__ import annotations
 
@@ -50,7 +50,9 @@ class Classifier(pl.LightningModule):
             raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
         self.backbone = backbone.model
         self.backbone_groups = backbone.groups
-        self.head = nn.Sequential(nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes))
+        self.head = nn.Sequential(
+            nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes)
+        )
         self.classes = list(classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -62,7 +64,9 @@ class Classifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_acc_top5 = MulticlassAccuracy(
+            num_classes, top_k=min(5, num_classes), average="micro"
+        )
         self.test_f1_macro = MulticlassF1Score(num_classes, average="macro")
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
@@ -72,7 +76,7 @@ class Classifier(pl.LightningModule):
         return self.head(self.backbone(images))
 
     def layer_groups(self) -> dict[str, list[nn.Module]]:
-        """Backbone groups lowest first, then the head: the unit of freezing and of learning rate."""
+        """Backbone groups lowest first, then the head: the unit of freezing and of LR."""
         groups = {
             name: [self.backbone.get_submodule(path) for path in paths]
             for name, paths in self.backbone_groups.items()
@@ -86,7 +90,9 @@ class Classifier(pl.LightningModule):
         logits = self(images)
         return self.criterion(logits, labels), logits, labels
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         loss, logits, labels = self._shared_step(batch)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -148,7 +154,10 @@ class Classifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)  # also sets num_training_batches
-        batches, accumulate = self.trainer.num_training_batches, self.trainer.accumulate_grad_batches
+        batches, accumulate = (
+            self.trainer.num_training_batches,
+            self.trainer.accumulate_grad_batches,
+        )
         steps_per_epoch = max(1, math.ceil(batches / accumulate))
         scheduler = self.scheduler_factory(
             optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
