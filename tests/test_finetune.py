@@ -236,3 +236,16 @@ def test_onecycle_peaks_at_each_groups_own_lr():
 def test_bad_finetune_values_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_soft_targets_drive_the_loss_and_hard_labels_the_metrics():
+    model = make_model(Full())
+    model.eval()
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    soft = torch.full((4, 3), 1 / 3)
+    with torch.no_grad():
+        hard_loss, logits, _ = model._shared_step((images, labels))
+        soft_loss, same_logits, metric_labels = model._shared_step((images, labels, soft))
+    assert torch.equal(logits, same_logits) and torch.equal(metric_labels, labels)
+    assert torch.allclose(soft_loss, nn.functional.cross_entropy(logits, soft))
+    assert not torch.allclose(soft_loss, hard_loss)

@@ -85,10 +85,13 @@ class Classifier(pl.LightningModule):
         return groups
 
     # -- steps --------------------------------------------------------------------------------
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        images, labels = batch
+    def _shared_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """A batch is (images, labels), or (images, labels, soft targets) when a batch-level
+        augmentation such as mixup mixed them: the loss uses soft targets, metrics the labels."""
+        images, labels, *soft_targets = batch
         logits = self(images)
-        return self.criterion(logits, labels), logits, labels
+        loss = self.criterion(logits, soft_targets[0] if soft_targets else labels)
+        return loss, logits, labels
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
