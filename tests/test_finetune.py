@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from thaw.finetune import (
     FreezeUnfreeze,
     Full,
+    Gradual,
     LinearProbe,
     TwoPhase,
     build_param_groups,
@@ -249,3 +250,75 @@ def test_soft_targets_drive_the_loss_and_hard_labels_the_metrics():
     assert torch.equal(logits, same_logits) and torch.equal(metric_labels, labels)
     assert torch.allclose(soft_loss, nn.functional.cross_entropy(logits, soft))
     assert not torch.allclose(soft_loss, hard_loss)
+
+
+@pytest.mark.parametrize(
+    ("epoch", "expected"),
+    [
+        (0, []),
+        (1, []),
+        (2, ["stage4"]),
+        (3, ["stage4"]),
+        (4, ["stage3", "stage4"]),
+        (9, GROUPS[:-1]),
+    ],
+)
+def test_gradual_thaws_one_more_group_top_first(epoch, expected):
+    strategy = Gradual(freeze_epochs=2, every_epochs=2)
+    assert strategy.trainable_groups(epoch, GROUPS[:-1]) == expected
+
+
+def test_gradual_trains_exactly_the_thawed_groups_each_epoch():
+    model = make_model(Gradual(freeze_epochs=1, every_epochs=1))
+    moved_by_epoch = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.before = group_snapshots(pl_module)
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            groups = pl_module.layer_groups()
+            moved_by_epoch.append(
+                [n for n in GROUPS if any(changed(self.before[n], groups[n]).values())]
+            )
+
+    fit(model, 3, Watch())
+    assert moved_by_epoch == [["head"], ["stage4", "head"], ["stage3", "stage4", "head"]]
+
+
+def test_thaw_warmup_ramps_each_group_from_its_own_thaw_step():
+    strategy = Gradual(freeze_epochs=1, every_epochs=1, thaw_warmup_epochs=0.5)
+    names = ["stage1", "stage3", "stage4", "stage4", "head"]
+    factors = strategy.thaw_warmup(names, GROUPS[:-1], steps_per_epoch=4, max_epochs=3)
+    table = [[round(f(step), 2) for step in range(12)] for f in factors]
+    assert table[0] == [1.0] * 12  # stage1 never thaws within 3 epochs: never scaled
+    assert table[2] == [0.0] * 4 + [0.5, 1.0] + [1.0] * 6  # stage4 thaws at step 4 (epoch 1)
+    assert table[1] == [0.0] * 8 + [0.5, 1.0, 1.0, 1.0]  # stage3 thaws at step 8
+    assert table[4] == [1.0] * 12  # the head is never frozen
+    assert TwoPhase().thaw_warmup(names, GROUPS[:-1], 4, 3) is None
+
+
+def test_thaw_warmup_multiplies_the_schedule_of_each_group():
+    model = make_model(
+        Gradual(freeze_epochs=1, every_epochs=1, thaw_warmup_epochs=1.0),
+        lr=1e-2,
+        scheduler=partial(schedulers.constant),
+    )
+    seen = []
+
+    class Record(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
+            seen.append((lrs["stage4"], lrs["head"]))
+
+    fit(model, 3, Record())  # 24 images / 8 = 3 steps an epoch; stage4 thaws at step 3
+    stage4_lr = discriminative_lrs(GROUPS, 1e-2, 0.1)["stage4"]
+    assert [s[0] / stage4_lr for s in seen[3:7]] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+    assert all(s[1] == pytest.approx(1e-2) for s in seen)
+    with pytest.raises(ValueError, match="scheduler=onecycle cannot combine"):
+        schedulers.onecycle(
+            torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1),
+            10,
+            2,
+            group_factors=[lambda s: 1.0],
+        )

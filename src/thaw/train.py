@@ -10,7 +10,9 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from thaw.callbacks import ResumeState
 from thaw.config import config_dir, flat_hparams
 from thaw.data import ImageDataModule
 from thaw.finetune import FreezeUnfreeze
@@ -74,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     model = build_classifier(cfg, datamodule.classes)
-    trainer = build_trainer(cfg, [FreezeUnfreeze(model.finetune)])
+    trainer = build_trainer(cfg, [FreezeUnfreeze(model.finetune), ResumeState()])
 
     log.info("Run dir: %s", output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
@@ -93,7 +95,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    try:
+        metrics = run(cfg)
+    except SIGTERMException:
+        # Terminated, not finished (ResumeState saved last.ckpt): 128 + SIGTERM, as a shell says.
+        raise SystemExit(143) from None
     summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "val/acc_best"}
     summary = {k: v for k, v in summary.items() if isinstance(v, float)}
     print(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))

@@ -2,12 +2,13 @@
 
 from thaw.finetune.callback import FreezeUnfreeze
 from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
-from thaw.finetune.strategies import FinetuneStrategy, Full, LinearProbe, TwoPhase
+from thaw.finetune.strategies import FinetuneStrategy, Full, Gradual, LinearProbe, TwoPhase
 
 __all__ = [
     "FinetuneStrategy",
     "FreezeUnfreeze",
     "Full",
+    "Gradual",
     "LinearProbe",
     "TwoPhase",
     "build_param_groups",

@@ -6,7 +6,9 @@ The phase is a pure function of the epoch, so a run resumed anywhere recomputes 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 BN_MODES = ("eval", "train")
 
@@ -21,11 +23,14 @@ class FinetuneStrategy(ABC):
     backbone_lr_ratio: the lowest backbone group's learning rate as a fraction of the head's;
         the groups between are spaced geometrically.
     group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding spacing.
+    thaw_warmup_epochs: a backbone group's LR ramps up linearly over this many epochs after it
+        thaws (0: no ramp), so fresh gradients do not wreck pretrained weights.
     """
 
     bn: str = "eval"
     backbone_lr_ratio: float = 0.1
     group_lrs: dict[str, float] | None = None
+    thaw_warmup_epochs: float = 0.0
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -34,10 +39,46 @@ class FinetuneStrategy(ABC):
             raise ValueError(
                 f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
             )
+        if self.thaw_warmup_epochs < 0:
+            raise ValueError(f"finetune.thaw_warmup_epochs={self.thaw_warmup_epochs} must be >= 0")
 
     @abstractmethod
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
         """The backbone groups (ordered lowest first) that train during `epoch`."""
+
+    def thaw_warmup(
+        self, names: list[str], backbone_groups: list[str], steps_per_epoch: int, max_epochs: int
+    ) -> list[Callable[[int], float]] | None:
+        """Per optimizer group (by `names`), the LR factor at each step from the thaw warmup, or
+        None without one. A pure function of the config, like the phase, so resume keeps it."""
+        if not self.thaw_warmup_epochs:
+            return None
+        thaw_epoch = {
+            group: next(
+                (
+                    e
+                    for e in range(max_epochs)
+                    if group in self.trainable_groups(e, backbone_groups)
+                ),
+                None,
+            )
+            for group in backbone_groups
+        }
+        ramp = max(1, round(self.thaw_warmup_epochs * steps_per_epoch))
+        return [
+            partial(_ramp, start=thaw_epoch[name] * steps_per_epoch, steps=ramp)
+            if thaw_epoch.get(name) is not None
+            else _constant
+            for name in names
+        ]
+
+
+def _ramp(step: int, start: int, steps: int) -> float:
+    return min(1.0, max(0, step - start + 1) / steps)
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 @dataclass(kw_only=True)
@@ -66,6 +107,28 @@ class TwoPhase(FinetuneStrategy):
                 f"finetune.unfreeze_groups={k} but the backbone has {n} groups {backbone_groups}"
             )
         return backbone_groups[n - k :]
+
+
+@dataclass(kw_only=True)
+class Gradual(FinetuneStrategy):
+    """ULMFiT's gradual unfreezing: head only for `freeze_epochs`, then one more backbone group,
+    top first, every `every_epochs` epochs."""
+
+    freeze_epochs: int = 1
+    every_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.freeze_epochs < 0:
+            raise ValueError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
+        if self.every_epochs < 1:
+            raise ValueError(f"finetune.every_epochs={self.every_epochs} must be >= 1")
+
+    def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
+        if epoch < self.freeze_epochs:
+            return []
+        k = min(len(backbone_groups), (epoch - self.freeze_epochs) // self.every_epochs + 1)
+        return backbone_groups[len(backbone_groups) - k :]
 
 
 @dataclass(kw_only=True)

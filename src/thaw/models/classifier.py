@@ -63,6 +63,7 @@ class Classifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps it
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc_top5 = MulticlassAccuracy(
             num_classes, top_k=min(5, num_classes), average="micro"
@@ -107,10 +108,6 @@ class Classifier(pl.LightningModule):
         lrs = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
         self.log_dict(lrs, on_step=True, on_epoch=False)
 
-    def on_train_start(self) -> None:
-        # The sanity check ran validation on an untrained model: keep it out of the best.
-        self.val_acc_best.reset()
-
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels = self._shared_step(batch)
         self.val_acc(logits, labels)
@@ -118,6 +115,8 @@ class Classifier(pl.LightningModule):
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:  # an untrained model's accuracy is no "best"
+            return
         self.val_acc_best(self.val_acc.compute())
         self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
@@ -162,8 +161,13 @@ class Classifier(pl.LightningModule):
             self.trainer.accumulate_grad_batches,
         )
         steps_per_epoch = max(1, math.ceil(batches / accumulate))
+        names = [group["name"] for group in optimizer.param_groups]
+        backbone = [name for name in groups if name != HEAD]
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs > 0 else total_steps
+        thaw = self.finetune.thaw_warmup(names, backbone, steps_per_epoch, max_epochs)
+        extra = {} if thaw is None else {"group_factors": thaw}
         scheduler = self.scheduler_factory(
-            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch
+            optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **extra
         )
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 

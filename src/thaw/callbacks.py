@@ -1,0 +1,68 @@
+"""Callbacks every run gets, whatever the callbacks group says (like the freeze schedule)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class ResumeState(pl.Callback):
+    """What a bit-exact resume needs beyond Lightning's own state.
+
+    Carries the torch RNG state (dropout, batch-level augmentation) and the training loader's
+    position in every checkpoint, and on SIGTERM, which a cluster sends before it pre-empts a
+    job, saves `last.ckpt` (in the checkpoint callback's directory) after the batch in flight.
+
+    Lightning stores a stateful loader's position too, but never restores it when the loader
+    was built before the checkpoint was loaded, as `estimated_stepping_batches` in
+    `configure_optimizers` does; so the position travels here and is restored at train start,
+    before the loader draws its first batch.
+    """
+
+    def __init__(self) -> None:
+        self._loader_state: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        state = {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+        loader = self._train_loader
+        if loader is not None:
+            state["train_loader"] = loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        torch.set_rng_state(state_dict["torch_rng"])
+        if state_dict["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
+        self._loader_state = state_dict.get("train_loader")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    @property
+    def _train_loader(self) -> Any:
+        trainer = getattr(self, "_trainer", None)
+        loader = trainer.train_dataloader if trainer is not None else None
+        return loader if hasattr(loader, "load_state_dict") else None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._loader_state is not None and self._train_loader is not None:
+            self._train_loader.load_state_dict(self._loader_state)
+        self._loader_state = None
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) or trainer.default_root_dir
+        path = Path(dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("SIGTERM: saved a resumable checkpoint, resume with ckpt_path=%s", path)

@@ -1,0 +1,149 @@
+"""A run stopped anywhere (by SIGTERM, as a cluster pre-empts) and resumed ends bit-identical to
+one never stopped: weights, per-group learning rates and metrics."""
+
+from __future__ import annotations
+
+import os
+import signal
+from functools import partial
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from torch.utils.data import DataLoader, Dataset
+
+from thaw.callbacks import ResumeState
+from thaw.data.resumable import EpochSampler, ResumableLoader
+from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
+from thaw.models import Classifier, create_backbone
+
+STEPS_PER_EPOCH = 3  # 24 images, batches of 8
+EPOCHS = 3
+
+
+class NoisyImages(Dataset):
+    """Random images whose 'augmentation' draws from the global RNG, as v2 transforms do."""
+
+    def __init__(self, n: int = 24) -> None:
+        g = torch.Generator().manual_seed(3)
+        self.images = torch.randn(n, 3, 32, 32, generator=g)
+        self.labels = torch.arange(n) % 3
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i] + 0.5 * torch.randn(3, 32, 32), self.labels[i]
+
+
+class RecordLR(pl.Callback):
+    def __init__(self) -> None:
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs[trainer.global_step] = [g["lr"] for g in trainer.optimizers[0].param_groups]
+
+
+class SigtermAt(pl.Callback):
+    """Sends this process SIGTERM after `step` optimizer steps, as a scheduler would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def new_model(init_seed: int) -> Classifier:
+    torch.manual_seed(init_seed)
+    return Classifier(
+        create_backbone("resnet18", weights=None),
+        ["a", "b", "c"],
+        optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+        finetune=TwoPhase(freeze_epochs=1, unfreeze_groups=2),
+        scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
+        head_dropout=0.5,
+    )
+
+
+def fit(tmp: Path, *callbacks: pl.Callback, ckpt_path: str | None = None, init_seed: int = 0):
+    model = new_model(init_seed)
+    recorder = RecordLR()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=EPOCHS,
+        deterministic=True,
+        default_root_dir=tmp,
+        callbacks=[
+            FreezeUnfreeze(model.finetune),
+            ResumeState(),
+            recorder,
+            *callbacks,
+            ModelCheckpoint(dirpath=tmp / "checkpoints", save_last=True),
+        ],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    train = ResumableLoader(NoisyImages(), seed=5, batch_size=8)
+    val = DataLoader(NoisyImages(12), batch_size=12)
+    torch.manual_seed(1)  # the global stream (dropout, augmentation) starts the same in both
+    trainer.fit(model, train, val, ckpt_path=ckpt_path, weights_only=True)
+    return model, trainer, recorder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return fit(tmp_path_factory.mktemp("whole"))
+
+
+@pytest.mark.parametrize(
+    "stop_step",
+    [1, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2],
+    ids=["mid-phase-1", "at-the-unfreeze", "mid-phase-2"],
+)
+def test_resume_after_sigterm_matches_the_uninterrupted_run(uninterrupted, tmp_path, stop_step):
+    whole_model, whole_trainer, whole_lrs = uninterrupted
+    with pytest.raises(SIGTERMException):
+        fit(tmp_path, SigtermAt(stop_step))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == stop_step
+
+    model, trainer, lrs = fit(tmp_path, ckpt_path=str(last), init_seed=99)
+
+    for (name, a), b in zip(
+        whole_model.state_dict().items(), model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert trainer.global_step == whole_trainer.global_step == EPOCHS * STEPS_PER_EPOCH
+    assert lrs.lrs == {s: v for s, v in whole_lrs.lrs.items() if s >= stop_step}
+    for key in ("val/acc", "val/acc_best", "val/loss", "train/loss_epoch"):
+        assert trainer.callback_metrics[key] == whole_trainer.callback_metrics[key], key
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_skips_exactly():
+    sampler = EpochSampler(10, seed=1)
+    first = list(sampler)
+    assert list(sampler) == first and sorted(i for i, _ in first) == list(range(10))
+    sampler.set_epoch(1)
+    second = list(sampler)
+    assert [i for i, _ in second] != [i for i, _ in first]
+    assert {s for _, s in second}.isdisjoint({s for _, s in first})  # fresh augmentation seeds
+    sampler.skip = 4
+    assert list(sampler) == second[4:] and list(sampler) == second  # a skip applies once
+
+
+def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
+    loader = ResumableLoader(NoisyImages(), seed=5, batch_size=8)
+    batches = list(loader)
+    loader.load_state_dict({"epoch": 0, "batches": 2})
+    rest = list(loader)
+    assert len(rest) == 1 and torch.equal(rest[0][0], batches[2][0])
+    loader.load_state_dict({"epoch": 0, "batches": 3})
+    loader.sampler.set_epoch(1)
+    assert len(list(loader)) == 3  # a finished epoch's state does not cut the next epoch short
