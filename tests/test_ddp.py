@@ -1,0 +1,88 @@
+"""Two CPU processes on gloo: after the unfreeze the backbone trains and stays identical across
+ranks (Lightning's BackboneFinetuning never syncs groups that were frozen when DDP wrapped)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from test_resume import NoisyImages
+from thaw.callbacks import ResumeState
+from thaw.data.resumable import ResumableLoader
+from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
+from thaw.models import Classifier, create_backbone
+
+
+class GatherBackbones(pl.Callback):
+    """At the end of every epoch, each rank's backbone, gathered on every rank."""
+
+    def __init__(self) -> None:
+        self.per_epoch: list[list[torch.Tensor]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        flat = torch.cat([p.detach().flatten() for p in pl_module.backbone.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, flat)
+        self.per_epoch.append(gathered)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank == 0:
+            torch.save(self.per_epoch, trainer.default_root_dir + "/backbones.pt")
+
+
+@pytest.fixture
+def file_system_sharing():
+    """Spawned workers receive the model through shared memory; this sandbox refuses to resize
+    shared-memory file descriptors (torch's default way), so share through files instead."""
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    yield
+    torch.multiprocessing.set_sharing_strategy(previous)
+
+
+@pytest.mark.usefixtures("file_system_sharing")
+def test_ddp_spawn_syncs_the_thawed_backbone_across_two_cpu_processes(tmp_path):
+    torch.manual_seed(0)
+    model = Classifier(
+        create_backbone("resnet18", weights=None),
+        ["a", "b", "c"],
+        optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
+        finetune=TwoPhase(freeze_epochs=1),
+        scheduler=partial(schedulers.constant),
+    )
+    initial = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn_find_unused_parameters_true",
+        use_distributed_sampler=False,
+        max_epochs=2,
+        default_root_dir=str(tmp_path),
+        callbacks=[FreezeUnfreeze(model.finetune), ResumeState(), GatherBackbones()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(model, ResumableLoader(NoisyImages(32), seed=1, batch_size=4))
+
+    (frozen_epoch, thawed_epoch) = torch.load(tmp_path / "backbones.pt", weights_only=True)
+    assert torch.equal(frozen_epoch[0], initial) and torch.equal(frozen_epoch[1], initial)
+    assert not torch.equal(thawed_epoch[0], initial)  # the backbone trained after the unfreeze
+    assert torch.equal(thawed_epoch[0], thawed_epoch[1])  # and both ranks hold the same weights
+
+
+def test_each_rank_trains_on_its_own_half_of_every_epoch(monkeypatch):
+    loader = ResumableLoader(NoisyImages(10), seed=1, batch_size=2)
+    monkeypatch.setattr("thaw.data.resumable._rank_and_world", lambda: (0, 2))
+    rank0 = [i for i, _ in loader.sampler]
+    monkeypatch.setattr("thaw.data.resumable._rank_and_world", lambda: (1, 2))
+    rank1 = [i for i, _ in loader.sampler]
+    assert len(rank0) == len(rank1) == len(loader.sampler) == 5
+    assert sorted(rank0 + rank1) == list(range(10))
