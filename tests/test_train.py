@@ -149,7 +149,27 @@ def test_a_thaw_checkpoint_is_usable_as_backbone_weights(train_config):
     for key, value in backbone.model.state_dict().items():
         assert torch.equal(value, saved["state_dict"][f"backbone.{key}"]), key
     transfer = train_config("trainer.max_epochs=1", f"model.weights={best}", run="transfer")
-    assert run(transfer)["test/acc"] >= 0
+    assert run(transfer)["test/acc"] >= 0  # ten classes on a two-class backbone: transfer
+    with pytest.raises(WeightsError, match="checkpoint of model.name=resnet18.*resnet34"):
+        create_backbone("resnet34", str(best))
+
+
+def test_a_checkpoint_that_cannot_continue_this_run_says_why(train_config, tmp_path):
+    cfg = train_config("trainer.max_epochs=1", "test=false", "data.classes=[Bag,Sandal]")
+    run(cfg)
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    with pytest.raises(CheckpointError, match=r"trained on 2 classes \['Bag', 'Sandal'\].* 3:"):
+        run(train_config(f"ckpt_path={best}", "data.classes=[Bag,Sandal,Shirt]", run="b"))
+    with pytest.raises(CheckpointError, match="model.name=resnet18.*model.name=resnet34"):
+        run(
+            train_config(
+                f"ckpt_path={best}", "data.classes=[Bag,Sandal]", "model.name=resnet34", run="c"
+            )
+        )
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(best.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="broken.ckpt.*truncated"):
+        run(train_config(f"ckpt_path={broken}", "data.classes=[Bag,Sandal]", run="d"))
 
 
 def test_learns_real_fashion_mnist(train_config, tmp_path):

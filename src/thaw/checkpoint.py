@@ -37,3 +37,19 @@ def run_info(checkpoint: dict[str, Any], path: str | Path) -> tuple[dict[str, An
         )
     info = checkpoint[RUN_KEY]
     return info["config"], list(info["classes"])
+
+
+def check_resumable(path: str | Path, model_name: str, classes: list[str]) -> None:
+    """Fail before training when `path` cannot continue this run: another model or classes."""
+    config, saved_classes = run_info(read_checkpoint(path), path)
+    saved_model = config["model"]["name"]
+    if saved_model != model_name:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with model.name={saved_model}, "
+            f"but this run has model.name={model_name}"
+        )
+    if saved_classes != classes:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained on {len(saved_classes)} classes {saved_classes}, "
+            f"but this run's data has {len(classes)}: {classes}"
+        )

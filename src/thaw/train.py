@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from thaw.callbacks import ResumeState
+from thaw.checkpoint import check_resumable
 from thaw.config import config_dir, flat_hparams
 from thaw.data import ImageDataModule
 from thaw.finetune import FreezeUnfreeze
@@ -75,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if ckpt_path is not None:
+        check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     model = build_classifier(cfg, datamodule.classes)
     trainer = build_trainer(cfg, [FreezeUnfreeze(model.finetune), ResumeState()])
 
@@ -90,6 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         hparam_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_hparams(cfg), metrics=hparam_metrics)
+            logger.finalize("success")  # written after Lightning's own finalize: flush again
         log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
 

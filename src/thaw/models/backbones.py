@@ -125,7 +125,7 @@ def _looks_like_path(weights: str) -> bool:
 
 def _load_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
     if Path(weights).is_file():
-        return _read_weights_file(Path(weights))
+        return _read_weights_file(Path(weights), name)
     if _looks_like_path(weights):
         raise WeightsError(f"model.weights={weights!r}: no such file")
     try:
@@ -149,11 +149,17 @@ def _load_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
     """A plain state_dict, or a thaw checkpoint whose backbone weights sit under `backbone.`."""
-    from thaw.checkpoint import read_checkpoint
+    from thaw.checkpoint import RUN_KEY, read_checkpoint
 
     state = read_checkpoint(path)
+    trained_as = state.get(RUN_KEY, {}).get("config", {}).get("model", {}).get("name")
+    if trained_as is not None and trained_as != name:
+        raise WeightsError(
+            f"model.weights={str(path)!r} is a checkpoint of model.name={trained_as}, "
+            f"but this run has model.name={name}; set model.name={trained_as}"
+        )
     if "state_dict" in state:
         prefix = "backbone."
         return {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
