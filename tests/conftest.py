@@ -6,13 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from data_formats import write_fashion_mnist
-from thaw.config import config_dir
+from thaw.config import compose_config
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -45,21 +42,6 @@ def fmnist_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fashion_mnist")
     write_fashion_mnist(root, n_train=80, n_test=40)
     return root
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
-    """Compose conf/<name>.yaml with `overrides`, writing into `output_dir`."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(name, overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-        cfg.paths.log_dir = str(output_dir.parent / "logs")
-        cfg.hydra.runtime.output_dir = str(output_dir)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg.hydra  # as in a real app, whose task function sees no `hydra` node
-    return cfg
 
 
 @pytest.fixture

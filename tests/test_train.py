@@ -15,10 +15,10 @@ from hydra.utils import instantiate
 from omegaconf.errors import InterpolationToMissingValueError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REAL_FMNIST, TINY, compose_config, offline_fmnist
+from conftest import REAL_FMNIST, TINY, offline_fmnist
 from data_formats import closed_port_url
 from thaw.checkpoint import CheckpointError
-from thaw.config import config_dir
+from thaw.config import compose_config, config_dir
 from thaw.data import DataUnavailableError
 from thaw.evaluate import evaluate
 from thaw.models import WeightsError, create_backbone

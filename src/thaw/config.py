@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 # Groups that describe the experiment (not where files go or how progress is shown).
 HPARAM_GROUPS = (
@@ -30,3 +33,19 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The experiment-defining part of the config, for the TensorBoard hparams tab."""
     container = OmegaConf.to_container(cfg, resolve=True)
     return {k: container[k] for k in HPARAM_GROUPS if k in container}  # type: ignore[index]
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose conf/<name>.yaml with `overrides` as `python <name>.py` would, outside a Hydra
+    app (tests, benchmark scripts), writing into `output_dir`."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir.parent / "logs")
+        cfg.hydra.runtime.output_dir = str(output_dir)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra  # as in a real app, whose task function sees no `hydra` node
+    return cfg

@@ -1,0 +1,50 @@
+"""The benchmark scripts run end to end in a tiny setting, so they cannot rot."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from conftest import offline_fmnist
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_transfer_tiny(fmnist_root, tmp_path):
+    bench = load_script("bench_transfer")
+    data = [*offline_fmnist(fmnist_root), "data.num_workers=0", "trainer.accelerator=cpu"]
+    table = bench.main(
+        [
+            "--n",
+            "2",
+            "--seeds",
+            "0",
+            "1",
+            "--steps",
+            "4",
+            "--out",
+            str(tmp_path),
+            "--source-override",
+            *data,
+            "trainer.max_epochs=1",
+            "--transfer-override",
+            *data,
+            "data.val_fraction=0.2",
+            "data.eval_batch_size=64",
+        ]
+    )
+    assert [row[1] for row in table[1:]] == list(bench.STRATEGIES)
+    assert all(row[0] == "2" and row[3] == "2" for row in table[1:])
+    with open(tmp_path / "transfer.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * len(bench.STRATEGIES)
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    assert (tmp_path / "transfer.md").read_text().startswith("| N/class | strategy")
