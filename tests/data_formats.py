@@ -12,6 +12,7 @@ import socket
 import tarfile
 import tempfile
 import threading
+import zipfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,3 +164,89 @@ def closed_port_url() -> str:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return f"http://127.0.0.1:{port}/"
+
+
+TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
+
+
+def write_tiny_imagenet(
+    directory: Path,
+    words: dict[str, str],
+    wnids: Sequence[str],
+    n_train: int,
+    n_val: int,
+    gray: Sequence[str] = (),
+    seed: int = 0,
+) -> Path:
+    """`directory/tiny-imagenet-200` in the official layout: wnids.txt (in the given order),
+    words.txt (every line of `words`: WordNet's has far more than the 200 classes),
+    train/<wnid>/images/<wnid>_<i>.JPEG with <wnid>_boxes.txt beside images/,
+    val/images/val_<i>.JPEG listed in shuffled order in val/val_annotations.txt, and an unlabelled
+    test/images/.
+
+    Every 64x64 image is one flat colour: class k's images have red = 40 * k + 20, so a decoded
+    image tells its class; the classes in `gray` are saved as grayscale JPEGs (gray = red value).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(directory) / TINY_IMAGENET_FOLDER
+    (root / "val" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "test" / "images").mkdir(parents=True, exist_ok=True)
+    (root / "wnids.txt").write_text("".join(f"{wnid}\n" for wnid in wnids))
+    (root / "words.txt").write_text("".join(f"{w}\t{names}\n" for w, names in words.items()))
+
+    def save(path: Path, wnid: str) -> None:
+        red = 40 * sorted(wnids).index(wnid) + 20
+        if wnid in gray:
+            Image.new("L", (64, 64), red).save(path, "JPEG", quality=95)
+        else:
+            Image.new("RGB", (64, 64), (red, int(rng.integers(0, 256)), 128)).save(
+                path, "JPEG", quality=95
+            )
+
+    for wnid in wnids:
+        images = root / "train" / wnid / "images"
+        images.mkdir(parents=True, exist_ok=True)
+        for i in range(n_train):
+            save(images / f"{wnid}_{i}.JPEG", wnid)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t63\t63\n")
+    val_wnids = [wnid for wnid in wnids for _ in range(n_val)]
+    lines = []
+    for i, wnid in enumerate(rng.permutation(val_wnids)):
+        save(root / "val" / "images" / f"val_{i}.JPEG", str(wnid))
+        lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63\n")
+    (root / "val" / "val_annotations.txt").write_text("".join(lines))
+    Image.new("RGB", (64, 64)).save(root / "test" / "images" / "test_0.JPEG")
+    return root
+
+
+def tiny_imagenet_archive(directory: Path, **kwargs: object) -> tuple[Path, str]:
+    """tiny-imagenet-200.zip with tiny-imagenet-200/ at the top, as published (`kwargs` go to
+    write_tiny_imagenet); returns its path and md5."""
+    archive = Path(directory) / f"{TINY_IMAGENET_FOLDER}.zip"
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as staging:
+        root = write_tiny_imagenet(Path(staging), **kwargs)  # type: ignore[arg-type]
+        with zipfile.ZipFile(archive, "w") as zf:
+            for path in sorted(root.rglob("*")):
+                zf.write(path, path.relative_to(staging).as_posix())
+    return archive, hashlib.md5(archive.read_bytes()).hexdigest()
+
+
+def write_exif_rotated_jpeg(path: Path, size: tuple[int, int] = (20, 10)) -> Path:
+    """A JPEG stored `size` (width, height) wide, black with a red 4x4 block in its stored top-left
+    corner, tagged with EXIF orientation 6 ("rotate 90 degrees clockwise to display"): upright it
+    is height x width with the block in the top-right corner."""
+    image = Image.new("RGB", size)
+    image.paste((255, 0, 0), (0, 0, 4, 4))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(path, "JPEG", quality=95, exif=exif)
+    return path
+
+
+def write_truncated_jpeg(path: Path, size: tuple[int, int] = (32, 32)) -> Path:
+    """A JPEG cut off half-way, as an interrupted copy or download leaves it."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path

@@ -21,21 +21,25 @@ from data_formats import (
     cifar10_archive,
     closed_port_url,
     serve_directory,
+    tiny_imagenet_archive,
     write_cifar10,
     write_cifar_batch,
+    write_exif_rotated_jpeg,
     write_fashion_mnist,
     write_idx,
     write_image_folder,
+    write_tiny_imagenet,
+    write_truncated_jpeg,
 )
-from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits
+from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits, tiny_imagenet
 from thaw.data import fashion_mnist as fmnist
 from thaw.data.cifar10 import CIFAR10
-from thaw.data.datamodule import ImageDataset
 from thaw.data.download import ChecksumError
 from thaw.data.fashion_mnist import FashionMNIST
-from thaw.data.imagefolder import ImageFolder, load_image
+from thaw.data.imagefolder import ImageFolder
+from thaw.data.images import load_image
 from thaw.data.split import limit_per_class, select_classes, stratified_split
-from thaw.data.transforms import build_eval_transform, build_train_transform
+from thaw.data.tiny_imagenet import TinyImageNet
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
@@ -47,10 +51,6 @@ def loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     """Requests to 127.0.0.1 must not go through a proxy set in the environment."""
     for name in ("no_proxy", "NO_PROXY"):
         monkeypatch.setenv(name, "127.0.0.1,localhost")
-
-
-def augment_conf(name: str) -> dict:
-    return OmegaConf.to_container(OmegaConf.load(CONF / "augment" / f"{name}.yaml"))
 
 
 def counts(labels: torch.Tensor) -> dict[int, int]:
@@ -220,6 +220,105 @@ def test_fashion_mnist_real_debian_files(tmp_path: Path) -> None:
     assert len(splits.train.classes) == 10 and int(splits.train.images.max()) == 255
 
 
+# ---------------------------------------------------------------- Tiny ImageNet
+
+WORDS = {
+    "n01443537": "goldfish, Carassius auratus",
+    "n02085620": "Chihuahua",
+    "n02125311": "cougar, puma, catamount",
+    "n03000000": "cougar",  # a second class named "cougar"
+    "n09999999": "a WordNet entry that is not a class",
+}
+WNIDS = ["n03000000", "n01443537", "n02125311", "n02085620"]  # wnids.txt is not sorted
+TINY_CLASSES = ["goldfish", "Chihuahua", "cougar (n02125311)", "cougar (n03000000)"]
+
+
+def tiny_archive(directory: Path) -> tuple[Path, str]:
+    """4 classes, 3 train and 2 val images each; goldfish's are grayscale JPEGs."""
+    return tiny_imagenet_archive(
+        directory, words=WORDS, wnids=WNIDS, n_train=3, n_val=2, gray=["n01443537"]
+    )
+
+
+def class_of(images: torch.Tensor) -> list[int]:
+    """The class each flat-coloured test image was drawn for (red = 40 * class + 20)."""
+    return [round((int(red) - 20) / 40) for red in images[:, 0, 32, 32]]
+
+
+def test_tiny_imagenet_downloads_checks_extracts_and_reads_the_real_layout(
+    tmp_path: Path, loopback: None
+) -> None:
+    archive, md5 = tiny_archive(tmp_path / "server")
+    root = tmp_path / "data"
+    with serve_directory(archive.parent) as base_url:
+        source = TinyImageNet(root, url=base_url + archive.name, md5=md5)
+        source.prepare()
+        splits = source.load()
+
+    train, test = splits.train, splits.test
+    assert train.classes == TINY_CLASSES and test.classes == TINY_CLASSES
+    assert train.images.shape == (12, 3, 64, 64) and train.images.dtype == torch.uint8
+    assert test.images.shape == (8, 3, 64, 64) and splits.val is None
+    assert train.labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert class_of(train.images) == train.labels.tolist()
+    # val images lie in one folder in shuffled order: their labels come from the annotations
+    assert class_of(test.images) == test.labels.tolist()
+    assert counts(test.labels) == dict.fromkeys(range(4), 2)
+    goldfish = train.images[train.labels == 0].int()
+    assert (goldfish[:, 0] == goldfish[:, 1]).all() and (goldfish[:, 1] == goldfish[:, 2]).all()
+    assert not torch.equal(train.images[3, 0], train.images[3, 1])  # a colour one stays colour
+    folder, cache, zipped = sorted(p.name for p in root.iterdir())
+    assert folder == "tiny-imagenet-200" and zipped == archive.name
+    assert cache.startswith("tiny-imagenet-200.cache-") and cache.endswith(".npz")
+
+
+def test_tiny_imagenet_wrong_md5_leaves_nothing_behind(tmp_path: Path, loopback: None) -> None:
+    archive, md5 = tiny_archive(tmp_path / "server")
+    root = tmp_path / "data"
+    with serve_directory(archive.parent) as base_url:
+        with pytest.raises(ChecksumError) as err:
+            TinyImageNet(root, url=base_url + archive.name, md5="0" * 32).load()
+    assert archive.name in str(err.value) and md5 in str(err.value)
+    assert list(root.iterdir()) == []
+
+
+def test_tiny_imagenet_absent_without_download_says_what_to_place_where(tmp_path: Path) -> None:
+    with pytest.raises(DataUnavailableError, match="download is off") as err:
+        TinyImageNet(tmp_path, download=False).load()
+    message = str(err.value)
+    assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
+    assert str(tmp_path) in message and "tiny-imagenet-200.zip" in message
+
+
+def test_tiny_imagenet_cache_is_reused_and_rebuilt_when_a_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_tiny_imagenet(tmp_path, words=WORDS, wnids=WNIDS, n_train=2, n_val=1)
+    TinyImageNet(tmp_path, download=False).prepare()  # the DataModule's prepare_data decodes
+    (cache,) = tmp_path.glob("tiny-imagenet-200.cache-*.npz")
+
+    decoded: list[Path] = []
+    real_load_image = tiny_imagenet.load_image
+
+    def counting(path: Path, min_size: int | None = None) -> Image.Image:
+        decoded.append(path)
+        return real_load_image(path, min_size)
+
+    monkeypatch.setattr(tiny_imagenet, "load_image", counting)
+    second = TinyImageNet(tmp_path, download=False).load()
+    assert decoded == []
+    assert second.train.images.shape == (8, 3, 64, 64) and second.train.classes == TINY_CLASSES
+    assert class_of(second.test.images) == second.test.labels.tolist()
+
+    changed = tmp_path / "tiny-imagenet-200" / "train" / "n02085620" / "images" / "n02085620_1.JPEG"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(changed, "JPEG")
+    third = TinyImageNet(tmp_path, download=False).load()
+    assert len(decoded) == 8 + 4
+    assert int(third.train.images[3].min()) >= 250  # the second Chihuahua, now white
+    (rebuilt,) = tmp_path.glob("tiny-imagenet-200.cache-*.npz")
+    assert rebuilt != cache  # and the stale cache is gone
+
+
 # ---------------------------------------------------------------- ImageFolder
 
 
@@ -227,16 +326,16 @@ def test_imagefolder_classes_from_folders_and_non_images_ignored(tmp_path: Path)
     write_image_folder(tmp_path, ["dog", "cat", "ant"], n_per_class=3, splits=("",))
     write_image_folder(tmp_path, ["cat"], n_per_class=1, splits=("",), suffix=".JPG", seed=1)
     (tmp_path / "cat" / "notes.txt").write_text("not an image")
+    (tmp_path / "cat" / "Thumbs.db").write_bytes(b"\x00" * 64)
     (tmp_path / "cat" / ".hidden.png").write_bytes(b"")
     (tmp_path / "README").write_text("top-level files are not classes")
 
-    splits = ImageFolder(tmp_path, test_fraction=0.1).load()
+    splits = ImageFolder(tmp_path).load()
 
     assert splits.train.classes == ["ant", "cat", "dog"]
-    every = splits.train.images + splits.test.images
-    assert sorted(p.suffix for p in every) == [".JPG"] + [".png"] * 9
-    assert counts(splits.test.labels) == {0: 1, 1: 1, 2: 1}
-    assert splits.val is None and not splits.train.in_memory
+    assert sorted(p.suffix for p in splits.train.images) == [".JPG"] + [".png"] * 9
+    assert counts(splits.train.labels) == {0: 3, 1: 4, 2: 3}
+    assert splits.val is None and splits.test is None and not splits.train.in_memory
 
 
 def test_imagefolder_uses_split_folders(tmp_path: Path) -> None:
@@ -248,14 +347,45 @@ def test_imagefolder_uses_split_folders(tmp_path: Path) -> None:
     assert all(p.parts[-3] == "val" for p in splits.val.images)
 
 
-def test_imagefolder_makes_a_stratified_test_split(tmp_path: Path) -> None:
+def test_imagefolder_without_split_folders_is_split_stratified(tmp_path: Path) -> None:
     write_image_folder(tmp_path, ["a", "b", "c"], n_per_class=10, splits=("train",))
-    splits = ImageFolder(tmp_path, test_fraction=0.2, split_seed=3).load()
-    assert counts(splits.test.labels) == {0: 2, 1: 2, 2: 2}
-    assert counts(splits.train.labels) == {0: 8, 1: 8, 2: 8}
-    assert set(splits.train.images).isdisjoint(splits.test.images)
-    again = ImageFolder(tmp_path, test_fraction=0.2, split_seed=3).load()
-    assert again.test.images == splits.test.images
+
+    def setup() -> ImageDataModule:
+        dm = ImageDataModule(
+            ImageFolder(tmp_path), None, MEAN, STD, test_fraction=0.2, val_fraction=0.25
+        )
+        dm.setup()
+        return dm
+
+    dm = setup()
+    assert counts(dm.test_set.labels) == {0: 2, 1: 2, 2: 2}
+    assert counts(dm.val_set.labels) == {0: 2, 1: 2, 2: 2}
+    assert counts(dm.train_set.labels) == {0: 6, 1: 6, 2: 6}
+    every = [*dm.train_set.images, *dm.val_set.images, *dm.test_set.images]
+    assert len(set(every)) == 30
+    assert setup().test_set.images == dm.test_set.images
+
+
+def test_imagefolder_needs_a_test_split(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=4, splits=("train",))
+    dm = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, test_fraction=0.0)
+    with pytest.raises(ValueError, match="test_fraction is 0"):
+        dm.setup()
+
+
+def test_a_class_with_too_few_images_is_named_with_its_count(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["plenty", "rare"], n_per_class=5, splits=("",))
+    for extra in sorted((tmp_path / "rare").iterdir())[2:]:
+        extra.unlink()
+    dm = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD)
+    with pytest.raises(ValueError, match="'rare' has 2") as err:
+        dm.setup()
+    message = str(err.value)
+    assert "'plenty'" not in message and "at least 3" in message
+    assert "data.test_fraction=0.1" in message and "data.val_fraction=0.1" in message
+    with_folders = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, val_fraction=0.0)
+    with_folders.setup()  # 2 are enough for train and test
+    assert counts(with_folders.test_set.labels) == {0: 1, 1: 1}
 
 
 def test_imagefolder_mismatched_class_folders(tmp_path: Path) -> None:
@@ -276,29 +406,120 @@ def test_imagefolder_missing_or_empty_root(tmp_path: Path) -> None:
     assert str(tmp_path) in str(err.value)
 
 
-@pytest.mark.parametrize("mode", ["RGBA", "P", "L", "CMYK"])
-def test_load_image_gives_rgb(tmp_path: Path, mode: str) -> None:
-    path = tmp_path / ("img.jpg" if mode == "CMYK" else "img.png")
-    Image.new(mode, (6, 4)).save(path)
+def rgb_at(path: Path, xy: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
     image = load_image(path)
-    assert image.mode == "RGB" and image.size == (6, 4)
-    dataset = ImageDataset(
-        ImageSet([path], torch.tensor([0]), ["x"]), build_eval_transform(None, MEAN, STD)
-    )
-    tensor, label = dataset[0]
-    assert tensor.shape == (3, 4, 6) and tensor.dtype == torch.float32 and label == 0
+    assert image.mode == "RGB"
+    return image.getpixel(xy)
 
 
-def test_load_image_follows_exif_orientation_and_names_bad_files(tmp_path: Path) -> None:
-    path = tmp_path / "photo.jpg"
-    exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
-    Image.new("RGB", (12, 10)).save(path, exif=exif)
-    assert load_image(path).size == (10, 12)
+def test_load_image_turns_every_mode_into_rgb(tmp_path: Path) -> None:
+    gray = tmp_path / "gray.png"
+    Image.new("L", (6, 4), 77).save(gray)
+    assert rgb_at(gray) == (77, 77, 77)
+
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.save(tmp_path / "palette.png")
+    assert rgb_at(tmp_path / "palette.png") == (10, 200, 30)
+
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (16, 16), (0, 0, 0, 0)).save(cmyk, quality=95)
+    assert all(v >= 250 for v in rgb_at(cmyk))  # no ink is white
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16)).save(deep)  # 16-bit gray
+    assert [rgb_at(deep, (x, 0)) for x in range(3)] == [(0,) * 3, (128,) * 3, (255,) * 3]
+    wide = tmp_path / "wide.tif"
+    Image.fromarray(np.array([[0, 65535]], dtype=np.int32), "I").save(wide)
+    assert [rgb_at(wide, (x, 0)) for x in range(2)] == [(0,) * 3, (255,) * 3]
+
+
+def test_load_image_puts_transparency_on_white(tmp_path: Path) -> None:
+    rgba = Image.new("RGBA", (3, 1), (255, 0, 0, 255))
+    rgba.putpixel((1, 0), (0, 0, 255, 0))  # fully transparent
+    rgba.putpixel((2, 0), (255, 0, 0, 128))  # half transparent red
+    rgba.save(tmp_path / "rgba.png")
+    assert [rgb_at(tmp_path / "rgba.png", (x, 0)) for x in range(3)] == [
+        (255, 0, 0),
+        (255, 255, 255),
+        (255, 127, 127),
+    ]
+    Image.new("LA", (2, 2), (0, 0)).save(tmp_path / "la.png")
+    assert rgb_at(tmp_path / "la.png") == (255, 255, 255)
+    palette = Image.new("P", (2, 1), 0)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((1, 0), 1)
+    palette.save(tmp_path / "clear.gif", transparency=0)
+    assert rgb_at(tmp_path / "clear.gif") == (255, 255, 255)
+    assert rgb_at(tmp_path / "clear.gif", (1, 0)) == (10, 200, 30)
+
+
+def test_load_image_follows_exif_orientation(tmp_path: Path) -> None:
+    image = load_image(write_exif_rotated_jpeg(tmp_path / "photo.jpg", size=(20, 10)))
+    assert image.size == (10, 20)
+    red, green, _ = image.getpixel((8, 1))  # top-right corner, where the block turned to
+    assert red > 200 and green < 60
+    assert max(image.getpixel((1, 1))) < 60
+
+
+def test_load_image_names_bad_files(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     with pytest.raises(OSError, match="broken.png"):
         load_image(broken)
+    with pytest.raises(OSError, match="cut.jpg"):
+        load_image(write_truncated_jpeg(tmp_path / "cut.jpg"))
+
+
+def photo_folder(root: Path) -> list[Path]:
+    """Two classes of photos in every mode, plus a truncated and a fake JPEG; returns the bad."""
+    write_image_folder(root, ["bag", "shoe"], n_per_class=4, splits=("",))
+    Image.new("CMYK", (12, 10), (0, 50, 100, 0)).save(root / "bag" / "cmyk.jpg")
+    Image.new("RGBA", (12, 10), (0, 0, 0, 0)).save(root / "bag" / "cutout.png")
+    Image.fromarray(np.full((10, 12), 4000, dtype=np.uint16)).save(root / "shoe" / "deep.png")
+    write_exif_rotated_jpeg(root / "shoe" / "phone.jpg")
+    bad = [write_truncated_jpeg(root / "bag" / "cut.jpg"), root / "shoe" / "page.jpg"]
+    bad[1].write_text("<html>not found</html>")
+    return sorted(bad)
+
+
+def test_a_bad_file_fails_with_its_path_when_not_skipping(tmp_path: Path) -> None:
+    bad = photo_folder(tmp_path)
+    dm = ImageDataModule(
+        ImageFolder(tmp_path), None, MEAN, STD, image_size=16, val_fraction=0, batch_size=64
+    )
+    dm.setup()
+    assert len(dm.train_set) + len(dm.test_set) == 14
+    with pytest.raises(OSError, match="could not decode image") as err:
+        for loader in (dm.train_dataloader(), dm.test_dataloader()):
+            list(loader)
+    assert any(str(path) in str(err.value) for path in bad)
+
+
+def test_bad_files_are_skipped_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = photo_folder(tmp_path)
+    dm = ImageDataModule(
+        ImageFolder(tmp_path),
+        None,
+        MEAN,
+        STD,
+        image_size=16,
+        test_fraction=0.2,
+        skip_bad_images=True,
+        batch_size=4,
+    )
+    with caplog.at_level("WARNING"):
+        dm.setup()
+    assert sorted(dm.skipped_images) == bad
+    assert "Skipped 2 images" in caplog.text and all(str(p) in caplog.text for p in bad)
+    sets = (dm.train_set, dm.val_set, dm.test_set)
+    assert sum(len(s) for s in sets) == 12
+    assert not set(bad) & {path for s in sets for path in s.images}
+    for loader in (dm.train_dataloader(), dm.val_dataloader(), dm.test_dataloader()):
+        for images, _ in loader:
+            assert images.shape[1:] == (3, 16, 16) and torch.isfinite(images).all()
 
 
 # ---------------------------------------------------------------- split helpers
@@ -346,55 +567,6 @@ def test_select_classes_and_limit_per_class() -> None:
     assert len(limit_per_class(imageset, 100, seed=0)) == len(imageset)
 
 
-# ---------------------------------------------------------------- transforms
-
-
-def test_transforms_output_float_rgb_at_the_requested_size() -> None:
-    gray = torch.full((1, 28, 28), 255, dtype=torch.uint8)
-    out = build_eval_transform(None, MEAN, STD)(gray)
-    assert out.shape == (3, 28, 28) and out.dtype == torch.float32
-    assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
-    basic = augment_conf("basic")
-    wide = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8)
-    assert build_train_transform(basic, 40, MEAN, STD)(wide).shape == (3, 40, 40)
-    pil = Image.new("L", (48, 32))
-    assert build_train_transform(basic, 24, MEAN, STD)(pil).shape == (3, 24, 24)
-
-
-def test_eval_transform_is_deterministic_and_equals_train_without_augment() -> None:
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    evaluate = build_eval_transform(16, MEAN, STD)
-    train = build_train_transform(augment_conf("none"), 16, MEAN, STD)
-    assert torch.equal(evaluate(image), evaluate(image))
-    assert all(torch.equal(train(image), evaluate(image)) for _ in range(5))
-
-
-def test_augmentations_vary_the_output() -> None:
-    torch.manual_seed(0)
-    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    plain = build_eval_transform(None, MEAN, STD)(image)
-
-    flip = build_train_transform({"hflip": 1.0}, None, MEAN, STD)
-    assert torch.equal(flip(image), plain.flip(-1))
-
-    crop = build_train_transform({"crop_padding": 0.125}, None, MEAN, STD)
-    crops = [crop(image) for _ in range(20)]
-    assert all(c.shape == (3, 32, 32) for c in crops)
-    assert len({c.numpy().tobytes() for c in crops}) > 1
-
-    basic = build_train_transform(augment_conf("basic"), None, MEAN, STD)
-    outputs = [basic(image) for _ in range(10)]
-    assert sum(not torch.equal(out, plain) for out in outputs) >= 9
-
-
-def test_augment_config_is_validated() -> None:
-    with pytest.raises(ValueError, match="vflip") as err:
-        build_train_transform({"vflip": 0.5, "hflip": 0.5}, None, MEAN, STD)
-    assert "crop_padding" in str(err.value) and "color_jitter" in str(err.value)
-    with pytest.raises(ValueError, match="hflip"):
-        build_train_transform({"hflip": 1.5}, None, MEAN, STD)
-
-
 # ---------------------------------------------------------------- DataModule
 
 
@@ -417,7 +589,7 @@ def test_datamodule_filters_splits_and_limits(tmp_path: Path) -> None:
     source = CountingSource(CIFAR10(tmp_path, download=False))
     dm = ImageDataModule(
         source,
-        augment_conf("basic"),
+        {"crop_padding": 0.125, "hflip": 0.5},
         MEAN,
         STD,
         val_fraction=0.25,
@@ -484,6 +656,13 @@ def test_datamodule_loader_options(tmp_path: Path) -> None:
         ({"samples_per_class": 2.5}, "samples_per_class"),
         ({"batch_size": 0}, "batch_size"),
         ({"classes": "cat"}, "classes"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"image_size": 0}, "image_size"),
+        ({"skip_bad_images": "yes"}, "skip_bad_images"),
+        (
+            {"normalize": "imagenet"},
+            r"data.normalize must be one of \['backbone', 'dataset'\], got 'imagenet'",
+        ),
     ],
 )
 def test_datamodule_rejects_bad_arguments(tmp_path: Path, kwargs: dict, match: str) -> None:
@@ -544,15 +723,13 @@ def compose_data(name: str, data_dir: Path, **overrides: object) -> DictConfig:
     return cfg
 
 
-@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "imagefolder"])
+@pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "imagefolder", "tiny_imagenet"])
 def test_data_configs_instantiate(tmp_path: Path, name: str) -> None:
     overrides = {"data.root": str(tmp_path / "images")} if name == "imagefolder" else {}
     cfg = compose_data(name, tmp_path, **overrides)
     for key in ("mean", "std", "augment"):
         assert key not in cfg.data
-    dm = instantiate(
-        cfg.data, augment=OmegaConf.load(CONF / "augment" / "basic.yaml"), mean=MEAN, std=STD
-    )
+    dm = instantiate(cfg.data, augment={"hflip": 0.5}, mean=MEAN, std=STD)
     assert isinstance(dm, ImageDataModule)
     assert dm.source.root == dm.root
     expected_root = tmp_path / "images" if name == "imagefolder" else tmp_path / name
@@ -576,8 +753,6 @@ def test_data_root_override_reaches_the_source(tmp_path: Path) -> None:
             "data.num_workers": 0,
         },
     )
-    dm = instantiate(
-        cfg.data, augment=OmegaConf.load(CONF / "augment" / "none.yaml"), mean=MEAN, std=STD
-    )
+    dm = instantiate(cfg.data, augment=None, mean=MEAN, std=STD)
     dm.setup()
     assert dm.classes == ["cat", "dog"] and len(dm.test_set) == 4

@@ -19,6 +19,7 @@ from thaw.callbacks import ResumeState
 from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import Classifier, create_backbone
+from thaw.train import run
 
 STEPS_PER_EPOCH = 3  # 24 images, batches of 8
 EPOCHS = 3
@@ -141,9 +142,37 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch_and_skips_exactly():
 def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
     loader = ResumableLoader(NoisyImages(), seed=5, batch_size=8)
     batches = list(loader)
-    loader.load_state_dict({"epoch": 0, "batches": 2})
+    loader.load_state_dict({"epoch": 0, "batches": 2, "seed": 5})
     rest = list(loader)
     assert len(rest) == 1 and torch.equal(rest[0][0], batches[2][0])
-    loader.load_state_dict({"epoch": 0, "batches": 3})
+    loader.load_state_dict({"epoch": 0, "batches": 3, "seed": 5})
     loader.sampler.set_epoch(1)
     assert len(list(loader)) == 3  # a finished epoch's state does not cut the next epoch short
+
+
+def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(train_config):
+    """The whole stack: the DataModule's loader, per-image augmentation and batch mixup."""
+    common = [
+        "trainer.max_epochs=2",
+        "trainer.deterministic=true",
+        "test=false",
+        "augment=mixup",
+        "finetune.freeze_epochs=1",
+        "model.head_dropout=0.5",
+    ]
+    run(train_config(*common, run="whole"))
+    sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=7"]
+    with pytest.raises(SIGTERMException):
+        run(train_config(*common, *sigterm, run="stopped"))  # 5 steps an epoch: mid-phase-2
+    run(train_config(*common, "ckpt_path=last", run="stopped"))
+
+    def final(name: str) -> dict[str, torch.Tensor]:
+        path = train_config(run=name).paths.output_dir + "/checkpoints/last.ckpt"
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["global_step"] == 10  # last.ckpt is the last step, improved or not
+        return checkpoint["state_dict"]
+
+    whole, resumed = final("whole"), final("stopped")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key

@@ -20,14 +20,14 @@ class ResumeState(pl.Callback):
     position in every checkpoint, and on SIGTERM, which a cluster sends before it pre-empts a
     job, saves `last.ckpt` (in the checkpoint callback's directory) after the batch in flight.
 
-    Lightning stores a stateful loader's position too, but never restores it when the loader
-    was built before the checkpoint was loaded, as `estimated_stepping_batches` in
-    `configure_optimizers` does; so the position travels here and is restored at train start,
-    before the loader draws its first batch.
+    Both are restored at train start, after the sanity check (whose loader draws from the RNG)
+    and before the loader draws its first batch. Lightning stores a stateful loader's position
+    too, but never restores it when the loader was built before the checkpoint was loaded, as
+    `estimated_stepping_batches` in `configure_optimizers` does.
     """
 
     def __init__(self) -> None:
-        self._loader_state: dict[str, Any] | None = None
+        self._restored: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -38,10 +38,7 @@ class ResumeState(pl.Callback):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        torch.set_rng_state(state_dict["torch_rng"])
-        if state_dict["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state_dict["cuda_rng"])
-        self._loader_state = state_dict.get("train_loader")
+        self._restored = state_dict  # applied at train start: the sanity check draws randomness
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
@@ -53,9 +50,14 @@ class ResumeState(pl.Callback):
         return loader if hasattr(loader, "load_state_dict") else None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._loader_state is not None and self._train_loader is not None:
-            self._train_loader.load_state_dict(self._loader_state)
-        self._loader_state = None
+        state, self._restored = self._restored, None
+        if state is None:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if "train_loader" in state and self._train_loader is not None:
+            self._train_loader.load_state_dict(state["train_loader"])
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

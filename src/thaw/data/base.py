@@ -42,11 +42,11 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class Splits:
-    """What a source provides: its training set, its official test set and, if it has one, a
-    validation set (otherwise the DataModule splits one off `train`)."""
+    """What a source provides: its training set and, where it has them, its official test and
+    validation sets (the DataModule splits a missing one off `train`)."""
 
     train: ImageSet
-    test: ImageSet
+    test: ImageSet | None = None
     val: ImageSet | None = None
 
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 
 from thaw.data.base import ImageSet, Splits
-from thaw.data.download import DataUnavailableError, check_md5, download, extract_tar
-
-log = logging.getLogger(__name__)
+from thaw.data.download import archive_path, fetch_and_extract
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -47,33 +43,10 @@ class CIFAR10:
     def folder(self) -> Path:
         return self.root / FOLDER
 
-    @property
-    def archive(self) -> Path:
-        return self.root / (Path(urlparse(self.url).path).name or "cifar-10-python.tar.gz")
-
     def prepare(self) -> None:
         """Make sure `root/cifar-10-batches-py` exists: extract the archive, fetched if needed."""
-        if self.folder.is_dir():
-            return
-        if not self.archive.is_file():
-            if not self.download:
-                raise DataUnavailableError(
-                    f"CIFAR-10 is not in {self.root} and download is off: download {self.url} "
-                    f"and place {self.archive.name} (or its extracted {FOLDER}/ folder) in "
-                    f"{self.root}, or set download: true"
-                )
-            try:
-                download(self.url, self.archive, self.md5)
-            except OSError as err:
-                raise DataUnavailableError(
-                    f"Could not download CIFAR-10 from {self.url} ({err}): download it by other "
-                    f"means and place {self.archive.name} (or its extracted {FOLDER}/ folder) "
-                    f"in {self.root}"
-                ) from err
-        else:
-            check_md5(self.archive, self.md5)
-        log.info("Extracting %s", self.archive)
-        extract_tar(self.archive, FOLDER, self.root)
+        archive = archive_path(self.root, self.url, "cifar-10-python.tar.gz")
+        fetch_and_extract("CIFAR-10", self.folder, archive, self.url, self.md5, self.download)
 
     def load(self) -> Splits:
         self.prepare()

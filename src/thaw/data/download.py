@@ -13,7 +13,9 @@ import shutil
 import tarfile
 import tempfile
 import urllib.request
+import zipfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 log = logging.getLogger(__name__)
 
@@ -73,24 +75,59 @@ def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0
     return dest
 
 
-def extract_tar(archive: Path, member: str, dest_dir: Path) -> Path:
-    """Extract `archive` and move its top-level folder `member` to `dest_dir / member`.
+def fetch_and_extract(
+    name: str, folder: Path, archive: Path, url: str, md5: str | None, allow_download: bool
+) -> Path:
+    """Make sure the dataset folder `folder` exists: extract `archive` (a tar or zip whose
+    top-level folder is `folder.name`), downloading it from `url` first when it is absent and
+    downloads are allowed. Raises DataUnavailableError saying what to place where when neither
+    works, and ChecksumError when the archive's md5 is not `md5` (None skips the check, for a
+    mirror that repacks the archive). Returns `folder`."""
+    if folder.is_dir():
+        return folder
+    root = folder.parent
+    place = f"place {archive.name} (or its extracted {folder.name}/ folder) in {root}"
+    if not archive.is_file():
+        if not allow_download:
+            raise DataUnavailableError(
+                f"{name} is not in {root} and download is off: download {url} and {place}, "
+                "or set data.source.download=true"
+            )
+        try:
+            download(url, archive, md5)
+        except OSError as err:
+            raise DataUnavailableError(
+                f"Could not download {name} from {url} ({err}): download it by other means and "
+                f"{place}"
+            ) from err
+    else:
+        check_md5(archive, md5)
+    log.info("Extracting %s", archive)
+    return extract(archive, folder.name, root)
+
+
+def archive_path(root: Path, url: str, default: str) -> Path:
+    """Where the archive of `url` is kept: root / the URL's file name (`default` if it has none)."""
+    return root / (Path(urlparse(url).path).name or default)
+
+
+def extract(archive: Path, member: str, dest_dir: Path) -> Path:
+    """Extract the tar (any compression) or zip `archive` and move its top-level folder `member` to
+    `dest_dir / member`.
 
     Extraction goes to a temporary folder inside `dest_dir` (same filesystem, so the final rename is
-    atomic) with tarfile's "data" filter, which refuses absolute paths, links out of the tree and
-    device files. Returns the extracted folder.
+    atomic), so a failure leaves no half-extracted dataset. Tar members pass tarfile's "data" filter
+    (no absolute paths, links out of the tree or device files); zipfile itself strips absolute
+    paths and "..". Returns the extracted folder.
     """
+    unpack = _unzip if zipfile.is_zipfile(archive) else _untar
     dest_dir.mkdir(parents=True, exist_ok=True)
     target = dest_dir / member
     staging = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest_dir))
     try:
         try:
-            with tarfile.open(archive) as tar:
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(staging, filter="data")
-                else:  # a Python older than the extraction filters (3.10.12, 3.11.4)
-                    tar.extractall(staging)
-        except tarfile.TarError as err:
+            unpack(archive, staging)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError) as err:
             raise RuntimeError(f"{archive} could not be extracted: {err}") from err
         extracted = staging / member
         if not extracted.is_dir():
@@ -99,3 +136,16 @@ def extract_tar(archive: Path, member: str, dest_dir: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _untar(archive: Path, dest: Path) -> None:
+    with tarfile.open(archive) as tar:
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # a Python older than the extraction filters (3.10.12, 3.11.4)
+            tar.extractall(dest)
+
+
+def _unzip(archive: Path, dest: Path) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        zf.extractall(dest)

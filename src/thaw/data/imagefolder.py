@@ -3,7 +3,8 @@
     root/[train/]<class>/<any/depth>/<image>     class names = sorted folder names
     root/val/<class>/...   root/test/<class>/... optional, same class folders as train
 
-Images stay on disk as a list of paths and are decoded one at a time by the Dataset.
+Images stay on disk as a list of paths and are decoded one at a time by the Dataset; the
+DataModule splits off the validation and test sets that have no folder.
 """
 
 from __future__ import annotations
@@ -11,37 +12,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
 
 from thaw.data.base import ImageSet, Splits
 from thaw.data.download import DataUnavailableError
-from thaw.data.split import split_imageset
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
-
-
-def load_image(path: Path) -> Image.Image:
-    """Decode an image file to RGB, turned upright as its EXIF orientation says (phone photos)."""
-    try:
-        with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as err:  # PIL raises many types for a corrupt or truncated file
-        raise OSError(f"could not decode image {path}: {err}") from err
+# What cameras, scanners and web shops write and Pillow reads; any other file is not an image.
+IMAGE_SUFFIXES = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    | {".ppm", ".pgm", ".pbm", ".pnm"}
+)
 
 
 class ImageFolder:
     """Images in class folders, optionally split into train/, val/ and test/ folders.
 
-    Without a test/ folder, a stratified `test_fraction` of the training images (seeded by
-    `split_seed`) becomes the test set; without a val/ folder the DataModule splits one off.
+    A split without a folder is None in the returned Splits; the DataModule then splits it off the
+    training images, stratified and seeded (data.val_fraction, data.test_fraction).
     """
 
-    def __init__(self, root: str | Path, test_fraction: float = 0.1, split_seed: int = 0) -> None:
-        if not 0.0 <= test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        self.test_fraction = test_fraction
-        self.split_seed = split_seed
 
     def prepare(self) -> None:
         """Nothing to download; fail early when the folder is not there."""
@@ -71,13 +61,6 @@ class ImageFolder:
             raise ValueError(f"class folders without images in {train_dir}: {empty}")
         val = _scan_split(self.root / "val", classes, train_dir)
         test = _scan_split(self.root / "test", classes, train_dir)
-        if test is None:
-            if self.test_fraction == 0:
-                raise ValueError(
-                    f"{self.root} has no test/ folder and test_fraction is 0: "
-                    "give a test/ folder or a test_fraction > 0"
-                )
-            train, test = split_imageset(train, self.test_fraction, self.split_seed)
         return Splits(train=train, test=test, val=val)
 
 

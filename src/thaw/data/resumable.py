@@ -110,7 +110,8 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self._position
-        return {"epoch": epoch, "batches": batches}
+        return {"epoch": epoch, "batches": batches, "seed": self.sampler.seed}  # type: ignore[attr-defined]
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.seed = state["seed"]  # type: ignore[attr-defined]
         self._resume_at = (state["epoch"], state["batches"])

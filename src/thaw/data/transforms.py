@@ -1,8 +1,8 @@
 """Per-image transforms (torchvision.transforms.v2) from the `augment` config group.
 
 Both pipelines take a uint8 CHW tensor or a PIL image and return a float32 CHW tensor with 3
-channels, normalised with the backbone's pretraining statistics; augmentation runs on uint8, before
-the conversion, where it is cheapest.
+channels, normalised with the given statistics (the backbone's or the dataset's); augmentation runs
+on uint8, before the conversion, where it is cheapest. Evaluation never augments.
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-# The augment config's keys and the largest value each takes (all start at 0 = off).
-AUGMENT_LIMITS = {"crop_padding": 1.0, "hflip": 1.0, "color_jitter": float("inf")}
+from thaw.data.augment import AugmentOptions
 
 
 class ToRGB(torch.nn.Module):
@@ -48,37 +47,42 @@ class RandomPadCrop(torch.nn.Module):
 
 
 def build_train_transform(
-    augment: Mapping[str, Any] | None,
+    augment: AugmentOptions | Mapping[str, Any] | None,
     image_size: int | None,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> v2.Compose:
-    """Resize as for evaluation, then the augmentations `augment` switches on (0 = off):
-    `crop_padding` (padded random crop), `hflip` (probability), `color_jitter` (strength)."""
-    options = _augment_options(augment)
+    """Resize as for evaluation, then the per-image augmentations `augment` switches on (see
+    AugmentOptions), in the order crop, flip, policy, colour jitter; random erasing comes last, on
+    the normalised tensor, so erased pixels hold the mean colour."""
+    options = AugmentOptions.parse(augment)
     steps: list[torch.nn.Module] = []
-    if options["crop_padding"] > 0:
-        steps.append(RandomPadCrop(options["crop_padding"]))
-    if options["hflip"] > 0:
-        steps.append(v2.RandomHorizontalFlip(options["hflip"]))
-    strength = options["color_jitter"]
+    if options.crop_padding > 0:
+        steps.append(RandomPadCrop(options.crop_padding))
+    if options.hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(options.hflip))
+    if options.policy != "none":
+        steps.append(_policy(options))
+    strength = options.color_jitter
     if strength > 0:
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    return _pipeline(image_size, mean, std, steps)
+    after = [v2.RandomErasing(options.random_erasing)] if options.random_erasing > 0 else []
+    return _pipeline(image_size, mean, std, steps, after)
 
 
 def build_eval_transform(
     image_size: int | None, mean: Sequence[float], std: Sequence[float]
 ) -> v2.Compose:
     """Deterministic: RGB, resize, normalise."""
-    return _pipeline(image_size, mean, std, [])
+    return _pipeline(image_size, mean, std)
 
 
 def _pipeline(
     image_size: int | None,
     mean: Sequence[float],
     std: Sequence[float],
-    augmentations: list[torch.nn.Module],
+    augmentations: Sequence[torch.nn.Module] = (),
+    after_normalize: Sequence[torch.nn.Module] = (),
 ) -> v2.Compose:
     mean, std = _stats(mean, "mean"), _stats(std, "std")
     steps: list[torch.nn.Module] = [v2.ToImage(), ToRGB()]
@@ -86,25 +90,17 @@ def _pipeline(
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive integer or null, got {image_size!r}")
         steps += [v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size)]
-    steps += augmentations
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std), v2.ToPureTensor()]
-    return v2.Compose(steps)
+    steps += [*augmentations, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose([*steps, *after_normalize, v2.ToPureTensor()])
 
 
-def _augment_options(augment: Mapping[str, Any] | None) -> dict[str, float]:
-    """The augment config as floats, missing keys off; unknown keys and bad values rejected."""
-    augment = dict(augment or {})
-    unknown = sorted(set(augment) - set(AUGMENT_LIMITS))
-    if unknown:
-        raise ValueError(f"unknown augment keys {unknown}; known keys: {list(AUGMENT_LIMITS)}")
-    options = {}
-    for key, high in AUGMENT_LIMITS.items():
-        value = augment.get(key) or 0.0
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
-            allowed = f"[0, {high:g}]" if high < float("inf") else ">= 0"
-            raise ValueError(f"augment.{key} must be a number {allowed}, got {value!r}")
-        options[key] = float(value)
-    return options
+def _policy(options: AugmentOptions) -> torch.nn.Module:
+    """The automatic augmentation policy: RandAugment, TrivialAugment or AutoAugment."""
+    if options.policy == "randaugment":
+        return v2.RandAugment(num_ops=options.num_ops, magnitude=options.magnitude)
+    if options.policy == "trivialaugment":
+        return v2.TrivialAugmentWide()
+    return v2.AutoAugment(v2.AutoAugmentPolicy(options.autoaugment_policy))
 
 
 def _stats(values: Sequence[float], name: str) -> list[float]:
