@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from thaw.config import config_dir
 from thaw.train import build_datamodule
-from thaw.visualize import batch_grid
+from thaw.visualize import datamodule_batch_grid
 
 OWN = {"out": "batch.png", "n": "32", "columns": "8"}
 
@@ -45,16 +45,8 @@ def main(argv: list[str]) -> Path:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    images, labels, *soft = datamodule.mix(next(iter(datamodule.train_dataloader())))
-    grid = batch_grid(
-        images,
-        labels,
-        datamodule.classes,
-        datamodule.mean,
-        datamodule.std,
-        soft[0] if soft else None,
-        columns,
-    )
+    batch = datamodule.mix(next(iter(datamodule.train_dataloader())))
+    grid = datamodule_batch_grid(datamodule, batch, n, columns)
     out.parent.mkdir(parents=True, exist_ok=True)
     grid.save(out)
     return out

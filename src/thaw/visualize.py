@@ -82,6 +82,22 @@ def _fit(
     return text + ".."
 
 
+def datamodule_batch_grid(
+    datamodule: ImageDataModule, batch: tuple, max_images: int, columns: int
+) -> Image.Image:
+    """A training batch as `datamodule` made it, captioned with its class names."""
+    images, labels, *soft = (part[:max_images] for part in batch)
+    return batch_grid(
+        images,
+        labels,
+        datamodule.classes,
+        datamodule.mean,
+        datamodule.std,
+        soft[0] if soft else None,
+        columns,
+    )
+
+
 class BatchPreview(pl.Callback):
     """Log the first training batch of a run, as the model receives it (augmented, mixed), as an
     image grid to every TensorBoard logger, tag `train/batch_preview`."""
@@ -108,16 +124,7 @@ class BatchPreview(pl.Callback):
         if not isinstance(datamodule, ImageDataModule):
             log.warning("BatchPreview needs an ImageDataModule (for class names and statistics)")
             return
-        images, labels, *soft = (part[: self.max_images] for part in batch)
-        grid = batch_grid(
-            images,
-            labels,
-            datamodule.classes,
-            datamodule.mean,
-            datamodule.std,
-            soft[0] if soft else None,
-            self.columns,
-        )
+        grid = datamodule_batch_grid(datamodule, batch, self.max_images, self.columns)
         for logger in loggers:
             logger.experiment.add_image(
                 "train/batch_preview", np.asarray(grid), trainer.global_step, dataformats="HWC"
