@@ -3,18 +3,25 @@ ranks (Lightning's BackboneFinetuning never syncs groups that were frozen when D
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from functools import partial
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from conftest import TINY, offline_fmnist
 from test_resume import NoisyImages
 from thaw.callbacks import ResumeState
 from thaw.data.resumable import ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import Classifier, create_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class GatherBackbones(pl.Callback):
@@ -86,3 +93,35 @@ def test_each_rank_trains_on_its_own_half_of_every_epoch(monkeypatch):
     rank1 = [i for i, _ in loader.sampler]
     assert len(rank0) == len(rank1) == len(loader.sampler) == 5
     assert sorted(rank0 + rank1) == list(range(10))
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=400,
+    )
+
+
+def test_cli_ddp_single_run_and_ddp_spawn_multirun_both_work(fmnist_root, tmp_path):
+    tiny = [*TINY, *offline_fmnist(fmnist_root), "trainer.max_epochs=1", "data.batch_size=8"]
+    single = cli("trainer=ddp", *tiny, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    report = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    assert sum(map(sum, report["test/confusion_matrix"])) == 40  # not summed over the 2 ranks
+
+    sweep = cli(
+        "-m",
+        "trainer=ddp_spawn",
+        *tiny,
+        "optimizer.lr=1e-3,3e-4",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    for job in ("0", "1"):  # one run dir per job: the sweep ran once, not once per rank
+        report = json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())
+        assert sum(map(sum, report["test/confusion_matrix"])) == 40  # each test image once
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]

@@ -10,6 +10,8 @@ import hydra
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from thaw.callbacks import ResumeState
@@ -45,6 +47,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(path)
 
 
+def test_trainer(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
+    """The fit trainer, except after spawned DDP workers: their test report would stay in the
+    workers, so test on one device here. Either way each test process sees every test image
+    once (the test loader is not sharded) and computes the metrics alone."""
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return trainer
+    return instantiate(
+        cfg.trainer, devices=1, strategy="auto", callbacks=[], logger=trainer.loggers or False
+    )
+
+
 def test_and_report(
     trainer: pl.Trainer,
     model: pl.LightningModule,
@@ -57,6 +70,8 @@ def test_and_report(
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
     metrics.update({"test/" + k: v for k, v in model.test_report.items()})
     metrics["checkpoint"] = ckpt_path
+    if not trainer.is_global_zero:
+        return metrics
     write_metrics(output_dir / "metrics.json", metrics)
     for logger in trainer.loggers:
         if isinstance(logger, pl.loggers.TensorBoardLogger):
@@ -89,7 +104,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
-        metrics.update(test_and_report(trainer, model, datamodule, output_dir, best or None))
+        metrics.update(
+            test_and_report(test_trainer(cfg, trainer), model, datamodule, output_dir, best or None)
+        )
         hparam_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_hparams(cfg), metrics=hparam_metrics)
@@ -106,7 +123,7 @@ def _main(cfg: DictConfig) -> float | None:
         raise SystemExit(143) from None
     summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "val/acc_best"}
     summary = {k: v for k, v in summary.items() if isinstance(v, float)}
-    print(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
+    rank_zero_info(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)
 

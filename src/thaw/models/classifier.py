@@ -71,6 +71,15 @@ class Classifier(pl.LightningModule):
         self.test_f1_macro = MulticlassF1Score(num_classes, average="macro")
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
         self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
+        # Every test process sees the whole test set (it is not sharded): no summing over ranks.
+        for metric in (
+            self.test_acc,
+            self.test_acc_top5,
+            self.test_f1_macro,
+            self.test_acc_per_class,
+            self.test_confusion,
+        ):
+            metric.sync_on_compute = False
         self.test_report: dict[str, Any] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
