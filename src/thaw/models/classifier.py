@@ -64,22 +64,15 @@ class Classifier(pl.LightningModule):
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps it
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc_top5 = MulticlassAccuracy(
-            num_classes, top_k=min(5, num_classes), average="micro"
-        )
-        self.test_f1_macro = MulticlassF1Score(num_classes, average="macro")
-        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None)
-        self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes)
         # Every test process sees the whole test set (it is not sharded): no summing over ranks.
-        for metric in (
-            self.test_acc,
-            self.test_acc_top5,
-            self.test_f1_macro,
-            self.test_acc_per_class,
-            self.test_confusion,
-        ):
-            metric.sync_on_compute = False
+        alone = {"sync_on_compute": False}
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", **alone)
+        self.test_acc_top5 = MulticlassAccuracy(
+            num_classes, top_k=min(5, num_classes), average="micro", **alone
+        )
+        self.test_f1_macro = MulticlassF1Score(num_classes, average="macro", **alone)
+        self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None, **alone)
+        self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes, **alone)
         self.test_report: dict[str, Any] = {}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
