@@ -22,6 +22,7 @@ from data_formats import write_cifar10
 from thaw.config import config_dir
 from thaw.data import ImageDataModule, ImageSet, Splits
 from thaw.data.augment import AugmentOptions
+from thaw.data.batch_augment import unsupported
 from thaw.data.cifar10 import CIFAR10
 from thaw.data.imagefolder import ImageFolder
 from thaw.data.mixing import BatchMix
@@ -81,13 +82,25 @@ def test_every_preset_gives_normalised_rgb_floats(name: str) -> None:
     assert sum(not torch.equal(out, plain) for out in outputs) >= 4  # erasing alone: p = 0.5
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_evaluation_stays_deterministic_under_every_preset(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "loader"),
+    [(name, "dataloader") for name in PRESETS]
+    + [(name, "device") for name in PRESETS if not unsupported(augment_conf(name))],
+)
+def test_evaluation_stays_deterministic_under_every_preset(
+    tmp_path: Path, name: str, loader: str
+) -> None:
     write_cifar10(tmp_path, n_per_class=2)
     dm = ImageDataModule(
-        CIFAR10(tmp_path, download=False), augment_conf(name), MEAN, STD, batch_size=32
+        CIFAR10(tmp_path, download=False),
+        augment_conf(name),
+        MEAN,
+        STD,
+        batch_size=32,
+        loader=loader,
     )
-    dm.trainer = SimpleNamespace(training=False)  # as in validation during fit
+    # As in validation during fit, on the CPU.
+    dm.trainer = SimpleNamespace(training=False, strategy=SimpleNamespace(root_device="cpu"))
     dm.setup()
     evaluate = build_eval_transform(None, MEAN, STD)
     expected = torch.stack([evaluate(image) for image in dm.test_set.images])

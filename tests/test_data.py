@@ -638,6 +638,7 @@ def test_datamodule_loader_options(tmp_path: Path) -> None:
         num_workers=2,
         eval_batch_size=5,
         pin_memory=True,
+        loader="dataloader",
     )
     with pytest.raises(RuntimeError, match="setup"):
         _ = dm.classes
@@ -659,6 +660,7 @@ def test_datamodule_loader_options(tmp_path: Path) -> None:
         ({"test_fraction": 1.0}, "test_fraction"),
         ({"image_size": 0}, "image_size"),
         ({"skip_bad_images": "yes"}, "skip_bad_images"),
+        ({"loader": "gpu"}, r"data.loader must be one of \['auto', 'device', 'dataloader'\]"),
         (
             {"normalize": "imagenet"},
             r"data.normalize must be one of \['backbone', 'dataset'\], got 'imagenet'",

@@ -150,9 +150,12 @@ def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
     assert len(list(loader)) == 3  # a finished epoch's state does not cut the next epoch short
 
 
-def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(train_config):
-    """The whole stack: the DataModule's loader, per-image augmentation and batch mixup."""
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(train_config, loader):
+    """The whole stack: the DataModule's loader on either path (batched augmentation on the
+    device, or per image in a DataLoader) and batch mixup."""
     common = [
+        f"data.loader={loader}",
         "trainer.max_epochs=2",
         "trainer.deterministic=true",
         "test=false",

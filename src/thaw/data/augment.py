@@ -55,6 +55,21 @@ class AugmentOptions:
     mix_prob: float = 1.0
 
     @property
+    def random_keys(self) -> list[str]:
+        """'key=value' for each augmentation switched on: empty when training images go through
+        the same deterministic transform as evaluation images."""
+        on = {
+            "crop_padding": self.crop_padding > 0,
+            "hflip": self.hflip > 0,
+            "policy": self.policy != "none",
+            "color_jitter": self.color_jitter > 0,
+            "random_erasing": self.random_erasing > 0,
+            "mixup_alpha": self.mixes_batches and self.mixup_alpha > 0,
+            "cutmix_alpha": self.mixes_batches and self.cutmix_alpha > 0,
+        }
+        return [f"{key}={getattr(self, key)}" for key, switched_on in on.items() if switched_on]
+
+    @property
     def mixes_batches(self) -> bool:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 

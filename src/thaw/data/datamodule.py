@@ -10,13 +10,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from thaw.data.augment import AugmentOptions
 from thaw.data.base import ImageSet, Source
+from thaw.data.batch_augment import BatchAugment, unsupported
 from thaw.data.images import find_unreadable, load_image
 from thaw.data.mixing import BatchMix
-from thaw.data.resumable import ResumableLoader
+from thaw.data.resumable import DeviceLoader, PositionedLoader, ResumableLoader
 from thaw.data.split import limit_per_class, select_classes, split_imageset
 from thaw.data.stats import dataset_stats
 from thaw.data.transforms import build_eval_transform, build_train_transform
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 NORMALIZE = ("backbone", "dataset")
+LOADERS = ("auto", "device", "dataloader")
 _SHOWN_BAD_FILES = 5
 
 
@@ -64,6 +66,10 @@ class ImageDataModule(pl.LightningDataModule):
     `normalize="dataset"`, with statistics of the training split. `augment` is the augment group;
     its MixUp/CutMix run on training batches after they reach the device. `root` is the config's
     user-facing `data.root`, which the config interpolates into the source.
+
+    `loader` picks the data path: `device` keeps an in-memory set on the training device as uint8
+    and augments whole batches there; `dataloader` decodes and augments image by image in
+    workers (image folders, and the per-image policies); `auto` takes `device` where it can.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class ImageDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         split_seed: int = 0,
         pin_memory: bool = False,
+        loader: str = "auto",
         root: str | Path | None = None,
         seed: int | None = None,
     ) -> None:
@@ -101,6 +108,8 @@ class ImageDataModule(pl.LightningDataModule):
         _check_fraction("test_fraction", test_fraction)
         if normalize not in NORMALIZE:
             raise ValueError(f"data.normalize must be one of {list(NORMALIZE)}, got {normalize!r}")
+        if loader not in LOADERS:
+            raise ValueError(f"data.loader must be one of {list(LOADERS)}, got {loader!r}")
         if isinstance(classes, str):
             raise ValueError(f"data.classes must be a list of class names or null, got {classes!r}")
         if not isinstance(skip_bad_images, bool):
@@ -111,8 +120,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.image_size = image_size
         self.normalize = normalize
         self.mean, self.std = list(mean), list(std)
-        self.train_transform = build_train_transform(self.augment, image_size, mean, std)
-        self.eval_transform = build_eval_transform(image_size, mean, std)
+        self.loader = loader
+        self._build_transforms()
         self.class_filter = [str(name) for name in classes] if classes is not None else None
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
@@ -165,29 +174,25 @@ class ImageDataModule(pl.LightningDataModule):
         if self.normalize == "dataset":
             self.mean, self.std = dataset_stats(train, self.split_seed, self.image_size)
             log.info("Normalising with the training split's mean %s, std %s", self.mean, self.std)
-            self.train_transform = build_train_transform(
-                self.augment, self.image_size, self.mean, self.std
-            )
-            self.eval_transform = build_eval_transform(self.image_size, self.mean, self.std)
+            self._build_transforms()
+        self.loader = self._resolve_loader(train, val, test)
         if self.augment.mixes_batches:
             self.mixer = BatchMix(self.augment, len(train.classes))
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> PositionedLoader:
         """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image)."""
-        return ResumableLoader(
-            ImageDataset(self._require(self.train_set), self.train_transform, self.image_size),
-            seed=self.seed,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, self.eval_transform, self.eval_batch_size)
+    def val_dataloader(self) -> PositionedLoader:
+        return self._loader(self.val_set)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, self.eval_transform, self.eval_batch_size)
+    def test_dataloader(self) -> PositionedLoader:
+        return self._loader(self.test_set)
+
+    def plain_loader(self, split: str) -> PositionedLoader:
+        """Every image of `split` ("train", "val" or "test") once, in order, through the
+        deterministic evaluation transform: what a frozen backbone's features are cached from."""
+        return self._loader(getattr(self, f"{split}_set"))
 
     def mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """A training batch through MixUp/CutMix: (images, labels, soft_targets) when the augment
@@ -245,18 +250,60 @@ class ImageDataModule(pl.LightningDataModule):
                 f"(one for each of {splits}). Add images, or give val/ and test/ folders"
             )
 
-    def _loader(
-        self,
-        images: ImageSet | None,
-        transform: Callable[[Any], torch.Tensor],
-        batch_size: int,
-    ) -> DataLoader:
-        """An evaluation loader: every image once, in order."""
-        return DataLoader(
-            ImageDataset(self._require(images), transform, self.image_size),
+    def _build_transforms(self) -> None:
+        """Both paths' transforms from the current statistics; the per-image ones also check the
+        augment options, the batch ones whether an explicit `loader=device` can do them."""
+        args = (self.image_size, self.mean, self.std)
+        self.train_transform = build_train_transform(self.augment, *args)
+        self.eval_transform = build_eval_transform(*args)
+        batchable = not unsupported(self.augment) or self.loader == "device"  # else it raises
+        self.batch_train_transform = (
+            BatchAugment(self.augment, *args, train=True) if batchable else None
+        )
+        self.batch_eval_transform = BatchAugment(self.augment, *args, train=False)
+
+    def _resolve_loader(self, *imagesets: ImageSet | None) -> str:
+        """`auto` becomes `device` when every split is in memory and the augmentations batch."""
+        in_memory = all(s is None or s.in_memory for s in imagesets)
+        if self.loader == "device" and not in_memory:
+            raise ValueError(
+                "data.loader=device needs a data set held in memory (cifar10, fashion_mnist, "
+                "tiny_imagenet); image files stream from disk: use data.loader=dataloader"
+            )
+        if self.loader != "auto":
+            return self.loader
+        if not in_memory or self.batch_train_transform is None:
+            why = (
+                "images are files" if not in_memory else f"{unsupported(self.augment)} is per image"
+            )
+            log.info("data.loader=auto: the per-image DataLoader path (%s)", why)
+            return "dataloader"
+        return "device"
+
+    def _loader(self, images: ImageSet | None, train: bool = False) -> PositionedLoader:
+        """Every loader, on either path: training ones shuffle (sharded across ranks) and augment;
+        the others see every image once, in order, on every rank."""
+        images = self._require(images)
+        batch_size = self.batch_size if train else self.eval_batch_size
+        if self.loader == "device":
+            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            transform = self.batch_train_transform if train else self.batch_eval_transform
+            return DeviceLoader(
+                images.images,  # type: ignore[arg-type]
+                images.labels,
+                transform,  # type: ignore[arg-type]
+                seed=self.seed,
+                batch_size=batch_size,
+                shuffle=train,
+                device=device,
+            )
+        transform = self.train_transform if train else self.eval_transform
+        return ResumableLoader(
+            ImageDataset(images, transform, self.image_size),
+            seed=self.seed,
+            shuffle=train,
+            labels=images.labels,
             batch_size=batch_size,
-            shuffle=False,
-            drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,

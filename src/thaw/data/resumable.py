@@ -1,18 +1,25 @@
-"""A training loader that can stop anywhere and resume exactly where it stopped.
+"""Loaders that can stop anywhere and resume exactly where they stopped.
 
 Which samples an epoch visits, in which order, and how each one is augmented are pure functions
 of (seed, epoch, sample), so a run resumed mid-epoch sees the very batches an uninterrupted run
-would, whatever the number of workers or processes.
+would, whatever the number of workers or processes. Two kinds share that bookkeeping: a
+DataLoader that augments image by image in workers, and a DeviceLoader that keeps a uint8 set on
+the training device and augments whole batches there. Either can serve cached backbone features
+in place of images, in the same order (see thaw.finetune.FeatureCache).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from itertools import islice
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def _mix(*values: int) -> int:
@@ -23,6 +30,13 @@ def _mix(*values: int) -> int:
     return seed
 
 
+def _chunks(sampler: EpochSampler, size: int) -> Iterator[list[int]]:
+    """The sampler's indices in lists of `size` (the last one shorter)."""
+    indices = (index for index, _ in sampler)
+    while chunk := list(islice(indices, size)):
+        yield chunk
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -30,8 +44,9 @@ def _rank_and_world() -> tuple[int, int]:
 
 
 class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields (sample index, augmentation seed): shuffled by (seed, epoch), sharded across
-    distributed ranks (padded so every rank gets as many), starting `skip` samples in."""
+    """Yields (sample index, augmentation seed): shuffled by (seed, epoch) and sharded across
+    distributed ranks (padded so every rank gets as many) when `shuffle`, in order on every rank
+    otherwise (evaluation sees the whole set), starting `skip` samples in."""
 
     def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
         self.size = size
@@ -45,24 +60,79 @@ class EpochSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
 
     def _shard(self) -> list[int]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = list(range(self.size))
+        if not self.shuffle:
+            return list(range(self.size))
+        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
         rank, world = _rank_and_world()
         per_rank = -(-self.size // world)
         order += order[: per_rank * world - self.size]
         return order[rank::world]
 
     def __len__(self) -> int:
-        _, world = _rank_and_world()
+        world = _rank_and_world()[1] if self.shuffle else 1
         return -(-self.size // world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         skip, self.skip = self.skip, 0
         for index in self._shard()[skip:]:
             yield index, _mix(self.seed, self.epoch, index)
+
+
+class PositionedLoader(ABC):
+    """What both loaders share: the (epoch, batches handed out) position that Lightning stores in
+    checkpoints, the resume from it, and serving `cached` features instead of images.
+
+    Subclasses have an EpochSampler `sampler`, a `batch_size`, the sample `labels`, and yield
+    their image batches from `_image_batches`.
+    """
+
+    sampler: EpochSampler
+    batch_size: int
+    labels: torch.Tensor
+
+    def __init__(self) -> None:
+        self.cached: torch.Tensor | None = None  # one feature row per sample, set per epoch
+        self._position = (0, 0)
+        self._resume_at: tuple[int, int] | None = None
+
+    @abstractmethod
+    def _image_batches(self) -> Iterator[Any]:
+        """This epoch's image batches, from the sampler's current position."""
+
+    def _cached_batches(self, cached: torch.Tensor) -> Iterator[Batch]:
+        labels = self.labels.to(cached.device)
+        for chunk in _chunks(self.sampler, self.batch_size):
+            rows = torch.tensor(chunk, device=cached.device)
+            yield cached[rows], labels[rows]
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.sampler
+        done = 0
+        if self._resume_at is not None and self._resume_at[0] == sampler.epoch:
+            done = self._resume_at[1]
+            sampler.skip = done * self.batch_size
+        self._resume_at = None
+        self._position = (sampler.epoch, done)
+        batches = (
+            self._image_batches() if self.cached is None else self._cached_batches(self.cached)
+        )
+        for batch in batches:
+            done += 1
+            self._position = (sampler.epoch, done)
+            yield batch
+
+    def __len__(self) -> int:
+        return -(-len(self.sampler) // self.batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, batches = self._position
+        return {"epoch": epoch, "batches": batches, "seed": self.sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next pass over the saved epoch starts after the batches already handed out."""
+        self.sampler.seed = state["seed"]
+        self._resume_at = (state["epoch"], state["batches"])
 
 
 class SeededSamples(Dataset):
@@ -81,37 +151,63 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
 
-class ResumableLoader(DataLoader):
-    """A DataLoader whose `state_dict` says how many batches of which epoch it handed out;
-    Lightning stores it in checkpoints and, on resume, `load_state_dict` makes the next pass
-    over that epoch start after them."""
+class ResumableLoader(PositionedLoader, DataLoader):
+    """A DataLoader over a map-style dataset of (image, label), augmented per image in workers."""
 
-    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        seed: int,
+        shuffle: bool = True,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> None:
         sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
         # Its own generator: otherwise every iter() draws a worker seed from the global RNG,
         # and a resumed run, starting its iterator at another moment, shifts dropout by a draw.
         generator = torch.Generator().manual_seed(seed)
-        super().__init__(SeededSamples(dataset), sampler=sampler, generator=generator, **kwargs)
-        self._position = (0, 0)
-        self._resume_at: tuple[int, int] | None = None
+        DataLoader.__init__(
+            self, SeededSamples(dataset), sampler=sampler, generator=generator, **kwargs
+        )
+        PositionedLoader.__init__(self)
+        self.labels = labels if labels is not None else torch.empty(0, dtype=torch.long)
 
-    def __iter__(self) -> Iterator[Any]:
-        sampler: EpochSampler = self.sampler  # type: ignore[assignment]
-        done = 0
-        if self._resume_at is not None and self._resume_at[0] == sampler.epoch:
-            done = self._resume_at[1]
-            sampler.skip = done * self.batch_size  # type: ignore[operator]
-        self._resume_at = None
-        self._position = (sampler.epoch, done)
-        for batch in super().__iter__():
-            done += 1
-            self._position = (sampler.epoch, done)
-            yield batch
+    def _image_batches(self) -> Iterator[Any]:
+        return DataLoader.__iter__(self)
 
-    def state_dict(self) -> dict[str, int]:
-        epoch, batches = self._position
-        return {"epoch": epoch, "batches": batches, "seed": self.sampler.seed}  # type: ignore[attr-defined]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.seed = state["seed"]  # type: ignore[attr-defined]
-        self._resume_at = (state["epoch"], state["batches"])
+class DeviceLoader(PositionedLoader):
+    """Batches gathered by index from a uint8 image tensor on the training device and transformed
+    there as a whole (`transform(images, generator)`: see thaw.data.batch_augment): no workers,
+    no per-image work. Each batch's random draws come from a generator seeded by (seed, epoch,
+    rank, batch), so it too resumes exactly."""
+
+    batch_sampler = None  # Lightning reads it from anything that has a sampler
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        seed: int,
+        batch_size: int,
+        shuffle: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.device = torch.device(device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device)
+        self.transform = transform
+        self.batch_size = batch_size
+        self.sampler = EpochSampler(len(labels), seed, shuffle)
+        self.generator = torch.Generator(self.device)
+
+    def _image_batches(self) -> Iterator[Batch]:
+        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
+        rank = _rank_and_world()[0] if self.sampler.shuffle else 0
+        chunks = _chunks(self.sampler, self.batch_size)
+        for number, chunk in enumerate(chunks, start=first):
+            rows = torch.tensor(chunk, device=self.device)
+            self.generator.manual_seed(_mix(self.sampler.seed, epoch, rank, number))
+            yield self.transform(self.images[rows], self.generator), self.labels[rows]

@@ -1,0 +1,119 @@
+"""Augmentation of whole uint8 batches on the device they live on: the fast alternative to the
+per-image pipeline of thaw.data.transforms, with no loader workers and no per-image Python.
+
+It draws the same distribution of images as `build_train_transform` (and gives exactly what
+`build_eval_transform` gives), except that colour jitter stays in float where the per-image path
+truncates to uint8 after each adjustment. Every draw is per sample and comes from the generator
+passed in, so a batch is reproducible from its seed alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from thaw.data.augment import AugmentOptions
+from thaw.data.transforms import _stats
+
+# The keys whose transforms only exist per image (RandAugment & co., RandomErasing).
+_PER_IMAGE_KEYS = ("policy", "random_erasing")
+
+
+def unsupported(options: AugmentOptions | Mapping[str, Any] | None) -> list[str]:
+    """'key=value' for each augmentation in `options` that only the per-image path can do; empty
+    when the batch path can. MixUp/CutMix are not listed: they run on batches on either path."""
+    keys = AugmentOptions.parse(options).random_keys
+    return [key for key in keys if key.split("=")[0] in _PER_IMAGE_KEYS]
+
+
+def jitter_colors(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness, adjust_contrast and adjust_saturation on float images in
+    [0, 1] (B, 3, H, W), with per-sample `factors` (B, 3) in that order, applied in each sample's
+    own `order` (B, 3: a permutation of 0, 1, 2). Each adjustment is a clamped blend with a target
+    (zero, the grayscale mean, the grayscale image), so one blend per position does all three."""
+    for position in range(3):
+        op = order[:, position].view(-1, 1, 1, 1)
+        factor = factors.gather(1, order[:, position : position + 1]).view(-1, 1, 1, 1)
+        red, green, blue = images.unbind(1)
+        gray = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
+        contrast_target = torch.where(op == 1, gray.mean((-2, -1), keepdim=True), 0.0)
+        target = torch.where(op == 2, gray, contrast_target)
+        images = images.mul(factor).add_(target * (1 - factor)).clamp_(0, 1)
+    return images
+
+
+class BatchAugment:
+    """`build_train_transform` (train=True) or `build_eval_transform` (train=False) for a batch:
+    resize and centre crop, then in training the padded random crop, the flip and the colour
+    jitter, each drawn per sample, then normalisation."""
+
+    def __init__(
+        self,
+        options: AugmentOptions | Mapping[str, Any] | None,
+        image_size: int | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool,
+    ) -> None:
+        self.options = AugmentOptions.parse(options)
+        if train and (keys := unsupported(self.options)):
+            raise ValueError(
+                f"augment {', '.join(keys)} only runs per image, not on batches: switch it off "
+                "or use data.loader=dataloader (the per-image path)"
+            )
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        ):
+            raise ValueError(f"image_size must be a positive integer or null, got {image_size!r}")
+        self.image_size, self.train = image_size, train
+        self.mean = torch.tensor(_stats(mean, "mean")).view(3, 1, 1)
+        self.std = torch.tensor(_stats(std, "std")).view(3, 1, 1)
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Float32 (B, 3, S, S), normalised, on the images' device; `generator` (on that device
+        too) is required in training and unused otherwise."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            shape = tuple(images.shape)
+            raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} {shape}")
+        if self.train and generator is None:
+            raise ValueError("training augmentation draws from a generator: pass one")
+        # Resizing uint8 with torchvision's own kernel keeps the result bit-identical to Resize.
+        if self.image_size is not None:
+            images = F.resize(images, [self.image_size], antialias=True)
+            images = F.center_crop(images, [self.image_size])
+        options = self.options
+        if self.train and (options.crop_padding > 0 or options.hflip > 0):
+            images = self._shift_and_flip(images, generator)
+        batch = images.shape[0]
+        images = images.to(torch.float32).mul_(1 / 255).expand(-1, 3, -1, -1)
+        if self.train and options.color_jitter > 0:
+            low, high = max(0.0, 1 - options.color_jitter), 1 + options.color_jitter
+            draw = {"generator": generator, "device": images.device}
+            factors = torch.rand(batch, 3, **draw) * (high - low) + low
+            order = torch.rand(batch, 3, **draw).argsort(dim=1)
+            images = jitter_colors(images, factors, order)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        return images.sub(mean).div_(std)
+
+    def _shift_and_flip(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """RandomPadCrop then the flip as one gather: each sample's window of the zero-padded
+        batch, its columns reversed where it flips."""
+        batch, channels, height, width = images.shape
+        pad_h, pad_w = (round(self.options.crop_padding * side) for side in (height, width))
+        planes = torch.nn.functional.pad(images, [pad_w, pad_w, pad_h, pad_h]).flatten(2)
+        draw = {"generator": generator, "device": images.device}
+        top = torch.randint(2 * pad_h + 1, (batch, 1), **draw)
+        left = torch.randint(2 * pad_w + 1, (batch, 1), **draw)
+        flip = torch.rand(batch, 1, **draw) < self.options.hflip
+        rows = top + torch.arange(height, device=images.device)
+        columns = torch.arange(width, device=images.device)
+        columns = left + torch.where(flip, columns.flip(0), columns)
+        # Into the flattened padded planes: one gather (advanced indexing is 4x slower on CPU).
+        index = rows[:, :, None] * (width + 2 * pad_w) + columns[:, None, :]
+        index = index.view(batch, 1, height * width).expand(-1, channels, -1)
+        return planes.gather(2, index).view(batch, channels, height, width)
