@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from thaw.config import compose_config
+from thaw.report import markdown_table
 from thaw.train import run
 
 STRATEGIES = ("scratch", "linear_probe", "two_phase", "gradual", "full")
@@ -122,12 +123,6 @@ def summarize(rows: list[dict[str, object]]) -> list[list[str]]:
     return table
 
 
-def markdown(table: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
@@ -154,8 +149,8 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (out / "transfer.md").write_text(markdown(table) + "\n")
-    print(markdown(table))
+    (out / "transfer.md").write_text(markdown_table(table) + "\n")
+    print(markdown_table(table))
     return table
 
 

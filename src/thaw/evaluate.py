@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from thaw.checkpoint import CheckpointError, read_checkpoint, run_info
 from thaw.config import config_dir
+from thaw.hardware import instantiate_trainer
 from thaw.models import build_classifier
 from thaw.train import build_datamodule, test_and_report
 
@@ -35,7 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{datamodule.classes}; point data_root at the data it was trained on"
         )
     model = build_classifier(train_cfg, classes, pretrained=False)
-    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=[])
     output_dir = Path(cfg.paths.output_dir)
     metrics = test_and_report(trainer, model, datamodule, output_dir, str(ckpt_path))
     log.info("Test metrics written to %s", output_dir / "metrics.json")

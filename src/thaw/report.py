@@ -1,4 +1,5 @@
-"""Human-facing renderings of results: the confusion matrix as an image, the metrics as JSON."""
+"""Human-facing renderings of results: the confusion matrix as an image, the metrics as JSON,
+benchmark tables as markdown."""
 
 from __future__ import annotations
 
@@ -39,3 +40,10 @@ def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """metrics.json: the scalar test metrics plus per-class accuracy and the confusion matrix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+def markdown_table(table: list[list[str]]) -> str:
+    """Rows of cells, the first row the header, as a GitHub markdown table."""
+    lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,8 @@ from thaw.callbacks import ResumeState
 from thaw.checkpoint import check_resumable
 from thaw.config import config_dir, flat_hparams
 from thaw.data import ImageDataModule
-from thaw.finetune import FreezeUnfreeze
+from thaw.finetune import FeatureCache, FreezeUnfreeze, wants_cache
+from thaw.hardware import instantiate_trainer
 from thaw.models import backbone_spec, build_classifier
 from thaw.report import confusion_matrix_image, write_metrics
 
@@ -34,7 +36,9 @@ def build_datamodule(cfg: DictConfig) -> ImageDataModule:
 def build_trainer(cfg: DictConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
-    return instantiate(cfg.trainer, callbacks=callbacks + extra_callbacks, logger=loggers or False)
+    return instantiate_trainer(
+        cfg.trainer, callbacks=callbacks + extra_callbacks, logger=loggers or False
+    )
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -53,7 +57,7 @@ def test_trainer(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
     once (the test loader is not sharded) and computes the metrics alone."""
     if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         return trainer
-    return instantiate(
+    return instantiate_trainer(
         cfg.trainer, devices=1, strategy="auto", callbacks=[], logger=trainer.loggers or False
     )
 
@@ -81,8 +85,10 @@ def test_and_report(
     return metrics
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train as `cfg` says and return every logged metric (val and, if tested, test)."""
+def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Train as `cfg` says and return every logged metric (val and, if tested, test).
+    `callbacks` run before thaw's own (so that they can time them, as scripts/bench_speed.py
+    does)."""
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -94,7 +100,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     model = build_classifier(cfg, datamodule.classes)
-    trainer = build_trainer(cfg, [FreezeUnfreeze(model.finetune), ResumeState()])
+    own = [*callbacks, FreezeUnfreeze(model.finetune), ResumeState()]
+    if wants_cache(model.finetune, datamodule.augment, list(model.backbone_groups)):
+        own.append(FeatureCache(model.finetune))
+    trainer = build_trainer(cfg, own)
 
     log.info("Run dir: %s", output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

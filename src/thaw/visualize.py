@@ -99,8 +99,8 @@ def datamodule_batch_grid(
 
 
 class BatchPreview(pl.Callback):
-    """Log the first training batch of a run, as the model receives it (augmented, mixed), as an
-    image grid to every TensorBoard logger, tag `train/batch_preview`."""
+    """Log the first training batch of images of a run, as the model receives it (augmented,
+    mixed), as an image grid to every TensorBoard logger, tag `train/batch_preview`."""
 
     def __init__(self, max_images: int = 32, columns: int = 8) -> None:
         if max_images < 1 or columns < 1:
@@ -114,7 +114,7 @@ class BatchPreview(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: tuple, batch_idx: int
     ) -> None:
-        if self.done:
+        if self.done or batch[0].ndim != 4:  # cached backbone features are no images to show
             return
         self.done = True
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

@@ -1,10 +1,12 @@
 """Fine-tuning: strategies, parameter groups, the freeze/unfreeze callback, LR schedules."""
 
 from thaw.finetune.callback import FreezeUnfreeze
+from thaw.finetune.feature_cache import FeatureCache, wants_cache
 from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
 from thaw.finetune.strategies import FinetuneStrategy, Full, Gradual, LinearProbe, TwoPhase
 
 __all__ = [
+    "FeatureCache",
     "FinetuneStrategy",
     "FreezeUnfreeze",
     "Full",
@@ -13,4 +15,5 @@ __all__ = [
     "TwoPhase",
     "build_param_groups",
     "discriminative_lrs",
+    "wants_cache",
 ]

@@ -25,12 +25,16 @@ class FinetuneStrategy(ABC):
     group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding spacing.
     thaw_warmup_epochs: a backbone group's LR ramps up linearly over this many epochs after it
         thaws (0: no ramp), so fresh gradients do not wreck pretrained weights.
+    cache_features: while the whole backbone is frozen, train and validate the head on backbone
+        features computed once (true; an error where they cannot be), or where they can be
+        ("auto"), or never (false). See thaw.finetune.feature_cache.
     """
 
     bn: str = "eval"
     backbone_lr_ratio: float = 0.1
     group_lrs: dict[str, float] | None = None
     thaw_warmup_epochs: float = 0.0
+    cache_features: bool | str = False
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
@@ -38,6 +42,10 @@ class FinetuneStrategy(ABC):
         if not 0 < self.backbone_lr_ratio <= 1:
             raise ValueError(
                 f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
+            )
+        if self.cache_features not in (True, False, "auto"):
+            raise ValueError(
+                f"finetune.cache_features={self.cache_features!r} must be true, false or auto"
             )
         if self.thaw_warmup_epochs < 0:
             raise ValueError(f"finetune.thaw_warmup_epochs={self.thaw_warmup_epochs} must be >= 0")

@@ -7,6 +7,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from thaw.hardware import channels_last
 from thaw.models.backbones import BACKBONES, Backbone, WeightsError, backbone_spec, create_backbone
 from thaw.models.classifier import Classifier
 
@@ -35,4 +36,6 @@ def build_classifier(cfg: DictConfig, classes: list[str], pretrained: bool = Tru
         head_dropout=cfg.model.head_dropout,
         label_smoothing=cfg.model.label_smoothing,
         run_config=run_config,
+        channels_last=channels_last(cfg.trainer),
+        compile=cfg.model.get("compile", False),
     )

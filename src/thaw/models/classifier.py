@@ -43,6 +43,8 @@ class Classifier(pl.LightningModule):
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
         run_config: dict[str, Any] | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         num_classes = len(classes)
@@ -53,6 +55,11 @@ class Classifier(pl.LightningModule):
         self.head = nn.Sequential(
             nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes)
         )
+        self.channels_last = channels_last
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            self.backbone.compile()  # in place: state_dict keys stay those of the eager model
         self.classes = list(classes)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -75,8 +82,15 @@ class Classifier(pl.LightningModule):
         self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes, **alone)
         self.test_report: dict[str, Any] = {}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of images (B, C, H, W), or of backbone features (B, D) that a FeatureCache
+        computed once while the backbone was frozen."""
+        return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.backbone(images)
 
     def layer_groups(self) -> dict[str, list[nn.Module]]:
         """Backbone groups lowest first, then the head: the unit of freezing and of LR."""

@@ -1,0 +1,113 @@
+"""Train the head on backbone features computed once, while the backbone is a fixed function.
+
+A frozen backbone in eval mode maps an image to the same features every epoch. When the training
+transform is deterministic too, the features of the training and validation sets can be computed
+once and the head trained on them: the linear probe, or phase 1 of two_phase, then costs one
+forward pass over the data plus a few cheap head epochs. The loaders serve the cached rows in the
+order they would serve the images, so the head sees the same batches and ends up the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+
+from thaw.data.augment import AugmentOptions
+from thaw.data.resumable import PositionedLoader
+from thaw.finetune.callback import HEAD
+from thaw.finetune.strategies import FinetuneStrategy
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val")
+
+
+def cache_blockers(
+    strategy: FinetuneStrategy, augment: AugmentOptions, backbone_groups: list[str]
+) -> list[str]:
+    """Why the frozen backbone's features cannot be cached (empty: they can)."""
+    reasons = []
+    if strategy.trainable_groups(0, backbone_groups):
+        reasons.append("the backbone trains from the first epoch (no frozen phase)")
+    if strategy.bn != "eval":
+        reasons.append("finetune.bn=train keeps frozen BatchNorm statistics moving")
+    if augment.random_keys:
+        reasons.append(
+            f"the training images are augmented ({', '.join(augment.random_keys)}): "
+            "use augment=none"
+        )
+    return reasons
+
+
+def wants_cache(
+    strategy: FinetuneStrategy, augment: AugmentOptions, backbone_groups: list[str]
+) -> bool:
+    """Resolve `finetune.cache_features`: true must be possible, auto is where possible."""
+    if strategy.cache_features is False:
+        return False
+    reasons = cache_blockers(strategy, augment, backbone_groups)
+    if reasons and strategy.cache_features is True:
+        raise ValueError(
+            "finetune.cache_features=true, but features cannot be cached: " + "; ".join(reasons)
+        )
+    if reasons:
+        log.info("Not caching backbone features: %s", "; ".join(reasons))
+    return not reasons
+
+
+class FeatureCache(pl.Callback):
+    """At the start of every epoch in which no backbone group trains, makes the training and
+    validation loaders serve cached features (computed at the first such epoch); at the first
+    epoch that trains the backbone, and at the end of training, they serve images again."""
+
+    def __init__(self, strategy: FinetuneStrategy) -> None:
+        self.strategy = strategy
+        self.features: dict[str, torch.Tensor] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed mid-epoch gets no epoch-start hook for that epoch."""
+        self.on_train_epoch_start(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        backbone = [group for group in pl_module.layer_groups() if group != HEAD]
+        if self.strategy.trainable_groups(trainer.current_epoch, backbone):
+            self._serve(trainer, None)
+            return
+        if self.features is None:
+            self.features = {
+                split: self._compute(trainer, pl_module, split) for split in self._loaders(trainer)
+            }
+        self._serve(trainer, self.features)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._serve(trainer, None)
+
+    @staticmethod
+    def _loaders(trainer: pl.Trainer) -> dict[str, PositionedLoader]:
+        val = trainer.val_dataloaders
+        loaders = {
+            "train": trainer.train_dataloader,
+            "val": val[0] if isinstance(val, list) else val,
+        }
+        return {split: loader for split, loader in loaders.items() if loader is not None}
+
+    def _serve(self, trainer: pl.Trainer, features: dict[str, torch.Tensor] | None) -> None:
+        if features is None:
+            self.features = None  # the backbone trains: the features go stale
+        for split, loader in self._loaders(trainer).items():
+            loader.cached = None if features is None else features[split]
+
+    @staticmethod
+    @torch.no_grad()
+    def _compute(trainer: pl.Trainer, pl_module: pl.LightningModule, split: str) -> torch.Tensor:
+        """The backbone's features of every `split` image, in order, as the frozen backbone
+        computes them in training (same modes, same precision)."""
+        rows = []
+        with trainer.precision_plugin.forward_context():
+            for images, _ in trainer.datamodule.plain_loader(split):
+                rows.append(pl_module.features(images.to(pl_module.device)))
+        features = torch.cat(rows)
+        log.info("Cached %s backbone features of the %s set", tuple(features.shape), split)
+        return features

@@ -1,0 +1,49 @@
+"""Speed settings whose best value depends on the accelerator, resolved where the run happens.
+
+`trainer.precision=auto` is bf16-mixed on a GPU that has bf16 (Ampere and later) and 32 elsewhere:
+CPUs without AMX run bf16 slower than fp32. `trainer.channels_last=auto` is on for CUDA, whose
+convolutions (cuDNN, tensor cores) want NHWC.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+AUTO = "auto"
+# Keys of the trainer group that thaw reads itself; pl.Trainer never sees them.
+THAW_KEYS = ("channels_last",)
+
+
+def uses_cuda(accelerator: str) -> bool:
+    """Whether a trainer with this `accelerator` setting will run on a CUDA GPU."""
+    return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def resolve_precision(precision: Any, accelerator: str) -> Any:
+    if precision != AUTO:
+        return precision
+    cuda = uses_cuda(accelerator) and torch.cuda.is_bf16_supported()
+    return "bf16-mixed" if cuda else "32-true"
+
+
+def channels_last(trainer_cfg: DictConfig) -> bool:
+    """`trainer.channels_last` (true, false or auto) for this machine."""
+    value = trainer_cfg.get("channels_last", False)
+    if value == AUTO:
+        return uses_cuda(trainer_cfg.get("accelerator", "auto"))
+    if not isinstance(value, bool):
+        raise ValueError(f"trainer.channels_last must be true, false or auto, got {value!r}")
+    return value
+
+
+def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
+    """The pl.Trainer of the trainer group: thaw's own keys left out, `auto` values resolved."""
+    settings = {k: v for k, v in trainer_cfg.items() if k not in THAW_KEYS}
+    accelerator = kwargs.get("accelerator", settings.get("accelerator", "auto"))
+    settings["precision"] = resolve_precision(settings.get("precision", 32), accelerator)
+    return instantiate(settings, **kwargs)

@@ -1,0 +1,67 @@
+"""Speed options: precision and memory format resolved per accelerator, channels_last and
+torch.compile giving the model they were asked for, with the same outputs and checkpoints."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from thaw.finetune import Full
+from thaw.hardware import channels_last, instantiate_trainer, resolve_precision
+from thaw.models import Backbone, Classifier, create_backbone
+from thaw.train import run
+
+
+def classifier(backbone: Backbone, **kwargs: bool) -> Classifier:
+    torch.manual_seed(1)  # the head
+    optimizer = partial(torch.optim.SGD, lr=0.1)
+    return Classifier(backbone, ["a", "b", "c"], optimizer, Full(), **kwargs).eval()
+
+
+def test_auto_settings_follow_the_accelerator() -> None:
+    cuda = torch.cuda.is_available()
+    assert resolve_precision("auto", "cpu") == "32-true"
+    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    assert resolve_precision("auto", "auto") == ("bf16-mixed" if bf16 else "32-true")
+    assert channels_last(OmegaConf.create({"channels_last": "auto", "accelerator": "cpu"})) is False
+    assert channels_last(OmegaConf.create({"channels_last": "auto"})) is cuda
+    with pytest.raises(ValueError, match="trainer.channels_last must be true, false or auto"):
+        channels_last(OmegaConf.create({"channels_last": "yes"}))
+
+
+def test_the_trainer_never_sees_thaw_keys(train_config) -> None:
+    cfg = train_config("trainer.channels_last=true", "trainer.precision=auto")
+    trainer = instantiate_trainer(cfg.trainer, logger=False)
+    assert trainer.precision == "32-true"
+
+
+def test_channels_last_model_computes_the_same_logits(train_config) -> None:
+    torch.manual_seed(0)
+    plain = classifier(create_backbone("resnet18", weights=None))
+    torch.manual_seed(0)
+    nhwc = classifier(create_backbone("resnet18", weights=None), channels_last=True)
+    conv = nhwc.backbone.get_submodule("conv1").weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    images = torch.randn(4, 3, 28, 28)
+    torch.testing.assert_close(nhwc(images), plain(images), atol=1e-5, rtol=1e-4)
+    metrics = run(train_config("trainer.channels_last=true", "trainer.max_epochs=1"))
+    assert metrics["test/acc"] >= 0  # a run trains and tests in that layout
+
+
+def test_compiled_backbone_keeps_outputs_and_checkpoint_keys() -> None:
+    def tiny() -> Backbone:
+        torch.manual_seed(0)
+        net = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+        )
+        return Backbone("tiny", net, 8, {"stage1": ["0", "1"]}, (0.5,) * 3, (0.5,) * 3)
+
+    eager, compiled = classifier(tiny()), classifier(tiny(), compile=True)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(compiled(images), eager(images), atol=1e-5, rtol=1e-4)
