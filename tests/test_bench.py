@@ -48,3 +48,26 @@ def test_bench_transfer_tiny(fmnist_root, tmp_path):
     assert len(rows) == 2 * len(bench.STRATEGIES)
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
     assert (tmp_path / "transfer.md").read_text().startswith("| N/class | strategy")
+
+
+def test_bench_speed_tiny(fmnist_root, tmp_path):
+    bench = load_script("bench_speed")
+    table = bench.main(
+        [
+            *("--data-root", str(fmnist_root), "--system-dir", "/nonexistent"),
+            *("--device", "cpu", "--images", "40", "--batch-size", "8"),
+            *("--steps", "3", "--warmup", "1", "--repeats", "1", "--out", str(tmp_path)),
+        ]
+    )
+    assert [row[0].split(":")[0] for row in table[1:]] == [
+        "training img/s",
+        "augmentation img/s",
+        "epoch s",
+        "epoch s",
+        "one-off",
+    ]
+    for row in table[1:]:
+        assert float(row[3]) > 0 and row[5] in ("yes", "NO", "")
+    assert (tmp_path / "speed-cpu.md").read_text().startswith("resnet18, 28 px, batch 8")
+    with open(tmp_path / "speed-cpu.csv") as f:
+        assert len(list(csv.reader(f))) == len(table)
