@@ -59,8 +59,7 @@ def epochs_for(n: int, batch_size: int, steps: int) -> int:
 
 def pretrain(work: Path, extra: list[str]) -> Path:
     cfg = compose_config("train", [*QUIET, "experiment=fmnist_source", *extra], work / "source")
-    run(cfg)
-    return work / "source" / "checkpoints" / "best.ckpt"
+    return Path(run(cfg)["checkpoint"])  # the best checkpoint of this run, not an older one
 
 
 def benchmark(args: argparse.Namespace) -> list[dict[str, object]]:
