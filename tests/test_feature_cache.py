@@ -63,3 +63,18 @@ def test_auto_caches_only_a_deterministic_probe(train_config, caplog) -> None:
         run(train_config("finetune=linear_probe", "trainer.max_epochs=1", run="augmented"))
     assert any("Not caching" in r.message and "augment=none" in r.message for r in caplog.records)
     assert not any("Cached" in r.message for r in caplog.records)
+
+
+def test_a_val_loader_that_appears_late_is_cached_from_then_on(train_config, caplog) -> None:
+    """Without a sanity check and with validation every 2nd epoch (as on resume), Lightning
+    builds the val loader only at the first validation."""
+    late_val = [
+        "trainer.check_val_every_n_epoch=2",
+        "++trainer.num_sanity_val_steps=0",
+        "trainer.max_epochs=4",
+    ]
+    with caplog.at_level(logging.INFO, logger=CACHE_LOG):
+        metrics = run(train_config(*EXACT, "finetune=linear_probe", *late_val))
+    cached = [r.message for r in caplog.records if r.name == CACHE_LOG and "Cached" in r.message]
+    assert len(cached) == 2 and "train set" in cached[0] and "val set" in cached[1]
+    assert 0 <= metrics["val/acc"] <= 1

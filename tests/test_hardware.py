@@ -22,14 +22,19 @@ def classifier(backbone: Backbone, **kwargs: bool) -> Classifier:
     return Classifier(backbone, ["a", "b", "c"], optimizer, Full(), **kwargs).eval()
 
 
-def test_auto_settings_follow_the_accelerator() -> None:
-    cuda = torch.cuda.is_available()
+def test_auto_settings_follow_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("auto", "cpu") == "32-true"
     assert resolve_precision("16-mixed", "cpu") == "16-mixed"
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    assert resolve_precision("auto", "auto") == ("bf16-mixed" if bf16 else "32-true")
     assert channels_last(OmegaConf.create({"channels_last": "auto", "accelerator": "cpu"})) is False
-    assert channels_last(OmegaConf.create({"channels_last": "auto"})) is cuda
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert channels_last(OmegaConf.create({"channels_last": "auto"})) is True
+    assert channels_last(OmegaConf.create({"channels_last": "auto", "accelerator": "cpu"})) is False
+    # A GPU with native bf16 (Ampere on), and one that only emulates it (V100, T4).
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_precision("auto", "auto") == resolve_precision("auto", "gpu") == "bf16-mixed"
+    emulated = lambda including_emulation=True: including_emulation  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated)
+    assert resolve_precision("auto", "gpu") == "32-true"
     with pytest.raises(ValueError, match="trainer.channels_last must be true, false or auto"):
         channels_last(OmegaConf.create({"channels_last": "yes"}))
 

@@ -27,7 +27,8 @@ def uses_cuda(accelerator: str) -> bool:
 def resolve_precision(precision: Any, accelerator: str) -> Any:
     if precision != AUTO:
         return precision
-    cuda = uses_cuda(accelerator) and torch.cuda.is_bf16_supported()
+    # Emulated bf16 (pre-Ampere GPUs) is slower than fp32: only native bf16 counts.
+    cuda = uses_cuda(accelerator) and torch.cuda.is_bf16_supported(including_emulation=False)
     return "bf16-mixed" if cuda else "32-true"
 
 

@@ -274,7 +274,9 @@ class ImageDataModule(pl.LightningDataModule):
             return self.loader
         if not in_memory or self.batch_train_transform is None:
             why = (
-                "images are files" if not in_memory else f"{unsupported(self.augment)} is per image"
+                "images are files"
+                if not in_memory
+                else f"{', '.join(unsupported(self.augment))} only per image"
             )
             log.info("data.loader=auto: the per-image DataLoader path (%s)", why)
             return "dataloader"

@@ -21,8 +21,6 @@ from thaw.finetune.strategies import FinetuneStrategy
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
-
 
 def cache_blockers(
     strategy: FinetuneStrategy, augment: AugmentOptions, backbone_groups: list[str]
@@ -59,12 +57,13 @@ def wants_cache(
 
 class FeatureCache(pl.Callback):
     """At the start of every epoch in which no backbone group trains, makes the training and
-    validation loaders serve cached features (computed at the first such epoch); at the first
-    epoch that trains the backbone, and at the end of training, they serve images again."""
+    validation loaders serve cached features (each split computed the first time it is
+    served); at the first epoch that trains the backbone, and at the end of training, they serve
+    images again."""
 
     def __init__(self, strategy: FinetuneStrategy) -> None:
         self.strategy = strategy
-        self.features: dict[str, torch.Tensor] | None = None
+        self.features: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A run resumed mid-epoch gets no epoch-start hook for that epoch."""
@@ -72,32 +71,34 @@ class FeatureCache(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         backbone = [group for group in pl_module.layer_groups() if group != HEAD]
-        if self.strategy.trainable_groups(trainer.current_epoch, backbone):
-            self._serve(trainer, None)
-            return
-        if self.features is None:
-            self.features = {
-                split: self._compute(trainer, pl_module, split) for split in self._loaders(trainer)
-            }
-        self._serve(trainer, self.features)
+        frozen = not self.strategy.trainable_groups(trainer.current_epoch, backbone)
+        if not frozen:
+            self.features = {}  # the backbone trains: the features go stale
+        for split, loader in self._loaders(trainer).items():
+            loader.cached = self._features(trainer, pl_module, split) if frozen else None
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._serve(trainer, None)
+        for loader in self._loaders(trainer).values():
+            loader.cached = None
 
     @staticmethod
     def _loaders(trainer: pl.Trainer) -> dict[str, PositionedLoader]:
+        """The loaders Lightning holds now, that have batches. The val loader may appear only at
+        the first validation (no sanity check, check_val_every_n_epoch > 1): until then there is
+        nothing to serve it."""
         val = trainer.val_dataloaders
         loaders = {
             "train": trainer.train_dataloader,
             "val": val[0] if isinstance(val, list) else val,
         }
-        return {split: loader for split, loader in loaders.items() if loader is not None}
+        return {split: loader for split, loader in loaders.items() if loader and len(loader)}
 
-    def _serve(self, trainer: pl.Trainer, features: dict[str, torch.Tensor] | None) -> None:
-        if features is None:
-            self.features = None  # the backbone trains: the features go stale
-        for split, loader in self._loaders(trainer).items():
-            loader.cached = None if features is None else features[split]
+    def _features(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, split: str
+    ) -> torch.Tensor:
+        if split not in self.features:
+            self.features[split] = self._compute(trainer, pl_module, split)
+        return self.features[split]
 
     @staticmethod
     @torch.no_grad()

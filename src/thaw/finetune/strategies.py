@@ -43,7 +43,7 @@ class FinetuneStrategy(ABC):
             raise ValueError(
                 f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
             )
-        if self.cache_features not in (True, False, "auto"):
+        if not isinstance(self.cache_features, bool) and self.cache_features != "auto":
             raise ValueError(
                 f"finetune.cache_features={self.cache_features!r} must be true, false or auto"
             )
