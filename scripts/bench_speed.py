@@ -9,10 +9,11 @@ two measurements taken under the same conditions, and each row's peak memory is 
 
 - training images/s of thaw (Lightning fit with thaw's callbacks, metrics and per-group LR
   logging) vs a plain PyTorch loop doing the same work: same model, batches (prepared on the
-  device beforehand), AdamW parameter groups and cosine schedule; medians of --repeats runs of
-  each, alternating in one process;
+  device beforehand), AdamW parameter groups and cosine schedule; mean step time over --repeats
+  runs of each, alternating in one process;
 - augmentation images/s of the device path (uint8 set on the device, whole batches augmented
-  there) vs torchvision transforms on PIL images in a DataLoader with one worker per core;
+  there) vs torchvision transforms on PIL images in a DataLoader with one worker per core, and vs
+  thaw's own per-image path (the same transforms on uint8 tensors), batches moved to the device;
 - training epoch time (validation not included) of the frozen backbone (linear probe), the same
   on cached features (plus the one-off cost of computing them), and full fine-tuning.
 
@@ -42,9 +43,11 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from thaw.config import compose_config
+from thaw.data.base import ImageSet
 from thaw.data.batch_augment import BatchAugment
+from thaw.data.datamodule import ImageDataset
 from thaw.data.fashion_mnist import FashionMNIST
-from thaw.data.resumable import DeviceLoader
+from thaw.data.resumable import DeviceLoader, ResumableLoader
 from thaw.data.transforms import build_train_transform
 from thaw.finetune import FreezeUnfreeze, Full, build_param_groups, discriminative_lrs, schedulers
 from thaw.models import Classifier, backbone_spec, create_backbone
@@ -143,8 +146,8 @@ class StepTimer:
 
 
 def images_per_s(args: argparse.Namespace, step_seconds: list[float]) -> float:
-    """From the median step: robust to the odd slow step a shared machine adds."""
-    return args.batch_size / statistics.median(step_seconds)
+    """From the mean step, so periodic work (logging every n steps) counts too."""
+    return args.batch_size / statistics.mean(step_seconds)
 
 
 def thaw_steps(args: argparse.Namespace, batches: list | None = None) -> list[float]:
@@ -204,9 +207,8 @@ def plain_steps(args: argparse.Namespace, batches: list | None = None) -> list[f
 
 
 def train_interleaved(args: argparse.Namespace) -> dict[str, float]:
-    """Both loops in one process, alternating, --repeats times each, compared by their median
-    step: separate processes differ by several percent in speed alone, too much to resolve a
-    3% overhead."""
+    """Both loops in one process, alternating, --repeats times each: separate processes differ
+    by several percent in speed alone, too much to resolve a 3% overhead."""
     batches = prepared_batches(args, device_of(args))
     thaw, plain = [], []
     for _ in range(args.repeats):
@@ -239,7 +241,7 @@ def timed_epoch(loader: Any, device: torch.device) -> float:
     sync(device)
     start, seen = time.perf_counter(), 0
     for images, _ in loader:
-        seen += len(images)
+        seen += len(images.to(device, non_blocking=True))  # where training would use them
     sync(device)
     return seen / (time.perf_counter() - start)
 
@@ -266,7 +268,20 @@ def augment_pil(args: argparse.Namespace) -> float:
         persistent_workers=True,
         pin_memory=device_of(args).type == "cuda",
     )
-    return timed_epoch(loader, torch.device("cpu"))
+    return timed_epoch(loader, device_of(args))
+
+
+def augment_per_image(args: argparse.Namespace) -> float:
+    """thaw's own data.loader=dataloader path: v2 transforms on uint8 tensors in workers."""
+    images, labels = fmnist(args)
+    spec = backbone_spec(args.model)
+    transform = build_train_transform(BASIC, args.image_size, spec.mean, spec.std)
+    dataset = ImageDataset(ImageSet(images, labels, [str(c) for c in range(10)]), transform)
+    workers = os.cpu_count() or 1
+    loader = ResumableLoader(
+        dataset, seed=0, batch_size=args.batch_size, num_workers=workers, persistent_workers=True
+    )
+    return timed_epoch(loader, device_of(args))
 
 
 # -- epoch times: frozen, cached, full --------------------------------------------------------
@@ -281,6 +296,7 @@ def epoch_times(args: argparse.Namespace, finetune: list[str]) -> dict[str, floa
     class Timing(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:
             marks["train_start"] = time.perf_counter()
+            marks["images"] = len(trainer.datamodule.train_set) + len(trainer.datamodule.val_set)
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             sync(device)
@@ -315,6 +331,7 @@ def epoch_times(args: argparse.Namespace, finetune: list[str]) -> dict[str, floa
     return {
         "value": marks["end1"] - marks["start1"],
         "setup": marks["start0"] - marks["train_start"],
+        "images": marks["images"],
     }
 
 
@@ -325,6 +342,7 @@ ROWS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "train_interleaved": train_interleaved,
     "augment_device": augment_device,
     "augment_pil": augment_pil,
+    "augment_per_image": augment_per_image,
     **{name: partial(epoch_times, finetune=extra) for name, extra in EPOCH_ROWS.items()},
 }
 
@@ -358,14 +376,16 @@ def measure(argv: list[str], row: str) -> dict[str, float]:
     return result
 
 
-def ratio_row(name: str, fast: dict, slow: dict, unit: str, ratio: float, target: str, met: bool):
+def ratio_row(
+    name: str, fast: dict, slow: dict, unit: str, ratio: float, target: str, met: bool | None
+) -> list[str]:
     return [
         name,
         f"{fast['value']:.4g} {unit}",
         f"{slow['value']:.4g} {unit}",
         f"{ratio:.3g}",
         target,
-        "yes" if met else "NO",
+        "" if met is None else "yes" if met else "NO",
         f"{fast['peak_mb']:.0f} / {slow['peak_mb']:.0f}",
     ]
 
@@ -375,6 +395,7 @@ def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
     thaw = {"value": pair["value"], "peak_mb": measure(argv, "train_thaw")["peak_mb"]}
     plain = {"value": pair["plain"], "peak_mb": measure(argv, "train_plain")["peak_mb"]}
     device_aug, pil_aug = measure(argv, "augment_device"), measure(argv, "augment_pil")
+    per_image_aug = measure(argv, "augment_per_image")
     epochs = {name: measure(argv, name) for name in EPOCH_ROWS}
     frozen, cached, full = epochs["epoch_frozen"], epochs["epoch_cached"], epochs["epoch_full"]
 
@@ -392,7 +413,7 @@ def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
     ]
     table.append(
         ratio_row(
-            f"training img/s: thaw vs plain PyTorch loop (ratio = overhead; median of "
+            f"training img/s: thaw vs plain PyTorch loop (ratio = overhead; "
             f"{pair['steps']} steps each)",
             thaw,
             plain,
@@ -414,6 +435,18 @@ def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
             speedup >= 5,
         )
     )
+    speedup = device_aug["value"] / per_image_aug["value"]
+    table.append(
+        ratio_row(
+            "augmentation img/s: device batches vs thaw's per-image path (uint8, workers)",
+            device_aug,
+            per_image_aug,
+            "img/s",
+            speedup,
+            "",
+            None,
+        )
+    )
     for name, fast, target in (("frozen backbone", frozen, 3), ("cached features", cached, 20)):
         speedup = full["value"] / fast["value"]
         table.append(
@@ -429,7 +462,7 @@ def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
         )
     table.append(
         [
-            "one-off: computing the cached features (train + val)",
+            f"one-off: computing the cached features ({cached['images']:.0f} train + val images)",
             f"{cached['setup']:.3g} s",
             f"{frozen['value']:.3g} s (a frozen epoch)",
             f"{cached['setup'] / frozen['value']:.3g}",
@@ -452,7 +485,7 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=5, help="alternating throughput runs")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--precision", default="32-true", help="32-true or bf16-mixed")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
     parser.add_argument("--data-root", default="data/fashion_mnist")
     parser.add_argument("--system-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default="results/bench_speed")

@@ -62,6 +62,7 @@ def test_bench_speed_tiny(fmnist_root, tmp_path):
     assert [row[0].split(":")[0] for row in table[1:]] == [
         "training img/s",
         "augmentation img/s",
+        "augmentation img/s",
         "epoch s",
         "epoch s",
         "one-off",
