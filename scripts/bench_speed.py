@@ -42,7 +42,7 @@ from PIL import Image
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from thaw.config import compose_config
+from thaw.config import QUIET, compose_config
 from thaw.data.base import ImageSet
 from thaw.data.batch_augment import BatchAugment
 from thaw.data.datamodule import ImageDataset
@@ -56,13 +56,6 @@ from thaw.train import run
 
 BASIC = {"crop_padding": 0.125, "hflip": 0.5, "color_jitter": 0.2}
 LR, WEIGHT_DECAY, LABEL_SMOOTHING = 1e-3, 0.05, 0.1
-QUIET = [
-    "++callbacks.rich_progress_bar=null",
-    "++callbacks.batch_preview=null",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-    "logger=none",
-]
 # Epoch rows: (finetune overrides).
 EPOCH_ROWS = {
     "epoch_frozen": ["finetune=linear_probe", "finetune.cache_features=false"],

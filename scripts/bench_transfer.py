@@ -21,18 +21,11 @@ import statistics
 import time
 from pathlib import Path
 
-from thaw.config import compose_config
+from thaw.config import QUIET, compose_config
 from thaw.report import markdown_table
 from thaw.train import run
 
 STRATEGIES = ("scratch", "linear_probe", "two_phase", "gradual", "full")
-QUIET = [
-    "++callbacks.rich_progress_bar=null",
-    "++callbacks.batch_preview=null",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-    "logger=none",
-]
 TARGET_CLASSES = 5
 
 

@@ -23,6 +23,17 @@ HPARAM_GROUPS = (
 )
 
 
+# Overrides for the runs a script launches one after another: no progress bars, model summary,
+# batch preview or logger.
+QUIET = [
+    "++callbacks.rich_progress_bar=null",
+    "++callbacks.batch_preview=null",
+    "+trainer.enable_progress_bar=false",
+    "+trainer.enable_model_summary=false",
+    "logger=none",
+]
+
+
 def config_dir() -> Path:
     """conf/ inside the installed package (a wheel), else the repository's conf/ (editable)."""
     packaged = Path(__file__).parent / "conf"
