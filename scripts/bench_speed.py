@@ -192,7 +192,7 @@ def plain_steps(args: argparse.Namespace, batches: list | None = None) -> list[f
         timer.step(index)
         with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
             loss = F.cross_entropy(model(images), labels, label_smoothing=LABEL_SMOOTHING)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # after the forward, as Lightning does
         loss.backward()
         optimizer.step()
         schedule.step()
