@@ -181,18 +181,18 @@ class ImageDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> PositionedLoader:
         """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image)."""
-        return self._loader(self.train_set, train=True)
+        return self._loader("train", train=True)
 
     def val_dataloader(self) -> PositionedLoader:
-        return self._loader(self.val_set)
+        return self._loader("val")
 
     def test_dataloader(self) -> PositionedLoader:
-        return self._loader(self.test_set)
+        return self._loader("test")
 
     def plain_loader(self, split: str) -> PositionedLoader:
         """Every image of `split` ("train", "val" or "test") once, in order, through the
         deterministic evaluation transform: what a frozen backbone's features are cached from."""
-        return self._loader(getattr(self, f"{split}_set"))
+        return self._loader(split)
 
     def mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """A training batch through MixUp/CutMix: (images, labels, soft_targets) when the augment
@@ -282,13 +282,19 @@ class ImageDataModule(pl.LightningDataModule):
             return "dataloader"
         return "device"
 
-    def _loader(self, images: ImageSet | None, train: bool = False) -> PositionedLoader:
-        """Every loader, on either path: training ones shuffle (sharded across ranks) and augment;
-        the others see every image once, in order, on every rank."""
-        images = self._require(images)
+    def _loader(self, split: str, train: bool = False) -> PositionedLoader:
+        """Every loader of `split`, on either path: training ones shuffle (sharded across ranks)
+        and augment; the others see every image once, in order, on every rank."""
+        images = self._require(getattr(self, f"{split}_set"))
         batch_size = self.batch_size if train else self.eval_batch_size
         if self.loader == "device":
             device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            if images.images.device != torch.device(device):  # type: ignore[union-attr]
+                # Moved once and kept: the loaders of a split (fit, feature cache, test) share it.
+                images = ImageSet(
+                    images.images.to(device), images.labels.to(device), images.classes
+                )
+                setattr(self, f"{split}_set", images)
             transform = self.batch_train_transform if train else self.batch_eval_transform
             return DeviceLoader(
                 images.images,  # type: ignore[arg-type]
