@@ -73,17 +73,17 @@ def test_bench_speed_tiny(fmnist_root, tmp_path):
     def value(cell: str) -> float:
         return float(cell.split()[0])
 
-    # Each ratio is the one its own cells give (cells have 4 significant digits, ratios 3).
+    # Each ratio is the one its own cells give (cells round to 4 significant digits, ratios to 3).
     overhead, *speedups, one_off = table[1:]
     expected = value(overhead[2]) / value(overhead[1]) - 1  # can be < 0 on a noisy machine
-    assert float(overhead[3]) == pytest.approx(expected, abs=2e-3)
+    assert float(overhead[3]) == pytest.approx(expected, rel=6e-3, abs=2e-3)
     assert (overhead[5] == "yes") == (float(overhead[3]) <= 0.03)
     for row in speedups:
         fast, slow = value(row[1]), value(row[2])
         expected = fast / slow if row[0].startswith("augmentation") else slow / fast
-        assert float(row[3]) == pytest.approx(expected, rel=2e-3) and float(row[3]) > 0
+        assert float(row[3]) == pytest.approx(expected, rel=6e-3) and float(row[3]) > 0
         assert row[5] in ("yes", "NO", "")
-    assert float(one_off[3]) == pytest.approx(value(one_off[1]) / value(one_off[2]), rel=2e-3)
+    assert float(one_off[3]) == pytest.approx(value(one_off[1]) / value(one_off[2]), rel=6e-3)
     assert (tmp_path / "speed-cpu.md").read_text().startswith("resnet18, 28 px, batch 8")
     with open(tmp_path / "speed-cpu.csv") as f:
         assert len(list(csv.reader(f))) == len(table)
