@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import offline_fmnist
+from thaw.config import compose_config
+from thaw.data.fashion_mnist import CLASSES
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -45,11 +47,33 @@ def test_bench_transfer_tiny(fmnist_root, tmp_path):
     )
     assert [row[1] for row in table[1:]] == list(bench.STRATEGIES)
     assert all(row[0] == "2" and row[3] == "2" for row in table[1:])
-    with open(tmp_path / "transfer.csv") as f:
+    with open(tmp_path / "pairs" / "transfer.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * len(bench.STRATEGIES)
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
-    assert (tmp_path / "transfer.md").read_text().startswith("| N/class | strategy")
+    assert (tmp_path / "pairs" / "transfer.md").read_text().startswith("| N/class | strategy")
+
+
+@pytest.mark.parametrize("split", ["pairs", "halves"])
+def test_bench_transfer_splits_share_no_class(split, tmp_path):
+    """Each split trains the target on the five classes the source never saw."""
+    bench = load_script("bench_transfer")
+    source = compose_config(
+        "train",
+        ["experiment=fmnist_source", *bench.classes_override(split, "fmnist_source")],
+        tmp_path,
+    ).data.classes
+    target = compose_config(
+        "train",
+        [
+            "experiment=fmnist_transfer",
+            "source_checkpoint=source.ckpt",
+            *bench.classes_override(split, "fmnist_transfer"),
+        ],
+        tmp_path,
+    ).data.classes
+    assert len(source) == len(target) == 5
+    assert sorted([*source, *target]) == sorted(CLASSES)
 
 
 def test_bench_speed_tiny(fmnist_root, tmp_path):
