@@ -43,14 +43,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from thaw.config import QUIET, compose_config
-from thaw.data.base import ImageSet
-from thaw.data.batch_augment import BatchAugment
+from thaw.data.augment.batch import BatchAugment
+from thaw.data.augment.per_image import build_train_transform
 from thaw.data.datamodule import ImageDataset
-from thaw.data.fashion_mnist import FashionMNIST
 from thaw.data.resumable import DeviceLoader, ResumableLoader
-from thaw.data.transforms import build_train_transform
-from thaw.finetune import FreezeUnfreeze, Full, build_param_groups, discriminative_lrs, schedulers
+from thaw.data.sources.base import ImageSet
+from thaw.data.sources.fashion_mnist import FashionMNIST
+from thaw.finetune import FreezeUnfreeze, Full, schedulers
 from thaw.models import Classifier, backbone_spec, create_backbone
+from thaw.preprocess import Preprocessing
 from thaw.report import markdown_table
 from thaw.train import run
 
@@ -84,8 +85,7 @@ def fmnist(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 # -- training throughput: thaw vs a plain loop ------------------------------------------------
 def prepared_batches(args: argparse.Namespace, device: torch.device) -> list[tuple[Any, Any]]:
     images, labels = fmnist(args)
-    spec = backbone_spec(args.model)
-    prepare = BatchAugment(None, args.image_size, spec.mean, spec.std, train=False)
+    prepare = BatchAugment(None, preprocessing(args), train=False)
     batches = []
     for start in range(0, args.steps * args.batch_size, args.batch_size):
         rows = torch.arange(start, start + args.batch_size) % len(labels)
@@ -93,11 +93,18 @@ def prepared_batches(args: argparse.Namespace, device: torch.device) -> list[tup
     return batches
 
 
+def preprocessing(args: argparse.Namespace) -> Preprocessing:
+    """What a thaw run on these images resolves: gray, the backbone's statistics."""
+    spec = backbone_spec(args.model)
+    return Preprocessing(args.image_size or 28, spec.mean, spec.std, grayscale=True)
+
+
 def new_classifier(args: argparse.Namespace, num_classes: int = 10) -> Classifier:
     torch.manual_seed(0)
     return Classifier(
         create_backbone(args.model, weights=None),
         [str(c) for c in range(num_classes)],
+        preprocessing(args),
         optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY, fused=True),
         finetune=Full(),
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
@@ -146,7 +153,7 @@ def images_per_s(args: argparse.Namespace, step_seconds: list[float]) -> float:
 def thaw_steps(args: argparse.Namespace, batches: list | None = None) -> list[float]:
     import pytorch_lightning as pl
 
-    from thaw.callbacks import ResumeState
+    from thaw.resume import ResumeState
 
     device = device_of(args)
     batches = batches or prepared_batches(args, device)
@@ -182,8 +189,7 @@ def plain_steps(args: argparse.Namespace, batches: list | None = None) -> list[f
     batches = batches or prepared_batches(args, device)
     model = new_classifier(args).to(device).train()
     groups = model.layer_groups()
-    lrs = discriminative_lrs(list(groups), LR, model.finetune.backbone_lr_ratio, None)
-    optimizer = torch.optim.AdamW(build_param_groups(groups, lrs, WEIGHT_DECAY), fused=True)
+    optimizer = torch.optim.AdamW(model.finetune.param_groups(groups, LR, WEIGHT_DECAY), fused=True)
     scheduler = schedulers.cosine(optimizer, len(batches), len(batches), warmup_epochs=0.5)
     schedule = scheduler["scheduler"]
     autocast = args.precision.startswith("bf16")
@@ -242,16 +248,14 @@ def timed_epoch(loader: Any, device: torch.device) -> float:
 def augment_device(args: argparse.Namespace) -> float:
     device = device_of(args)
     images, labels = fmnist(args)
-    spec = backbone_spec(args.model)
-    augment = BatchAugment(BASIC, args.image_size, spec.mean, spec.std, train=True)
+    augment = BatchAugment(BASIC, preprocessing(args), train=True)
     loader = DeviceLoader(images, labels, augment, 0, args.batch_size, device=device)
     return timed_epoch(loader, device)
 
 
 def augment_pil(args: argparse.Namespace) -> float:
     images, labels = fmnist(args)
-    spec = backbone_spec(args.model)
-    transform = build_train_transform(BASIC, args.image_size, spec.mean, spec.std)
+    transform = build_train_transform(BASIC, preprocessing(args))
     workers = os.cpu_count() or 1
     loader = DataLoader(
         PILImages(images, labels, transform),
@@ -267,8 +271,7 @@ def augment_pil(args: argparse.Namespace) -> float:
 def augment_per_image(args: argparse.Namespace) -> float:
     """thaw's own data.loader=dataloader path: v2 transforms on uint8 tensors in workers."""
     images, labels = fmnist(args)
-    spec = backbone_spec(args.model)
-    transform = build_train_transform(BASIC, args.image_size, spec.mean, spec.std)
+    transform = build_train_transform(BASIC, preprocessing(args))
     dataset = ImageDataset(ImageSet(images, labels, [str(c) for c in range(10)]), transform)
     workers = os.cpu_count() or 1
     loader = ResumableLoader(

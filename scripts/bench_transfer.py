@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from thaw.config import QUIET, compose_config
-from thaw.data.fashion_mnist import CLASSES
+from thaw.data.sources.fashion_mnist import CLASSES
 from thaw.report import markdown_table
 from thaw.train import run
 

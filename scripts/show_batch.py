@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from thaw.build import build_datamodule
 from thaw.config import config_dir
-from thaw.train import build_datamodule
 from thaw.visualize import datamodule_batch_grid
 
 OWN = {"out": "batch.png", "n": "32", "columns": "8"}

@@ -6,10 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 from omegaconf import DictConfig
 
 from data_formats import write_fashion_mnist
-from thaw.config import compose_config
+from thaw.config import SILENT, compose_config
+from thaw.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from thaw.preprocess import Preprocessing
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -21,10 +24,27 @@ TINY = [
     "data.eval_batch_size=64",
     "trainer.max_epochs=2",
     "trainer.accelerator=cpu",
-    "+trainer.enable_progress_bar=false",
-    "+trainer.enable_model_summary=false",
-    "++callbacks.rich_progress_bar=null",
+    *SILENT,
 ]
+
+# What a classifier built in a test saw in training: 28 px RGB, ImageNet statistics.
+PREPROCESSING = Preprocessing(input_size=28, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+# A Trainer for tests that build one by hand: CPU, nothing written, nothing shown.
+_QUIET_TRAINER = {
+    "accelerator": "cpu",
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+@pytest.fixture(scope="session")
+def quiet_trainer() -> Callable[..., pl.Trainer]:
+    """quiet_trainer(max_epochs=2, ...): a pl.Trainer with the quiet settings; keyword
+    arguments add to them or override them."""
+    return lambda **kwargs: pl.Trainer(**{**_QUIET_TRAINER, **kwargs})
 
 
 def offline_fmnist(root: Path) -> list[str]:

@@ -21,12 +21,13 @@ from conftest import offline_fmnist
 from data_formats import write_cifar10
 from thaw.config import config_dir
 from thaw.data import ImageDataModule, ImageSet, Splits
-from thaw.data.augment import AugmentOptions
-from thaw.data.batch_augment import unsupported
-from thaw.data.cifar10 import CIFAR10
-from thaw.data.imagefolder import ImageFolder
-from thaw.data.mixing import BatchMix
-from thaw.data.transforms import build_eval_transform, build_train_transform
+from thaw.data.augment.batch import unsupported
+from thaw.data.augment.mixing import BatchMix
+from thaw.data.augment.options import AugmentOptions
+from thaw.data.augment.per_image import build_train_transform
+from thaw.data.sources.cifar10 import CIFAR10
+from thaw.data.sources.imagefolder import ImageFolder
+from thaw.preprocess import Preprocessing
 from thaw.train import run
 from thaw.visualize import CAPTION, CELL, PAD, batch_grid
 
@@ -39,6 +40,12 @@ def augment_conf(name: str) -> dict:
     """A preset as Hydra composes it (the presets build on augment/none)."""
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return OmegaConf.to_container(compose(f"augment/{name}").augment)
+
+
+def prep(size: int) -> Preprocessing:
+    """Square `size` x `size` input, normalised with MEAN and STD (at an image's own size the
+    resize and crop leave it as it is)."""
+    return Preprocessing(input_size=size, mean=MEAN, std=STD)
 
 
 def normalised_bounds() -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +75,17 @@ def test_every_preset_gives_normalised_rgb_floats(name: str) -> None:
     low, high = normalised_bounds()
     colour = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     for image, size, shape in [
-        (colour, None, (3, 32, 32)),
-        (torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8), None, (3, 28, 28)),
+        (colour, 32, (3, 32, 32)),
+        (torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8), 28, (3, 28, 28)),
         (Image.new("RGB", (48, 36), (200, 30, 90)), 24, (3, 24, 24)),
     ]:
-        transform = build_train_transform(options, size, MEAN, STD)
+        transform = build_train_transform(options, prep(size))
         for _ in range(3):
             out = transform(image)
             assert out.shape == shape and out.dtype == torch.float32
             assert ((out >= low) & (out <= high)).all()
-    plain = build_eval_transform(None, MEAN, STD)(colour)
-    outputs = [build_train_transform(options, None, MEAN, STD)(colour) for _ in range(20)]
+    plain = prep(32).transform()(colour)
+    outputs = [build_train_transform(options, prep(32))(colour) for _ in range(20)]
     assert sum(not torch.equal(out, plain) for out in outputs) >= 4  # erasing alone: p = 0.5
 
 
@@ -102,7 +109,8 @@ def test_evaluation_stays_deterministic_under_every_preset(
     # As in validation during fit, on the CPU.
     dm.trainer = SimpleNamespace(training=False, strategy=SimpleNamespace(root_device="cpu"))
     dm.setup()
-    evaluate = build_eval_transform(None, MEAN, STD)
+    assert dm.loader == loader and dm.preprocessing == prep(32)
+    evaluate = prep(32).transform()
     expected = torch.stack([evaluate(image) for image in dm.test_set.images])
     for _ in range(2):
         batch = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
@@ -112,20 +120,20 @@ def test_evaluation_stays_deterministic_under_every_preset(
 
 def test_transforms_output_float_rgb_at_the_requested_size() -> None:
     gray = torch.full((1, 28, 28), 255, dtype=torch.uint8)
-    out = build_eval_transform(None, MEAN, STD)(gray)
+    out = prep(28).transform()(gray)
     assert out.shape == (3, 28, 28) and out.dtype == torch.float32
     assert torch.allclose(out[:, 0, 0], (1 - torch.tensor(MEAN)) / torch.tensor(STD))
     basic = augment_conf("basic")
     wide = torch.randint(0, 256, (3, 32, 48), dtype=torch.uint8)
-    assert build_train_transform(basic, 40, MEAN, STD)(wide).shape == (3, 40, 40)
+    assert build_train_transform(basic, prep(40))(wide).shape == (3, 40, 40)
     pil = Image.new("L", (48, 32))
-    assert build_train_transform(basic, 24, MEAN, STD)(pil).shape == (3, 24, 24)
+    assert build_train_transform(basic, prep(24))(pil).shape == (3, 24, 24)
 
 
 def test_eval_transform_is_deterministic_and_equals_train_without_augment() -> None:
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    evaluate = build_eval_transform(16, MEAN, STD)
-    train = build_train_transform(augment_conf("none"), 16, MEAN, STD)
+    evaluate = prep(16).transform()
+    train = build_train_transform(augment_conf("none"), prep(16))
     assert torch.equal(evaluate(image), evaluate(image))
     assert all(torch.equal(train(image), evaluate(image)) for _ in range(5))
 
@@ -133,18 +141,18 @@ def test_eval_transform_is_deterministic_and_equals_train_without_augment() -> N
 def test_augmentations_vary_the_output() -> None:
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    plain = build_eval_transform(None, MEAN, STD)(image)
+    plain = prep(32).transform()(image)
 
-    flip = build_train_transform({"hflip": 1.0}, None, MEAN, STD)
+    flip = build_train_transform({"hflip": 1.0}, prep(32))
     assert torch.equal(flip(image), plain.flip(-1))
 
-    crop = build_train_transform({"crop_padding": 0.125}, None, MEAN, STD)
+    crop = build_train_transform({"crop_padding": 0.125}, prep(32))
     crops = [crop(image) for _ in range(20)]
     assert all(c.shape == (3, 32, 32) for c in crops)
     assert len({c.numpy().tobytes() for c in crops}) > 1
 
     for name in ("basic", "randaugment", "trivialaugment", "autoaugment"):
-        transform = build_train_transform(augment_conf(name), None, MEAN, STD)
+        transform = build_train_transform(augment_conf(name), prep(32))
         outputs = [transform(image) for _ in range(10)]
         assert sum(not torch.equal(out, plain) for out in outputs) >= 8, name
 
@@ -152,8 +160,8 @@ def test_augmentations_vary_the_output() -> None:
 def test_random_erasing_fills_a_rectangle_with_the_mean_colour() -> None:
     torch.manual_seed(0)
     image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
-    erase = build_train_transform({"random_erasing": 1.0}, None, MEAN, STD)
-    plain = build_eval_transform(None, MEAN, STD)(image)
+    erase = build_train_transform({"random_erasing": 1.0}, prep(32))
+    plain = prep(32).transform()(image)
     for _ in range(5):
         out = erase(image)
         erased = (out == 0).all(0)  # 0 after normalising is the mean colour
@@ -296,27 +304,35 @@ class InMemory:
 
 
 def tinted_folder(root: Path) -> ImageFolder:
+    """Square 12 x 12 photos (so that data.image_size=12 crops nothing off them)."""
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(10):
-            pixels = rng.integers(0, 60, (10, 12, 3), dtype=np.uint8) + np.uint8([0, 150, 190])
+            pixels = rng.integers(0, 60, (12, 12, 3), dtype=np.uint8) + np.uint8([0, 150, 190])
             Image.fromarray(pixels, "RGB").save(root / name / f"{i}.png")
     return ImageFolder(root)
 
 
 @pytest.mark.parametrize("kind", ["in_memory", "files"])
 def test_dataset_normalisation_gives_zero_mean_unit_std(tmp_path: Path, kind: str) -> None:
-    source = InMemory() if kind == "in_memory" else tinted_folder(tmp_path)
-    dm = ImageDataModule(source, None, MEAN, STD, normalize="dataset", batch_size=64)
+    # The in-memory images keep their own size (8); files need theirs given.
+    source, size = (InMemory(), None) if kind == "in_memory" else (tinted_folder(tmp_path), 12)
+    dm = ImageDataModule(
+        source, None, MEAN, STD, image_size=size, normalize="dataset", batch_size=64
+    )
     dm.setup()
     images = torch.cat([batch[0] for batch in dm.train_dataloader()])
+    assert images.shape[1:] == (3, size or 8, size or 8)
     per_channel = images.transpose(0, 1).reshape(3, -1)
     assert per_channel.mean(1).abs().max() < 1e-4
     assert (per_channel.std(1, correction=0) - 1).abs().max() < 1e-3
-    assert dm.mean != MEAN and len(dm.mean) == len(dm.std) == 3
-    backbone = ImageDataModule(source, None, MEAN, STD, batch_size=64)
+    used = dm.preprocessing
+    assert list(used.mean) != MEAN and len(used.mean) == len(used.std) == 3
+    assert dm.backbone_mean == MEAN and dm.backbone_std == STD
+    backbone = ImageDataModule(source, None, MEAN, STD, image_size=size, batch_size=64)
     backbone.setup()
+    assert list(backbone.preprocessing.mean) == MEAN and list(backbone.preprocessing.std) == STD
     images = torch.cat([batch[0] for batch in backbone.train_dataloader()])
     assert images.transpose(0, 1).reshape(3, -1).mean(1).abs().max() > 0.5
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from thaw.data import batch_augment
-from thaw.data.augment import AugmentOptions
-from thaw.data.batch_augment import BatchAugment, jitter_colors, unsupported
-from thaw.data.transforms import build_eval_transform, build_train_transform
+from thaw.data.augment import batch as batch_augment
+from thaw.data.augment.batch import BatchAugment, check_batchable, jitter_colors, unsupported
+from thaw.data.augment.options import AugmentOptions
+from thaw.data.augment.per_image import build_train_transform
+from thaw.preprocess import Preprocessing
 
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 RAW = [0.0, 0.0, 0.0], [1 / 255] * 3  # normalising with these gives back the pixel values
@@ -34,8 +35,10 @@ def random_images(*shape: int, seed: int = 0) -> torch.Tensor:
 def augment(
     options: dict, images: torch.Tensor, seed: int, normalise: tuple[list, list] = (MEAN, STD)
 ) -> torch.Tensor:
+    """Training augmentation of square `images` at their own size."""
     generator = torch.Generator(images.device).manual_seed(seed)
-    return BatchAugment(options, None, *normalise, train=True)(images, generator)
+    preprocessing = Preprocessing(images.shape[-1], *normalise)
+    return BatchAugment(options, preprocessing, train=True)(images, generator)
 
 
 def geometry(options: dict, image: torch.Tensor, copies: int) -> torch.Tensor:
@@ -58,25 +61,36 @@ def matches(outputs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("image_size", [None, 16, 40])
+@pytest.mark.parametrize(
+    ("height", "width", "input_size", "resize_size"),
+    [(20, 20, 20, None), (20, 30, 16, None), (20, 30, 40, None), (20, 30, 16, 24)],
+    ids=["native", "smaller", "larger", "resize-then-crop"],
+)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_eval_path_equals_the_per_image_eval_transform(
-    device: str, image_size: int | None, channels: int
+    device: str, height: int, width: int, input_size: int, resize_size: int | None, channels: int
 ) -> None:
-    images = random_images(5, channels, 20, 30).to(device)
-    per_image = build_eval_transform(image_size, MEAN, STD)
+    images = random_images(5, channels, height, width).to(device)
+    preprocessing = Preprocessing(input_size, MEAN, STD, resize_size=resize_size)
+    per_image = preprocessing.transform()
     expected = torch.stack([per_image(image) for image in images])
-    out = BatchAugment(BASIC, image_size, MEAN, STD, train=False)(images)
+    out = BatchAugment(BASIC, preprocessing, train=False)(images)
     assert out.dtype == torch.float32 and out.device == images.device
+    assert out.shape == (5, 3, input_size, input_size)
     # Exact even when resizing: both resize the uint8 images with torchvision's uint8 kernel.
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    if (height, width, resize_size) == (input_size, input_size, None):
+        # At the images' own size nothing is resized or cropped: only scaled and normalised.
+        mean, std = (torch.tensor(v, device=device).view(3, 1, 1) for v in (MEAN, STD))
+        plain = (images.float() / 255).expand(-1, 3, -1, -1).sub(mean).div(std)
+        torch.testing.assert_close(out, plain, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_output_shape_dtype_and_range(device: str) -> None:
     images = random_images(8, 1, 20, 30).to(device)
     generator = torch.Generator(device).manual_seed(0)
-    transform = BatchAugment(BASIC, 16, MEAN, STD, train=True)
+    transform = BatchAugment(BASIC, Preprocessing(16, MEAN, STD), train=True)
     out = transform(images, generator)
     assert out.shape == (8, 3, 16, 16) and out.dtype == torch.float32
     assert transform(images[:0], generator).shape == (0, 3, 16, 16)
@@ -95,7 +109,7 @@ def test_same_seed_same_batch_other_seed_other_batch(device: str) -> None:
 
 
 def test_bad_input_and_missing_generator_raise() -> None:
-    train = BatchAugment(BASIC, None, MEAN, STD, train=True)
+    train = BatchAugment(BASIC, Preprocessing(8, MEAN, STD), train=True)
     generator = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="uint8"):
         train(torch.zeros(2, 3, 8, 8), generator)
@@ -103,10 +117,11 @@ def test_bad_input_and_missing_generator_raise() -> None:
         train(torch.zeros(2, 4, 8, 8, dtype=torch.uint8), generator)
     with pytest.raises(ValueError, match="generator"):
         train(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    # The statistics and sizes a BatchAugment is given are checked by its Preprocessing.
     with pytest.raises(ValueError, match="std must be positive"):
-        BatchAugment(BASIC, None, MEAN, [0.2, 0.0, 0.2], train=False)
-    with pytest.raises(ValueError, match="image_size"):
-        BatchAugment(BASIC, 0, MEAN, STD, train=False)
+        Preprocessing(8, MEAN, [0.2, 0.0, 0.2])
+    with pytest.raises(ValueError, match="input_size"):
+        Preprocessing(input_size=0, mean=MEAN, std=STD)
 
 
 def test_unsupported_lists_the_per_image_only_keys() -> None:
@@ -115,8 +130,20 @@ def test_unsupported_lists_the_per_image_only_keys() -> None:
     options = AugmentOptions.parse({**BASIC, "policy": "randaugment", "random_erasing": 0.25})
     assert unsupported(options) == ["policy=randaugment", "random_erasing=0.25"]
     with pytest.raises(ValueError, match=r"policy=randaugment.*data\.loader=dataloader"):
-        BatchAugment(options, None, MEAN, STD, train=True)
-    BatchAugment(options, None, MEAN, STD, train=False)  # evaluation never augments
+        BatchAugment(options, Preprocessing(8, MEAN, STD), train=True)
+    BatchAugment(options, Preprocessing(8, MEAN, STD), train=False)  # evaluation never augments
+
+
+def test_check_batchable_raises_naming_the_per_image_only_keys() -> None:
+    check_batchable(None)
+    check_batchable({**BASIC, "mixup_alpha": 0.2, "cutmix_alpha": 1.0})
+    for options, keys in [
+        ({"policy": "trivialaugment"}, r"policy=trivialaugment"),
+        ({**BASIC, "random_erasing": 0.25}, r"random_erasing=0\.25"),
+        ({"policy": "randaugment", "random_erasing": 0.5}, r"policy=randaugment, random_erasing"),
+    ]:
+        with pytest.raises(ValueError, match=keys + r".*data\.loader=dataloader"):
+            check_batchable(AugmentOptions.parse(options))
 
 
 # ---------------------------------------------------------------- each op, exactly
@@ -240,8 +267,8 @@ def per_image() -> dict[str, torch.Tensor]:
     torchvision's jitter does the batch path's float math: on uint8 it truncates after each op,
     darkening by ~1.3 levels on average, worth a KS distance of ~0.03 on the channel means with
     the very same draws. Crop and flip draw the same either way."""
-    transform = build_train_transform(BASIC, None, MEAN, STD)
     image = marker_image().float() / 255
+    transform = build_train_transform(BASIC, Preprocessing(image.shape[-1], MEAN, STD))
     torch.manual_seed(0)
     return statistics(torch.stack([transform(image) for _ in range(N)]))
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import offline_fmnist
 from thaw.config import compose_config
-from thaw.data.fashion_mnist import CLASSES
+from thaw.data.sources.fashion_mnist import CLASSES
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -31,17 +32,20 @@ from data_formats import (
     write_tiny_imagenet,
     write_truncated_jpeg,
 )
-from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits, tiny_imagenet
-from thaw.data import fashion_mnist as fmnist
-from thaw.data.cifar10 import CIFAR10
-from thaw.data.download import ChecksumError
-from thaw.data.fashion_mnist import FashionMNIST
-from thaw.data.imagefolder import ImageFolder
+from thaw.config import compose_config
+from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits
 from thaw.data.images import load_image
+from thaw.data.sources import fashion_mnist as fmnist
+from thaw.data.sources import tiny_imagenet
+from thaw.data.sources.base import ArchiveSource
+from thaw.data.sources.cifar10 import CIFAR10
+from thaw.data.sources.download import ChecksumError
+from thaw.data.sources.fashion_mnist import FashionMNIST
+from thaw.data.sources.imagefolder import ImageFolder
+from thaw.data.sources.tiny_imagenet import TinyImageNet
 from thaw.data.split import limit_per_class, select_classes, stratified_split
-from thaw.data.tiny_imagenet import TinyImageNet
+from thaw.preprocess import Preprocessing
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -352,7 +356,13 @@ def test_imagefolder_without_split_folders_is_split_stratified(tmp_path: Path) -
 
     def setup() -> ImageDataModule:
         dm = ImageDataModule(
-            ImageFolder(tmp_path), None, MEAN, STD, test_fraction=0.2, val_fraction=0.25
+            ImageFolder(tmp_path),
+            None,
+            MEAN,
+            STD,
+            image_size=8,
+            test_fraction=0.2,
+            val_fraction=0.25,
         )
         dm.setup()
         return dm
@@ -383,7 +393,9 @@ def test_a_class_with_too_few_images_is_named_with_its_count(tmp_path: Path) -> 
     message = str(err.value)
     assert "'plenty'" not in message and "at least 3" in message
     assert "data.test_fraction=0.1" in message and "data.val_fraction=0.1" in message
-    with_folders = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, val_fraction=0.0)
+    with_folders = ImageDataModule(
+        ImageFolder(tmp_path), None, MEAN, STD, image_size=8, val_fraction=0.0
+    )
     with_folders.setup()  # 2 are enough for train and test
     assert counts(with_folders.test_set.labels) == {0: 1, 1: 1}
 
@@ -583,6 +595,9 @@ class CountingSource:
         self.loads += 1
         return self.source.load()
 
+    def load_test(self) -> ImageSet | None:
+        return self.source.load_test()
+
 
 def test_datamodule_filters_splits_and_limits(tmp_path: Path) -> None:
     write_cifar10(tmp_path, n_per_class=20)
@@ -626,6 +641,160 @@ def test_datamodule_streams_files_and_keeps_a_source_val(tmp_path: Path) -> None
     assert [len(dm.train_set), len(dm.val_set), len(dm.test_set)] == [6, 6, 6]
     images, labels = next(iter(dm.val_dataloader()))
     assert images.shape == (4, 3, 16, 16) and labels.tolist() == [0, 0, 0, 1]
+
+
+def test_image_files_need_an_image_size(tmp_path: Path) -> None:
+    write_image_folder(tmp_path, ["a", "b"], n_per_class=3, splits=("train", "test"))
+    dm = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, val_fraction=0.0)
+    with pytest.raises(ValueError, match=r"image_size=null.*set data\.image_size"):
+        dm.setup()
+    sized = ImageDataModule(ImageFolder(tmp_path), None, MEAN, STD, image_size=8, val_fraction=0)
+    sized.setup()
+    assert sized.preprocessing == Preprocessing(input_size=8, mean=MEAN, std=STD)
+
+
+def test_the_preprocessing_resolved_at_setup(tmp_path: Path) -> None:
+    """The backbone's statistics at the images' own size (in memory, image_size=null), gray for
+    one-channel images; a given Preprocessing is used as it is, whatever the other arguments."""
+    write_cifar10(tmp_path / "cifar", n_per_class=2)
+    write_fashion_mnist(tmp_path / "fmnist", n_train=20, n_test=10)
+    with pytest.raises(RuntimeError, match="setup"):
+        _ = ImageDataModule(CIFAR10(tmp_path / "cifar"), None, MEAN, STD).loader
+    cifar = ImageDataModule(CIFAR10(tmp_path / "cifar", download=False), None, MEAN, STD)
+    assert cifar.preprocessing is None and cifar.backbone_mean == MEAN
+    cifar.setup()
+    assert cifar.preprocessing == Preprocessing(input_size=32, mean=MEAN, std=STD)
+    fashion = FashionMNIST(tmp_path / "fmnist", download=False, system_dir=None)
+    gray = ImageDataModule(fashion, None, MEAN, STD, image_size=40)
+    gray.setup()
+    assert gray.preprocessing == Preprocessing(input_size=40, mean=MEAN, std=STD, grayscale=True)
+
+    given = Preprocessing(input_size=24, mean=[0.1, 0.2, 0.3], std=[0.3, 0.2, 0.1], resize_size=30)
+    dm = ImageDataModule(
+        CIFAR10(tmp_path / "cifar", download=False),
+        None,
+        MEAN,
+        STD,
+        normalize="dataset",
+        preprocessing=given,
+        batch_size=64,
+    )
+    dm.setup()
+    assert dm.preprocessing is given
+    images, _ = next(iter(dm.test_dataloader()))
+    expected = torch.stack([given.transform()(image) for image in dm.test_set.images])
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
+def fashion_test_only(tmp_path: Path) -> tuple[Path, Path]:
+    """Fashion-MNIST's four files in `full/`, and copies of only the two test files in `test/`."""
+    full = write_fashion_mnist(tmp_path / "full", n_train=40, n_test=20)
+    test = tmp_path / "test"
+    test.mkdir()
+    for stem in fmnist.TEST_FILES:
+        shutil.copy(full / f"{stem}.gz", test)
+    return full, test
+
+
+def batches(loader: object) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(images, labels) for images, labels in loader]
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b) > 0
+    for (images_a, labels_a), (images_b, labels_b) in zip(a, b, strict=True):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+def test_a_test_only_datamodule_reads_only_the_fashion_mnist_test_files(tmp_path: Path) -> None:
+    full_dir, test_dir = fashion_test_only(tmp_path)
+    assert sorted(p.name for p in test_dir.iterdir()) == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    ]
+
+    def fashion(root: Path) -> FashionMNIST:
+        return FashionMNIST(root, download=False, system_dir=None)
+
+    full = ImageDataModule(fashion(full_dir), None, MEAN, STD, batch_size=8)
+    full.prepare_data()
+    full.setup("test")
+    trained = full.preprocessing  # what a checkpoint of a run on this data stores
+    assert trained == Preprocessing(input_size=28, mean=MEAN, std=STD, grayscale=True)
+
+    with pytest.raises(ValueError, match="test_only.*preprocessing"):
+        ImageDataModule(fashion(test_dir), None, MEAN, STD, test_only=True)
+    only = ImageDataModule(
+        fashion(test_dir), None, MEAN, STD, preprocessing=trained, test_only=True, batch_size=8
+    )
+    only.prepare_data()
+    only.setup("test")
+    assert only.train_set is None and only.val_set is None
+    assert only.preprocessing is trained and only.classes == full.classes
+    assert torch.equal(only.test_set.images, full.test_set.images)
+    assert torch.equal(only.test_set.labels, full.test_set.labels) and len(only.test_set) == 20
+    assert_same_batches(batches(only.test_dataloader()), batches(full.test_dataloader()))
+
+    # Without test_only the training files are needed, and missing.
+    everything = ImageDataModule(fashion(test_dir), None, MEAN, STD)
+    with pytest.raises(DataUnavailableError, match="train-images-idx3-ubyte.gz"):
+        everything.prepare_data()
+    with pytest.raises(DataUnavailableError, match="download is off"):
+        everything.setup("test")
+
+
+def test_a_test_only_datamodule_reads_an_image_folder_with_only_test(tmp_path: Path) -> None:
+    full_dir = write_image_folder(tmp_path / "full", ["a", "b", "c"], 3, ("train", "test"))
+    test_dir = tmp_path / "test_only"
+    shutil.copytree(full_dir / "test", test_dir / "test")
+    full = ImageDataModule(
+        ImageFolder(full_dir), None, MEAN, STD, image_size=8, val_fraction=0, batch_size=4
+    )
+    full.setup("test")
+    trained = full.preprocessing
+    assert trained == Preprocessing(input_size=8, mean=MEAN, std=STD)
+
+    only = ImageDataModule(
+        ImageFolder(test_dir), None, MEAN, STD, preprocessing=trained, test_only=True, batch_size=4
+    )
+    only.prepare_data()
+    only.setup("test")
+    assert only.train_set is None and only.val_set is None
+    assert only.classes == full.classes == ["a", "b", "c"]
+    assert [p.relative_to(test_dir) for p in only.test_set.images] == [
+        p.relative_to(full_dir) for p in full.test_set.images
+    ]
+    assert torch.equal(only.test_set.labels, full.test_set.labels)
+    assert_same_batches(batches(only.test_dataloader()), batches(full.test_dataloader()))
+
+    everything = ImageDataModule(ImageFolder(test_dir), None, MEAN, STD, image_size=8)
+    with pytest.raises(ValueError, match="no train/ folder"):
+        everything.setup("test")
+
+
+def test_every_source_reads_its_test_set_alone(tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "cifar", n_per_class=2)
+    write_fashion_mnist(tmp_path / "fmnist", n_train=20, n_test=10)
+    write_tiny_imagenet(tmp_path / "tiny", words=WORDS, wnids=WNIDS, n_train=2, n_val=2)
+    write_image_folder(tmp_path / "folder", ["a", "b"], n_per_class=2, splits=("train", "test"))
+    sources = [
+        CIFAR10(tmp_path / "cifar", download=False),
+        FashionMNIST(tmp_path / "fmnist", download=False, system_dir=None),
+        TinyImageNet(tmp_path / "tiny", download=False),
+        ImageFolder(tmp_path / "folder"),
+    ]
+    for source in sources:
+        test, expected = source.load_test(), source.load().test
+        assert test.classes == expected.classes and torch.equal(test.labels, expected.labels)
+        if test.in_memory:
+            assert torch.equal(test.images, expected.images)
+        else:
+            assert test.images == expected.images
+    write_image_folder(tmp_path / "no_test", ["a", "b"], n_per_class=2, splits=("train",))
+    assert ImageFolder(tmp_path / "no_test").load_test() is None
+    for archive in (CIFAR10, TinyImageNet):
+        assert issubclass(archive, ArchiveSource)
+        assert archive(tmp_path).md5 == archive.MD5 and archive(tmp_path, md5=None).md5 is None
 
 
 def test_datamodule_loader_options(tmp_path: Path) -> None:
@@ -711,26 +880,32 @@ def test_datamodule_runs_under_a_trainer(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- configs
 
 
-def compose_data(name: str, data_dir: Path, **overrides: object) -> DictConfig:
-    """The data group as the root config holds it, with `paths.data_dir` and `seed` beside it."""
-    cfg = OmegaConf.create(
-        {
-            "paths": {"data_dir": str(data_dir)},
-            "seed": 0,
-            "data": OmegaConf.load(CONF / "data" / f"{name}.yaml"),
-        }
-    )
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+def compose_data(
+    tmp_path: Path, name: str, *overrides: str, data_dir: Path | None = None
+) -> DictConfig:
+    """The root config as Hydra composes it with `data=name` (the option's own keys on top of
+    conf/data_base.yaml), `paths.data_dir` (default `tmp_path`) and `seed` set; `cfg.data` is the
+    data group."""
+    fixed = [f"data={name}", f"paths.data_dir={data_dir or tmp_path}", "seed=0"]
+    return compose_config("train", [*fixed, *overrides], tmp_path / "run")
 
 
 @pytest.mark.parametrize("name", ["cifar10", "fashion_mnist", "imagefolder", "tiny_imagenet"])
 def test_data_configs_instantiate(tmp_path: Path, name: str) -> None:
-    overrides = {"data.root": str(tmp_path / "images")} if name == "imagefolder" else {}
-    cfg = compose_data(name, tmp_path, **overrides)
+    overrides = [f"data.root={tmp_path / 'images'}"] if name == "imagefolder" else []
+    cfg = compose_data(tmp_path, name, *overrides)
     for key in ("mean", "std", "augment"):
         assert key not in cfg.data
+    # The shared keys come from conf/data_base.yaml; the option's own keys override them.
+    assert cfg.data._target_ == "thaw.data.ImageDataModule"
+    assert cfg.data.loader == "auto" and cfg.data.normalize == "backbone"
+    assert cfg.data.val_fraction == 0.1 and cfg.data.seed == 0
+    assert cfg.data.source._target_.startswith("thaw.data.sources.")
+    own = {"image_size": 224, "batch_size": 32} if name == "imagefolder" else {}
+    assert (cfg.data.image_size, cfg.data.batch_size) == (
+        own.get("image_size"),
+        own.get("batch_size", 128),
+    )
     dm = instantiate(cfg.data, augment={"hflip": 0.5}, mean=MEAN, std=STD)
     assert isinstance(dm, ImageDataModule)
     assert dm.source.root == dm.root
@@ -739,21 +914,20 @@ def test_data_configs_instantiate(tmp_path: Path, name: str) -> None:
 
 
 def test_imagefolder_config_needs_a_root(tmp_path: Path) -> None:
-    cfg = compose_data("imagefolder", tmp_path)
+    cfg = compose_data(tmp_path, "imagefolder")
     assert OmegaConf.is_missing(cfg.data, "root")
 
 
 def test_data_root_override_reaches_the_source(tmp_path: Path) -> None:
     write_cifar10(tmp_path / "mine", n_per_class=2)
     cfg = compose_data(
+        tmp_path,
         "cifar10",
-        tmp_path / "unused",
-        **{
-            "data.root": str(tmp_path / "mine"),
-            "data.source.download": False,
-            "data.classes": ["cat", "dog"],
-            "data.num_workers": 0,
-        },
+        f"data.root={tmp_path / 'mine'}",
+        "data.source.download=false",
+        "data.classes=[cat,dog]",
+        "data.num_workers=0",
+        data_dir=tmp_path / "unused",
     )
     dm = instantiate(cfg.data, augment=None, mean=MEAN, std=STD)
     dm.setup()

@@ -14,12 +14,12 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
-from conftest import TINY, offline_fmnist
+from conftest import PREPROCESSING, TINY, offline_fmnist
 from test_resume import NoisyImages
-from thaw.callbacks import ResumeState
 from thaw.data.resumable import ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import Classifier, create_backbone
+from thaw.resume import ResumeState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,28 +52,24 @@ def file_system_sharing():
 
 
 @pytest.mark.usefixtures("file_system_sharing")
-def test_ddp_spawn_syncs_the_thawed_backbone_across_two_cpu_processes(tmp_path):
+def test_ddp_spawn_syncs_the_thawed_backbone_across_two_cpu_processes(quiet_trainer, tmp_path):
     torch.manual_seed(0)
     model = Classifier(
         create_backbone("resnet18", weights=None),
         ["a", "b", "c"],
+        PREPROCESSING,
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
         finetune=TwoPhase(freeze_epochs=1),
         scheduler=partial(schedulers.constant),
     )
     initial = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         devices=2,
         strategy="ddp_spawn_find_unused_parameters_true",
         use_distributed_sampler=False,
         max_epochs=2,
         default_root_dir=str(tmp_path),
         callbacks=[FreezeUnfreeze(model.finetune), ResumeState(), GatherBackbones()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
     )

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import PREPROCESSING
 from thaw.finetune import (
     FreezeUnfreeze,
     Full,
@@ -22,8 +23,9 @@ from thaw.finetune import (
     schedulers,
 )
 from thaw.models import BACKBONES, Classifier, create_backbone
+from thaw.models.backbones import HEAD
 
-GROUPS = ["stage1", "stage2", "stage3", "stage4", "head"]
+GROUPS = [*BACKBONES["resnet18"].groups, HEAD]
 
 
 def make_model(strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=None) -> Classifier:
@@ -31,6 +33,7 @@ def make_model(strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=
     return Classifier(
         create_backbone("resnet18", weights=None),
         ["a", "b", "c"],
+        PREPROCESSING,
         optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
         finetune=strategy,
         scheduler=scheduler,
@@ -57,20 +60,21 @@ class RecordOptimizer(pl.Callback):
         self.param_ids.append(frozenset(id(p) for g in groups for p in g["params"]))
 
 
-def fit(model: Classifier, epochs: int, *extra: pl.Callback) -> pl.Trainer:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        callbacks=[FreezeUnfreeze(model.finetune), *extra],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    trainer.fit(model, train_dataloaders=loader())
-    return trainer
+@pytest.fixture
+def fit(quiet_trainer):
+    """fit(model, epochs, *callbacks): train on `loader()` with the model's freeze schedule."""
+
+    def train(model: Classifier, epochs: int, *extra: pl.Callback) -> pl.Trainer:
+        trainer = quiet_trainer(
+            max_epochs=epochs,
+            callbacks=[FreezeUnfreeze(model.finetune), *extra],
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
+        trainer.fit(model, train_dataloaders=loader())
+        return trainer
+
+    return train
 
 
 def snapshot(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
@@ -86,7 +90,7 @@ def group_snapshots(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
     return {name: snapshot(mods) for name, mods in model.layer_groups().items()}
 
 
-def test_phase_one_freezes_backbone_bitwise_while_head_learns():
+def test_phase_one_freezes_backbone_bitwise_while_head_learns(fit):
     model = make_model(TwoPhase(freeze_epochs=1))
     before = group_snapshots(model)
     fit(model, epochs=1)
@@ -99,7 +103,7 @@ def test_phase_one_freezes_backbone_bitwise_while_head_learns():
     assert all(changed(before["head"], groups["head"]).values())
 
 
-def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes():
+def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes(fit):
     model = make_model(TwoPhase(freeze_epochs=1, unfreeze_groups=2))
     recorder = RecordOptimizer()
     before = group_snapshots(model)
@@ -116,7 +120,7 @@ def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes():
     assert recorder.param_ids[0] == every_param  # frozen ones too: nothing is added later
 
 
-def test_bn_train_keeps_frozen_batchnorm_training():
+def test_bn_train_keeps_frozen_batchnorm_training(fit):
     model = make_model(TwoPhase(freeze_epochs=5, bn="train"))
     bn = model.backbone.bn1
     conv = model.backbone.conv1
@@ -141,7 +145,7 @@ def test_strategy_phase_is_a_function_of_the_epoch(strategy, epoch, expected):
     assert strategy.trainable_groups(epoch, GROUPS[:-1]) == expected
 
 
-def test_full_trains_everything_from_the_first_step_and_linear_probe_nothing_but_head():
+def test_full_trains_everything_from_the_first_step_and_linear_probe_nothing_but_head(fit):
     model = make_model(Full())
     before = group_snapshots(model)
     fit(model, epochs=1)
@@ -166,7 +170,7 @@ def test_discriminative_lrs_are_geometric_from_ratio_to_head():
         discriminative_lrs(GROUPS, 1e-3, 0.1, {"layer9": 1.0})
 
 
-def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm():
+def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm(fit):
     model = make_model(TwoPhase(backbone_lr_ratio=0.1, group_lrs={"stage2": 7e-4}), lr=1e-2)
     trainer = fit(model, epochs=1)
     expected = discriminative_lrs(GROUPS, 1e-2, 0.1, {"stage2": 7e-4})
@@ -186,7 +190,11 @@ def test_every_backbone_parameter_is_in_exactly_one_group(name):
     backbone = create_backbone(name, weights=None)
     assert list(backbone.groups) == GROUPS[:-1]
     model = Classifier(
-        backbone, ["a", "b"], optimizer=partial(torch.optim.SGD, lr=0.1), finetune=Full()
+        backbone,
+        ["a", "b"],
+        PREPROCESSING,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        finetune=Full(),
     )
     groups = model.layer_groups()
     grouped = [id(p) for mods in groups.values() for m in mods for p in m.parameters()]
@@ -268,7 +276,7 @@ def test_gradual_thaws_one_more_group_top_first(epoch, expected):
     assert strategy.trainable_groups(epoch, GROUPS[:-1]) == expected
 
 
-def test_gradual_trains_exactly_the_thawed_groups_each_epoch():
+def test_gradual_trains_exactly_the_thawed_groups_each_epoch(fit):
     model = make_model(Gradual(freeze_epochs=1, every_epochs=1))
     moved_by_epoch = []
 
@@ -298,7 +306,7 @@ def test_thaw_warmup_ramps_each_group_from_its_own_thaw_step():
     assert TwoPhase().thaw_warmup(names, GROUPS[:-1], 4, 3) is None
 
 
-def test_thaw_warmup_multiplies_the_schedule_of_each_group():
+def test_thaw_warmup_multiplies_the_schedule_of_each_group(fit):
     model = make_model(
         Gradual(freeze_epochs=1, every_epochs=1, thaw_warmup_epochs=1.0),
         lr=1e-2,

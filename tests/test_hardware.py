@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import PREPROCESSING
 from thaw.finetune import Full
 from thaw.hardware import channels_last, instantiate_trainer, resolve_precision
 from thaw.models import Backbone, Classifier, create_backbone
@@ -19,7 +20,10 @@ from thaw.train import run
 def classifier(backbone: Backbone, **kwargs: bool) -> Classifier:
     torch.manual_seed(1)  # the head
     optimizer = partial(torch.optim.SGD, lr=0.1)
-    return Classifier(backbone, ["a", "b", "c"], optimizer, Full(), **kwargs).eval()
+    classes = ["a", "b", "c"]
+    return Classifier(
+        backbone, classes, PREPROCESSING, optimizer=optimizer, finetune=Full(), **kwargs
+    ).eval()
 
 
 def test_auto_settings_follow_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:

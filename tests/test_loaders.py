@@ -7,15 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.transforms import v2
 
 from data_formats import write_cifar10, write_image_folder
 from thaw.data import ImageDataModule
-from thaw.data.cifar10 import CIFAR10
-from thaw.data.imagefolder import ImageFolder
+from thaw.data.augment.batch import BatchAugment
+from thaw.data.augment.options import AugmentOptions
+from thaw.data.loader_choice import LOADERS, LoaderChoice, choose_loader
 from thaw.data.resumable import DeviceLoader, ResumableLoader
+from thaw.data.sources.cifar10 import CIFAR10
+from thaw.data.sources.imagefolder import ImageFolder
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
 BASIC = {"crop_padding": 0.125, "hflip": 0.5, "color_jitter": 0.2}
+AUTO_DEVICE = "data.loader=auto: in memory, every augmentation batches"
 
 
 def cifar(tmp_path: Path, augment: dict | None = None, **kwargs: object) -> ImageDataModule:
@@ -27,27 +32,104 @@ def cifar(tmp_path: Path, augment: dict | None = None, **kwargs: object) -> Imag
     return dm
 
 
+def options(**values: object) -> AugmentOptions:
+    return AugmentOptions.parse(values)
+
+
+@pytest.mark.parametrize(
+    ("requested", "in_memory", "augment", "path", "reason"),
+    [
+        ("auto", True, BASIC, "device", AUTO_DEVICE),
+        ("auto", True, {**BASIC, "mixup_alpha": 0.2, "cutmix_alpha": 1.0}, "device", AUTO_DEVICE),
+        ("auto", False, BASIC, "dataloader", "data.loader=auto: images are files"),
+        (
+            "auto",
+            False,
+            {"policy": "randaugment"},
+            "dataloader",
+            "data.loader=auto: images are files",
+        ),
+        (
+            "auto",
+            True,
+            {**BASIC, "policy": "randaugment"},
+            "dataloader",
+            "data.loader=auto: policy=randaugment only per image",
+        ),
+        (
+            "auto",
+            True,
+            {**BASIC, "random_erasing": 0.25},
+            "dataloader",
+            "data.loader=auto: random_erasing=0.25 only per image",
+        ),
+        ("dataloader", True, BASIC, "dataloader", "data.loader=dataloader"),
+        ("dataloader", False, {"policy": "randaugment"}, "dataloader", "data.loader=dataloader"),
+        ("device", True, BASIC, "device", "data.loader=device"),
+    ],
+)
+def test_choose_loader_picks_the_path_and_says_why(
+    requested: str, in_memory: bool, augment: dict, path: str, reason: str
+) -> None:
+    choice = choose_loader(requested, in_memory, options(**augment))
+    assert isinstance(choice, LoaderChoice)
+    assert choice.path == path and choice.reason == reason
+    assert tuple(choice) == (path, reason)  # logged as "path (reason)"
+
+
+def test_choose_loader_refuses_an_explicit_device_path_naming_the_fix() -> None:
+    assert LOADERS == ("auto", "device", "dataloader")
+    with pytest.raises(ValueError, match=r"held in memory.*use data\.loader=dataloader"):
+        choose_loader("device", False, options(**BASIC))
+    with pytest.raises(ValueError, match=r"policy=randaugment .*data\.loader=dataloader"):
+        choose_loader("device", True, options(**BASIC, policy="randaugment"))
+    with pytest.raises(ValueError, match=r"random_erasing=0\.5 .*data\.loader=dataloader"):
+        choose_loader("device", True, options(random_erasing=0.5))
+
+
 def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path) -> None:
-    assert cifar(tmp_path / "basic", BASIC).loader == "device"
+    basic = cifar(tmp_path / "basic", BASIC)
+    assert basic.requested_loader == "auto" and basic.loader == "device"
+    assert basic.loader_choice == ("device", AUTO_DEVICE)
+    assert isinstance(basic.train_transform, BatchAugment) and basic.train_transform.train
+    assert isinstance(basic.eval_transform, BatchAugment) and not basic.eval_transform.train
     assert isinstance(cifar(tmp_path / "b", BASIC).train_dataloader(), DeviceLoader)
     policy = cifar(tmp_path / "policy", {"policy": "trivialaugment"})
     assert policy.loader == "dataloader"
+    assert "policy=trivialaugment" in policy.loader_choice.reason
+    assert isinstance(policy.train_transform, v2.Compose)
+    assert isinstance(policy.eval_transform, v2.Compose)
     assert isinstance(policy.train_dataloader(), ResumableLoader)
     write_image_folder(tmp_path / "photos", ["a", "b"], n_per_class=5)
     folder = ImageDataModule(ImageFolder(tmp_path / "photos"), None, MEAN, STD, image_size=8)
+    with pytest.raises(RuntimeError, match="setup"):
+        _ = folder.loader  # chosen at setup, from the data found there
     folder.setup()
     assert folder.loader == "dataloader"
+    assert folder.loader_choice.reason == "data.loader=auto: images are files"
 
 
-def test_an_explicit_device_path_it_cannot_take_says_why(tmp_path: Path) -> None:
+def test_an_explicit_device_path_it_cannot_take_says_why_at_setup(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_per_class=2)
+    policy = ImageDataModule(
+        CIFAR10(tmp_path, download=False), {"policy": "randaugment"}, MEAN, STD, loader="device"
+    )
+    assert policy.requested_loader == "device"
+    policy.prepare_data()
     with pytest.raises(ValueError, match="policy=randaugment.*data.loader=dataloader"):
-        ImageDataModule(CIFAR10(tmp_path), {"policy": "randaugment"}, MEAN, STD, loader="device")
+        policy.setup()
     write_image_folder(tmp_path / "photos", ["a", "b"], n_per_class=5)
     folder = ImageDataModule(
         ImageFolder(tmp_path / "photos"), None, MEAN, STD, image_size=8, loader="device"
     )
     with pytest.raises(ValueError, match="held in memory.*data.loader=dataloader"):
         folder.setup()
+    # The same data and augmentation on the path that can take them.
+    explicit = ImageDataModule(
+        CIFAR10(tmp_path, download=False), {"policy": "randaugment"}, MEAN, STD, loader="dataloader"
+    )
+    explicit.setup()
+    assert explicit.loader_choice == ("dataloader", "data.loader=dataloader")
 
 
 def test_both_paths_give_the_same_evaluation_batches(tmp_path: Path) -> None:

@@ -30,20 +30,16 @@ class RecordLosses(pl.Callback):
         pytest.param("gpu", "16-mixed", marks=pytest.mark.skipif(NO_GPU, reason="needs a GPU")),
     ],
 )
-def test_mixed_precision_trains_through_the_unfreeze(accelerator, precision):
+def test_mixed_precision_trains_through_the_unfreeze(quiet_trainer, accelerator, precision):
     model = make_model(TwoPhase(freeze_epochs=1), lr=1e-3)
     before = group_snapshots(model)
     losses = RecordLosses()
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         accelerator=accelerator,
         devices=1,
         precision=precision,
         max_epochs=2,
         callbacks=[FreezeUnfreeze(model.finetune), losses],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         limit_val_batches=0,
     )
     trainer.fit(model, train_dataloaders=loader())

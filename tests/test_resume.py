@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -15,10 +16,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-from thaw.callbacks import ResumeState
+from conftest import PREPROCESSING
 from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import Classifier, create_backbone
+from thaw.resume import ResumeState
 from thaw.train import run
 
 STEPS_PER_EPOCH = 3  # 24 images, batches of 8
@@ -64,6 +66,7 @@ def new_model(init_seed: int) -> Classifier:
     return Classifier(
         create_backbone("resnet18", weights=None),
         ["a", "b", "c"],
+        PREPROCESSING,
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
         finetune=TwoPhase(freeze_epochs=1, unfreeze_groups=2),
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
@@ -71,11 +74,16 @@ def new_model(init_seed: int) -> Classifier:
     )
 
 
-def fit(tmp: Path, *callbacks: pl.Callback, ckpt_path: str | None = None, init_seed: int = 0):
+def fit(
+    quiet_trainer: Callable[..., pl.Trainer],
+    tmp: Path,
+    *callbacks: pl.Callback,
+    ckpt_path: str | None = None,
+    init_seed: int = 0,
+):
     model = new_model(init_seed)
     recorder = RecordLR()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_epochs=EPOCHS,
         deterministic=True,
         default_root_dir=tmp,
@@ -86,9 +94,7 @@ def fit(tmp: Path, *callbacks: pl.Callback, ckpt_path: str | None = None, init_s
             *callbacks,
             ModelCheckpoint(dirpath=tmp / "checkpoints", save_last=True),
         ],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
     )
     train = ResumableLoader(NoisyImages(), seed=5, batch_size=8)
@@ -99,8 +105,8 @@ def fit(tmp: Path, *callbacks: pl.Callback, ckpt_path: str | None = None, init_s
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    return fit(tmp_path_factory.mktemp("whole"))
+def uninterrupted(quiet_trainer, tmp_path_factory):
+    return fit(quiet_trainer, tmp_path_factory.mktemp("whole"))
 
 
 @pytest.mark.parametrize(
@@ -108,14 +114,16 @@ def uninterrupted(tmp_path_factory):
     [1, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2],
     ids=["mid-phase-1", "at-the-unfreeze", "mid-phase-2"],
 )
-def test_resume_after_sigterm_matches_the_uninterrupted_run(uninterrupted, tmp_path, stop_step):
+def test_resume_after_sigterm_matches_the_uninterrupted_run(
+    quiet_trainer, uninterrupted, tmp_path, stop_step
+):
     whole_model, whole_trainer, whole_lrs = uninterrupted
     with pytest.raises(SIGTERMException):
-        fit(tmp_path, SigtermAt(stop_step))
+        fit(quiet_trainer, tmp_path, SigtermAt(stop_step))
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == stop_step
 
-    model, trainer, lrs = fit(tmp_path, ckpt_path=str(last), init_seed=99)
+    model, trainer, lrs = fit(quiet_trainer, tmp_path, ckpt_path=str(last), init_seed=99)
 
     for (name, a), b in zip(
         whole_model.state_dict().items(), model.state_dict().values(), strict=True

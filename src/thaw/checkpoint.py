@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# The key under which a thaw checkpoint carries its composed config and class names.
+# The key under which a thaw checkpoint carries its RunRecord.
 RUN_KEY = "thaw"
 
 
@@ -29,27 +30,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from err
 
 
-def run_info(checkpoint: dict[str, Any], path: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """The composed config and the class names a thaw checkpoint was trained with."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a thaw checkpoint carries besides weights: the composed config, the class names
+    (label i is classes[i]) and the Preprocessing as plain values (None in checkpoints written
+    before thaw saved it)."""
+
+    config: dict[str, Any]
+    classes: list[str]
+    preprocessing: dict[str, Any] | None
+
+
+def run_record(checkpoint: dict[str, Any], path: str | Path) -> RunRecord:
+    """The RunRecord of a thaw checkpoint; a clear error for any other file."""
     if RUN_KEY not in checkpoint:
         raise CheckpointError(
             f"{path} is not a thaw checkpoint (it has no {RUN_KEY!r} entry with config and classes)"
         )
     info = checkpoint[RUN_KEY]
-    return info["config"], list(info["classes"])
-
-
-def check_resumable(path: str | Path, model_name: str, classes: list[str]) -> None:
-    """Fail before training when `path` cannot continue this run: another model or classes."""
-    config, saved_classes = run_info(read_checkpoint(path), path)
-    saved_model = config["model"]["name"]
-    if saved_model != model_name:
-        raise CheckpointError(
-            f"ckpt_path={path} was trained with model.name={saved_model}, "
-            f"but this run has model.name={model_name}"
-        )
-    if saved_classes != classes:
-        raise CheckpointError(
-            f"ckpt_path={path} was trained on {len(saved_classes)} classes {saved_classes}, "
-            f"but this run's data has {len(classes)}: {classes}"
-        )
+    return RunRecord(info["config"], list(info["classes"]), info.get("preprocessing"))

@@ -23,15 +23,14 @@ HPARAM_GROUPS = (
 )
 
 
-# Overrides for the runs a script launches one after another: no progress bars, model summary,
-# batch preview or logger.
-QUIET = [
+# Overrides for runs whose progress nobody watches (tests): no progress bars or model summary.
+SILENT = [
     "++callbacks.rich_progress_bar=null",
-    "++callbacks.batch_preview=null",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
-    "logger=none",
 ]
+# Overrides for the runs a script launches one after another: silent, no batch preview, no logger.
+QUIET = [*SILENT, "++callbacks.batch_preview=null", "logger=none"]
 
 
 def config_dir() -> Path:

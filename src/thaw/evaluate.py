@@ -7,38 +7,67 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
-from thaw.checkpoint import CheckpointError, read_checkpoint, run_info
+from thaw.build import build_datamodule
+from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
-from thaw.hardware import instantiate_trainer
-from thaw.models import build_classifier
-from thaw.train import build_datamodule, test_and_report
+from thaw.data import ImageDataModule
+from thaw.hardware import channels_last, instantiate_trainer
+from thaw.models import Classifier
+from thaw.report import confusion_matrix_image, write_metrics
+from thaw.trained import load_trained
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Rebuild data and model from the checkpoint's own config, test, write metrics.json."""
-    ckpt_path = Path(cfg.ckpt_path)
-    run_config, classes = run_info(read_checkpoint(ckpt_path), ckpt_path)
-    train_cfg = OmegaConf.create(run_config)
+    """Load the trained model, read only its test images (from `data_root` if they moved), test
+    it, and write metrics.json."""
+    trained = load_trained(cfg.ckpt_path, channels_last=channels_last(cfg.trainer))
+    train_cfg = OmegaConf.create(trained.config)
     if cfg.get("data_root"):
         train_cfg.data.root = cfg.data_root
-
-    datamodule = build_datamodule(train_cfg)
-    datamodule.prepare_data()
+    datamodule = build_datamodule(train_cfg, trained.preprocessing, test_only=True)
     datamodule.setup("test")
-    if datamodule.classes != classes:
+    if datamodule.classes != trained.classes:
         raise CheckpointError(
-            f"{ckpt_path} was trained on classes {classes}, but the data now gives "
+            f"{trained.path} was trained on classes {trained.classes}, but the data now gives "
             f"{datamodule.classes}; point data_root at the data it was trained on"
         )
-    model = build_classifier(train_cfg, classes, pretrained=False)
     trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=[])
     output_dir = Path(cfg.paths.output_dir)
-    metrics = test_and_report(trainer, model, datamodule, output_dir, str(ckpt_path))
+    metrics = report_test_metrics(
+        trainer, trained.model, datamodule, output_dir, str(trained.path), load_checkpoint=False
+    )
     log.info("Test metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+def report_test_metrics(
+    trainer: pl.Trainer,
+    model: Classifier,
+    datamodule: ImageDataModule,
+    output_dir: Path,
+    checkpoint: str | None,
+    load_checkpoint: bool = True,
+) -> dict[str, Any]:
+    """Test `model` (with the weights of `checkpoint` unless they are loaded already), then
+    write metrics.json and log the confusion matrix as an image."""
+    ckpt_path = checkpoint if load_checkpoint else None
+    (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
+    metrics.update({"test/" + k: v for k, v in model.test_report.items()})
+    metrics["checkpoint"] = checkpoint
+    if not trainer.is_global_zero:
+        return metrics
+    write_metrics(output_dir / "metrics.json", metrics)
+    for logger in trainer.loggers:
+        if isinstance(logger, pl.loggers.TensorBoardLogger):
+            image = confusion_matrix_image(model.test_report["confusion_matrix"], model.classes)
+            logger.experiment.add_image("test/confusion_matrix", image, dataformats="HWC")
+            logger.experiment.flush()
     return metrics
 
 

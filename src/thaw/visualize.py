@@ -91,8 +91,8 @@ def datamodule_batch_grid(
         images,
         labels,
         datamodule.classes,
-        datamodule.mean,
-        datamodule.std,
+        datamodule.preprocessing.mean,
+        datamodule.preprocessing.std,
         soft[0] if soft else None,
         columns,
     )

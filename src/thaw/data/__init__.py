@@ -1,8 +1,8 @@
-"""Image sources, splits, transforms and the LightningDataModule that ties them together."""
+"""Image sources, splits, augmentation and the LightningDataModule that ties them together."""
 
-from thaw.data.base import ImageSet, Source, Splits
 from thaw.data.datamodule import ImageDataModule
-from thaw.data.download import ChecksumError, DataUnavailableError
+from thaw.data.sources.base import ImageSet, Source, Splits
+from thaw.data.sources.download import ChecksumError, DataUnavailableError
 
 __all__ = [
     "ChecksumError",

@@ -6,28 +6,28 @@ import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import Dataset
 
-from thaw.data.augment import AugmentOptions
-from thaw.data.base import ImageSet, Source
-from thaw.data.batch_augment import BatchAugment, unsupported
+from thaw.data.augment.batch import BatchAugment
+from thaw.data.augment.mixing import BatchMix
+from thaw.data.augment.options import AugmentOptions
+from thaw.data.augment.per_image import build_train_transform
 from thaw.data.images import find_unreadable, load_image
-from thaw.data.mixing import BatchMix
+from thaw.data.loader_choice import LOADERS, LoaderChoice, choose_loader
 from thaw.data.resumable import DeviceLoader, PositionedLoader, ResumableLoader
+from thaw.data.sources.base import ImageSet, Source
 from thaw.data.split import limit_per_class, select_classes, split_imageset
-from thaw.data.stats import dataset_stats
-from thaw.data.transforms import build_eval_transform, build_train_transform
+from thaw.data.stats import NORMALIZE, resolve_preprocessing
+from thaw.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
-
-NORMALIZE = ("backbone", "dataset")
-LOADERS = ("auto", "device", "dataloader")
 _SHOWN_BAD_FILES = 5
+T = TypeVar("T")
 
 
 class ImageDataset(Dataset):
@@ -61,15 +61,18 @@ class ImageDataModule(pl.LightningDataModule):
     photo cannot stop a long run mid-epoch; without it the first bad file fails with its path);
     stratified, seeded `test_fraction` and `val_fraction` splits of train for the sets the source
     lacks (val_fraction 0 leaves validation empty); the `samples_per_class` limit on train only,
-    so few-shot runs are still validated and tested on full sets. Then it builds the transforms,
-    normalised with `mean`/`std` (the backbone's, from the training code) or, with
-    `normalize="dataset"`, with statistics of the training split. `augment` is the augment group;
+    so few-shot runs are still validated and tested on full sets. Then it resolves the run's
+    `preprocessing` (see thaw.data.stats: `image_size`, and `mean`/`std`, the backbone's, or
+    with `normalize="dataset"` the training split's) unless one is given, as a trained model's
+    is, chooses the data path and builds that path's transforms. `augment` is the augment group;
     its MixUp/CutMix run on training batches after they reach the device. `root` is the config's
     user-facing `data.root`, which the config interpolates into the source.
 
-    `loader` picks the data path: `device` keeps an in-memory set on the training device as uint8
-    and augments whole batches there; `dataloader` decodes and augments image by image in
-    workers (image folders, and the per-image policies); `auto` takes `device` where it can.
+    `loader` asks for a data path (see thaw.data.loader_choice): `device` keeps an in-memory set
+    on the training device as uint8 and augments whole batches there; `dataloader` decodes and
+    augments image by image in workers (image folders, and the per-image policies); `auto` takes
+    `device` where it can. `test_only` (with a given `preprocessing`) reads only the test images
+    where the source has its own test set, so a model can be evaluated where only they exist.
     """
 
     def __init__(
@@ -93,6 +96,8 @@ class ImageDataModule(pl.LightningDataModule):
         loader: str = "auto",
         root: str | Path | None = None,
         seed: int | None = None,
+        preprocessing: Preprocessing | None = None,
+        test_only: bool = False,
     ) -> None:
         super().__init__()
         _check_int("batch_size", batch_size, minimum=1)
@@ -114,14 +119,18 @@ class ImageDataModule(pl.LightningDataModule):
             raise ValueError(f"data.classes must be a list of class names or null, got {classes!r}")
         if not isinstance(skip_bad_images, bool):
             raise ValueError(f"data.skip_bad_images must be true or false, got {skip_bad_images!r}")
+        if test_only and preprocessing is None:
+            raise ValueError("a test_only DataModule needs the trained model's preprocessing")
         self.source = source
         self.root = Path(root) if root is not None else None
         self.augment = AugmentOptions.parse(augment)
         self.image_size = image_size
         self.normalize = normalize
-        self.mean, self.std = list(mean), list(std)
-        self.loader = loader
-        self._build_transforms()
+        self.backbone_mean, self.backbone_std = list(mean), list(std)
+        self.preprocessing = preprocessing
+        self.requested_loader = loader
+        self.loader_choice: LoaderChoice | None = None
+        self.test_only = test_only
         self.class_filter = [str(name) for name in classes] if classes is not None else None
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
@@ -143,26 +152,59 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         """Class names, label i = classes[i], after the `classes` filter."""
-        return self._require(self.train_set).classes
+        loaded = self.train_set if self.train_set is not None else self.test_set
+        return self._require(loaded).classes
+
+    @property
+    def loader(self) -> str:
+        """The data path chosen at setup: "device" or "dataloader"."""
+        return self._require(self.loader_choice).path
+
+    @property
+    def _decode_size(self) -> int | None:
+        """The side a JPEG may be decoded down to: what the preprocessing resizes to."""
+        return self.preprocessing.resize_size if self.preprocessing else self.image_size
 
     def prepare_data(self) -> None:
-        """Put the data on disk (downloads happen here, on one process)."""
-        self.source.prepare()
+        """Put the data on disk (downloads happen here, on one process); a test_only module
+        reads its test images in setup, fetching them there if it must."""
+        if not self.test_only:
+            self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        """Load, check, split and build the transforms once; later calls (one per stage) change
-        nothing."""
-        if self.train_set is not None:
+        """Load, check, split, resolve the preprocessing and build the transforms once; later
+        calls (one per stage) change nothing."""
+        if self.test_set is not None:
             return
-        splits = self.source.load()
-        train, val, test = splits.train, splits.val, splits.test
-        if self.class_filter is not None:
-            train, val, test = (
-                select_classes(s, self.class_filter) if s is not None else None
-                for s in (train, val, test)
+        test = self.source.load_test() if self.test_only else None
+        if test is not None:
+            (test,) = self._filter(test)
+            self.test_set = test
+        else:
+            self._load_all()
+        splits = [s for s in (self.train_set, self.val_set, self.test_set) if s is not None]
+        if self.preprocessing is None:
+            self.preprocessing = resolve_preprocessing(
+                self._require(self.train_set),
+                self.image_size,
+                self.normalize,
+                self.backbone_mean,
+                self.backbone_std,
+                self.split_seed,
             )
-        if self.skip_bad_images:
-            train, val, test = self._drop_unreadable(train, val, test)
+            if self.normalize == "dataset":
+                log.info("Normalising with the training split's statistics: %s", self.preprocessing)
+        self.loader_choice = choose_loader(
+            self.requested_loader, all(s.in_memory for s in splits), self.augment
+        )
+        log.info("Data path: %s (%s)", *self.loader_choice)
+        self._build_transforms(self.loader_choice.path, self.preprocessing)
+        if self.augment.mixes_batches:
+            self.mixer = BatchMix(self.augment, len(self.classes))
+
+    def _load_all(self) -> None:
+        splits = self.source.load()
+        train, val, test = self._filter(splits.train, splits.val, splits.test)
         self._check_class_sizes(train, test is None, val is None)
         if test is None:
             train, test = split_imageset(train, self.test_fraction, self.split_seed)
@@ -171,13 +213,16 @@ class ImageDataModule(pl.LightningDataModule):
         if self.samples_per_class is not None:
             train = limit_per_class(train, self.samples_per_class, self.split_seed)
         self.train_set, self.val_set, self.test_set = train, val, test
-        if self.normalize == "dataset":
-            self.mean, self.std = dataset_stats(train, self.split_seed, self.image_size)
-            log.info("Normalising with the training split's mean %s, std %s", self.mean, self.std)
-            self._build_transforms()
-        self.loader = self._resolve_loader(train, val, test)
-        if self.augment.mixes_batches:
-            self.mixer = BatchMix(self.augment, len(train.classes))
+
+    def _filter(self, *imagesets: ImageSet | None) -> tuple[ImageSet | None, ...]:
+        """The `classes` filter, then (with `skip_bad_images`) the files that decode."""
+        if self.class_filter is not None:
+            imagesets = tuple(
+                select_classes(s, self.class_filter) if s is not None else None for s in imagesets
+            )
+        if self.skip_bad_images:
+            imagesets = self._drop_unreadable(*imagesets)
+        return imagesets
 
     def train_dataloader(self) -> PositionedLoader:
         """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image)."""
@@ -213,7 +258,7 @@ class ImageDataModule(pl.LightningDataModule):
             if imageset is None or imageset.in_memory:
                 kept.append(imageset)
                 continue
-            bad = set(find_unreadable(imageset.images, self.image_size))
+            bad = set(find_unreadable(imageset.images, self._decode_size))
             self.skipped_images += [path for path in imageset.images if path in bad]
             good = [i for i, path in enumerate(imageset.images) if path not in bad]
             kept.append(imageset.subset(torch.tensor(good, dtype=torch.long)))
@@ -250,37 +295,14 @@ class ImageDataModule(pl.LightningDataModule):
                 f"(one for each of {splits}). Add images, or give val/ and test/ folders"
             )
 
-    def _build_transforms(self) -> None:
-        """Both paths' transforms from the current statistics; the per-image ones also check the
-        augment options, the batch ones whether an explicit `loader=device` can do them."""
-        args = (self.image_size, self.mean, self.std)
-        self.train_transform = build_train_transform(self.augment, *args)
-        self.eval_transform = build_eval_transform(*args)
-        batchable = not unsupported(self.augment) or self.loader == "device"  # else it raises
-        self.batch_train_transform = (
-            BatchAugment(self.augment, *args, train=True) if batchable else None
-        )
-        self.batch_eval_transform = BatchAugment(self.augment, *args, train=False)
-
-    def _resolve_loader(self, *imagesets: ImageSet | None) -> str:
-        """`auto` becomes `device` when every split is in memory and the augmentations batch."""
-        in_memory = all(s is None or s.in_memory for s in imagesets)
-        if self.loader == "device" and not in_memory:
-            raise ValueError(
-                "data.loader=device needs a data set held in memory (cifar10, fashion_mnist, "
-                "tiny_imagenet); image files stream from disk: use data.loader=dataloader"
-            )
-        if self.loader != "auto":
-            return self.loader
-        if not in_memory or self.batch_train_transform is None:
-            why = (
-                "images are files"
-                if not in_memory
-                else f"{', '.join(unsupported(self.augment))} only per image"
-            )
-            log.info("data.loader=auto: the per-image DataLoader path (%s)", why)
-            return "dataloader"
-        return "device"
+    def _build_transforms(self, path: str, preprocessing: Preprocessing) -> None:
+        """The training and evaluation transforms of the chosen data path, and only those."""
+        if path == "device":
+            self.train_transform: Any = BatchAugment(self.augment, preprocessing, train=True)
+            self.eval_transform: Any = BatchAugment(self.augment, preprocessing, train=False)
+        else:
+            self.train_transform = build_train_transform(self.augment, preprocessing)
+            self.eval_transform = preprocessing.transform()
 
     def _loader(self, split: str, train: bool = False) -> PositionedLoader:
         """Every loader of `split`, on either path: training ones shuffle (sharded across ranks)
@@ -295,7 +317,7 @@ class ImageDataModule(pl.LightningDataModule):
                     images.images.to(device), images.labels.to(device), images.classes
                 )
                 setattr(self, f"{split}_set", images)
-            transform = self.batch_train_transform if train else self.batch_eval_transform
+            transform = self.train_transform if train else self.eval_transform
             return DeviceLoader(
                 images.images,  # type: ignore[arg-type]
                 images.labels,
@@ -305,9 +327,10 @@ class ImageDataModule(pl.LightningDataModule):
                 shuffle=train,
                 device=device,
             )
-        transform = self.train_transform if train else self.eval_transform
         return ResumableLoader(
-            ImageDataset(images, transform, self.image_size),
+            ImageDataset(
+                images, self.train_transform if train else self.eval_transform, self._decode_size
+            ),
             seed=self.seed,
             shuffle=train,
             labels=images.labels,
@@ -318,10 +341,11 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     @staticmethod
-    def _require(images: ImageSet | None) -> ImageSet:
-        if images is None:
+    def _require(value: T | None) -> T:
+        """What setup() makes."""
+        if value is None:
             raise RuntimeError("ImageDataModule.setup() has not run yet")
-        return images
+        return value
 
 
 def _check_int(name: str, value: Any, minimum: int | None = None, nullable: bool = False) -> None:

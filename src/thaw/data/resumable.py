@@ -178,7 +178,7 @@ class ResumableLoader(PositionedLoader, DataLoader):
 
 class DeviceLoader(PositionedLoader):
     """Batches gathered by index from a uint8 image tensor on the training device and transformed
-    there as a whole (`transform(images, generator)`: see thaw.data.batch_augment): no workers,
+    there as a whole (`transform(images, generator)`: see thaw.data.augment.batch): no workers,
     no per-image work. Each batch's random draws come from a generator seeded by (seed, epoch,
     rank, batch), so it too resumes exactly."""
 

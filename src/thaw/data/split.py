@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from thaw.data.base import ImageSet
+from thaw.data.sources.base import ImageSet
 
 
 def stratified_split(

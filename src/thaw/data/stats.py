@@ -1,15 +1,20 @@
-"""Per-channel mean and std of a training set, for `data.normalize=dataset`: the statistics to use
-when the images look nothing like the backbone's pretraining data (or there is no pretraining)."""
+"""A run's Preprocessing, resolved once from its training images: the input size, whether the
+images are gray, and the normalisation statistics: the backbone's, or with `data.normalize=dataset`
+the training split's per-channel mean and std (for images that look nothing like the backbone's
+pretraining data, or no pretraining at all)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from thaw.data.base import ImageSet
 from thaw.data.images import load_image, map_files
+from thaw.data.sources.base import ImageSet
+from thaw.preprocess import Preprocessing
+
+NORMALIZE = ("backbone", "dataset")
 
 MAX_FILES = 500
 _CHUNK = 1024
@@ -45,3 +50,40 @@ def dataset_stats(
     chosen = torch.randperm(len(paths), generator=generator)[:MAX_FILES].sort().values
     sample = [paths[i] for i in chosen.tolist()]
     return channel_stats(map_files(lambda p: F.pil_to_tensor(load_image(p, min_size)), sample))
+
+
+def resolve_preprocessing(
+    train: ImageSet,
+    image_size: int | None,
+    normalize: str,
+    backbone_mean: Sequence[float],
+    backbone_std: Sequence[float],
+    seed: int,
+) -> Preprocessing:
+    """The Preprocessing of a run on `train`: `image_size`, or the images' own square size
+    (null); gray when the images have one channel; the backbone's statistics or, with
+    `normalize="dataset"`, those of `train` (`normalize` is one of NORMALIZE, checked with the
+    data config)."""
+    if image_size is None:
+        image_size = _native_size(train)
+    mean, std = backbone_mean, backbone_std
+    if normalize == "dataset":
+        mean, std = dataset_stats(train, seed, image_size)
+    grayscale = train.in_memory and train.images.shape[1] == 1  # type: ignore[union-attr]
+    return Preprocessing(input_size=image_size, mean=mean, std=std, grayscale=grayscale)
+
+
+def _native_size(images: ImageSet) -> int:
+    """The side of square in-memory images: what `data.image_size=null` keeps."""
+    if not images.in_memory:
+        raise ValueError(
+            "data.image_size=null keeps the images' own size, but image files differ in size: "
+            "set data.image_size (e.g. 224)"
+        )
+    height, width = images.images.shape[-2:]  # type: ignore[union-attr]
+    if height != width:
+        raise ValueError(
+            f"data.image_size=null keeps the images' own size, but they are {height}x{width}, "
+            "not square: set data.image_size"
+        )
+    return int(height)

@@ -6,8 +6,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from thaw.finetune.strategies import FinetuneStrategy
-
-HEAD = "head"
+from thaw.models.backbones import HEAD
 
 
 def set_trainable(modules: list[nn.Module], trainable: bool, bn: str) -> None:
@@ -39,7 +38,7 @@ class FreezeUnfreeze(pl.Callback):
 
     def apply(self, pl_module: pl.LightningModule, epoch: int) -> list[str]:
         groups: dict[str, list[nn.Module]] = pl_module.layer_groups()
-        backbone = [g for g in groups if g != HEAD]
+        backbone = list(pl_module.backbone_groups)
         trainable = {HEAD, *self.strategy.trainable_groups(epoch, backbone)}
         for name, modules in groups.items():
             set_trainable(modules, name in trainable, self.strategy.bn)

@@ -14,9 +14,8 @@ import logging
 import pytorch_lightning as pl
 import torch
 
-from thaw.data.augment import AugmentOptions
+from thaw.data.augment.options import AugmentOptions
 from thaw.data.resumable import PositionedLoader
-from thaw.finetune.callback import HEAD
 from thaw.finetune.strategies import FinetuneStrategy
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ class FeatureCache(pl.Callback):
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        backbone = [group for group in pl_module.layer_groups() if group != HEAD]
+        backbone = list(pl_module.backbone_groups)
         frozen = not self.strategy.trainable_groups(trainer.current_epoch, backbone)
         if not frozen:
             self.features = {}  # the backbone trains: the features go stale

@@ -6,9 +6,13 @@ The phase is a pure function of the epoch, so a run resumed anywhere recomputes 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+
+from torch import nn
+
+from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
 
 BN_MODES = ("eval", "train")
 
@@ -53,6 +57,14 @@ class FinetuneStrategy(ABC):
     @abstractmethod
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
         """The backbone groups (ordered lowest first) that train during `epoch`."""
+
+    def param_groups(
+        self, layer_groups: Mapping[str, list[nn.Module]], lr: float, weight_decay: float
+    ) -> list[dict]:
+        """The optimizer's parameter groups for `layer_groups` (lowest first, head last): every
+        group from the start, each at its discriminative learning rate (head: `lr`)."""
+        lrs = discriminative_lrs(list(layer_groups), lr, self.backbone_lr_ratio, self.group_lrs)
+        return build_param_groups(layer_groups, lrs, weight_decay)
 
     def thaw_warmup(
         self, names: list[str], backbone_groups: list[str], steps_per_epoch: int, max_epochs: int

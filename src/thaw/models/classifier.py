@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -13,9 +13,11 @@ from torchmetrics import ConfusionMatrix, MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from thaw.checkpoint import RUN_KEY
-from thaw.finetune import FinetuneStrategy, build_param_groups, discriminative_lrs
-from thaw.finetune.callback import HEAD
-from thaw.models.backbones import Backbone
+from thaw.models.backbones import HEAD, Backbone
+from thaw.preprocess import Preprocessing
+
+if TYPE_CHECKING:
+    from thaw.finetune import FinetuneStrategy
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., dict[str, Any]]
@@ -29,16 +31,19 @@ def metric_tag(class_name: str) -> str:
 class Classifier(pl.LightningModule):
     """An image classifier whose parameters are organised in layer groups, lowest first, head last.
 
-    `run_config` (the composed config) and `classes` travel in every checkpoint, so evaluation,
-    prediction and export need nothing but the checkpoint.
+    `run_config` (the composed config), `classes` and `preprocessing` travel in every checkpoint,
+    so evaluation, prediction and export need nothing but the checkpoint (see thaw.trained).
+    Training needs an `optimizer` factory and the `finetune` strategy, which gives the layer
+    groups their learning rates; a model loaded for inference has neither.
     """
 
     def __init__(
         self,
         backbone: Backbone,
         classes: list[str],
-        optimizer: OptimizerFactory,
-        finetune: FinetuneStrategy,
+        preprocessing: Preprocessing,
+        optimizer: OptimizerFactory | None = None,
+        finetune: FinetuneStrategy | None = None,
         scheduler: SchedulerFactory | None = None,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
@@ -61,6 +66,7 @@ class Classifier(pl.LightningModule):
         if compile:
             self.backbone.compile()  # in place: state_dict keys stay those of the eager model
         self.classes = list(classes)
+        self.preprocessing = preprocessing
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune
@@ -160,14 +166,13 @@ class Classifier(pl.LightningModule):
 
     # -- optimization -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None or self.finetune is None:
+            raise RuntimeError("this Classifier was built for inference: it has no optimizer")
         groups = self.layer_groups()
         base = getattr(self.optimizer_factory, "keywords", {})
         if "lr" not in base:
             raise ValueError("the optimizer config needs an `lr` (optimizer.lr=...)")
-        lrs = discriminative_lrs(
-            list(groups), base["lr"], self.finetune.backbone_lr_ratio, self.finetune.group_lrs
-        )
-        param_groups = build_param_groups(groups, lrs, base.get("weight_decay", 0.0))
+        param_groups = self.finetune.param_groups(groups, base["lr"], base.get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(param_groups)
         if self.scheduler_factory is None:
             return optimizer
@@ -178,9 +183,10 @@ class Classifier(pl.LightningModule):
         )
         steps_per_epoch = max(1, math.ceil(batches / accumulate))
         names = [group["name"] for group in optimizer.param_groups]
-        backbone = [name for name in groups if name != HEAD]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs > 0 else total_steps
-        thaw = self.finetune.thaw_warmup(names, backbone, steps_per_epoch, max_epochs)
+        thaw = self.finetune.thaw_warmup(
+            names, list(self.backbone_groups), steps_per_epoch, max_epochs
+        )
         extra = {} if thaw is None else {"group_factors": thaw}
         scheduler = self.scheduler_factory(
             optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch, **extra
@@ -189,4 +195,8 @@ class Classifier(pl.LightningModule):
 
     # -- checkpoint contents ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RUN_KEY] = {"config": self.run_config, "classes": self.classes}
+        checkpoint[RUN_KEY] = {
+            "config": self.run_config,
+            "classes": self.classes,
+            "preprocessing": self.preprocessing.to_dict(),
+        }

@@ -1,4 +1,5 @@
-"""Callbacks every run gets, whatever the callbacks group says (like the freeze schedule)."""
+"""Continuing a run: which checkpoint to continue from, whether it can continue this run, and
+the state a bit-exact resume needs beyond Lightning's own."""
 
 from __future__ import annotations
 
@@ -10,7 +11,35 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from thaw.checkpoint import CheckpointError, read_checkpoint, run_record
+
 log = logging.getLogger(__name__)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means this run dir's last checkpoint; anything else must be an existing file."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
+    return str(path)
+
+
+def check_resumable(path: str | Path, model_name: str, classes: list[str]) -> None:
+    """Fail before training when `path` cannot continue this run: another model or classes."""
+    record = run_record(read_checkpoint(path), path)
+    saved_model = record.config["model"]["name"]
+    if saved_model != model_name:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained with model.name={saved_model}, "
+            f"but this run has model.name={model_name}"
+        )
+    if record.classes != classes:
+        raise CheckpointError(
+            f"ckpt_path={path} was trained on {len(record.classes)} classes {record.classes}, "
+            f"but this run's data has {len(classes)}: {classes}"
+        )
 
 
 class ResumeState(pl.Callback):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from thaw.data.base import ImageSet, Splits
-from thaw.data.download import DataUnavailableError, download
+from thaw.data.sources.base import ImageSet, Splits
+from thaw.data.sources.download import DataUnavailableError, download
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ FILES = {
     "t10k-images-idx3-ubyte": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte": "bb300cfdad3c16e7a12a480ee83cd310",
 }
+TEST_FILES = ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _IDX_UBYTE = 0x08
 
 
@@ -64,24 +66,28 @@ class FashionMNIST:
 
     def prepare(self) -> None:
         """Make sure the four files are in `root` or `system_dir`, else fetch them into `root`."""
-        self._locate()
+        self._locate(FILES)
 
     def load(self) -> Splits:
-        files = self._locate()
+        files = self._locate(FILES)
         log.info("Reading Fashion-MNIST from %s", files["train-images-idx3-ubyte"].parent)
         return Splits(
             train=_read_split(files["train-images-idx3-ubyte"], files["train-labels-idx1-ubyte"]),
             test=_read_split(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"]),
         )
 
-    def _locate(self) -> dict[str, Path]:
-        """The four files, from the first directory holding them all; else download the ones
+    def load_test(self) -> ImageSet:
+        files = self._locate(TEST_FILES)
+        return _read_split(files["t10k-images-idx3-ubyte"], files["t10k-labels-idx1-ubyte"])
+
+    def _locate(self, stems: Sequence[str]) -> dict[str, Path]:
+        """The files `stems`, from the first directory holding them all; else download the ones
         `root` lacks."""
         for directory in (self.root, self.system_dir):
-            found = _find_all(directory) if directory is not None else None
+            found = _find_all(directory, stems) if directory is not None else None
             if found is not None:
                 return found
-        in_root = {stem: _find(self.root, stem) for stem in FILES}
+        in_root = {stem: _find(self.root, stem) for stem in stems}
         missing = [f"{stem}.gz" for stem, path in in_root.items() if path is None]
         if not self.download:
             raise DataUnavailableError(self._unavailable("download is off", missing))
@@ -108,9 +114,9 @@ class FashionMNIST:
         )
 
 
-def _find_all(directory: Path) -> dict[str, Path] | None:
-    """The four files in `directory` by stem, or None unless all are there."""
-    found = {stem: _find(directory, stem) for stem in FILES}
+def _find_all(directory: Path, stems: Sequence[str]) -> dict[str, Path] | None:
+    """The files `stems` in `directory`, or None unless all are there."""
+    found = {stem: _find(directory, stem) for stem in stems}
     if any(path is None for path in found.values()):
         return None
     return {stem: path for stem, path in found.items() if path is not None}

@@ -8,52 +8,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thaw.data.base import ImageSet, Splits
-from thaw.data.download import archive_path, fetch_and_extract
+from thaw.data.sources.base import ArchiveSource, ImageSet, Splits
 
-URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-MD5 = "c58f30108f718f92721af3b95e74349a"
-FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META = "batches.meta"
 
 
-class CIFAR10:
-    """CIFAR-10 as uint8 tensors (N, 3, 32, 32): 50000 train, 10000 test, no validation split.
+class CIFAR10(ArchiveSource):
+    """CIFAR-10 as uint8 tensors (N, 3, 32, 32): 50000 train, 10000 test, no validation split."""
 
-    Looks for `root/cifar-10-batches-py`; failing that extracts the archive from `root`, downloading
-    it from `url` first when `download` is true. `md5` None skips the checksum (for a mirror that
-    repacks the archive).
-    """
-
-    def __init__(
-        self,
-        root: str | Path,
-        download: bool = True,
-        url: str = URL,
-        md5: str | None = MD5,
-    ) -> None:
-        self.root = Path(root)
-        self.download = download
-        self.url = url
-        self.md5 = md5
-
-    @property
-    def folder(self) -> Path:
-        return self.root / FOLDER
-
-    def prepare(self) -> None:
-        """Make sure `root/cifar-10-batches-py` exists: extract the archive, fetched if needed."""
-        archive = archive_path(self.root, self.url, "cifar-10-python.tar.gz")
-        fetch_and_extract("CIFAR-10", self.folder, archive, self.url, self.md5, self.download)
+    NAME = "CIFAR-10"
+    FOLDER = "cifar-10-batches-py"
+    URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    MD5 = "c58f30108f718f92721af3b95e74349a"
 
     def load(self) -> Splits:
-        self.prepare()
+        return Splits(train=self._read(TRAIN_BATCHES), test=self._read_test())
+
+    def load_test(self) -> ImageSet:
+        return self._read_test()
+
+    def _read_test(self) -> ImageSet:
+        return self._read((TEST_BATCH,))
+
+    def _read(self, batches: tuple[str, ...]) -> ImageSet:
+        self.extract()
         classes = [name.decode() for name in _unpickle(self.folder / META)[b"label_names"]]
-        train = _read_batches([self.folder / name for name in TRAIN_BATCHES], classes)
-        test = _read_batches([self.folder / TEST_BATCH], classes)
-        return Splits(train=train, test=test)
+        return _read_batches([self.folder / name for name in batches], classes)
 
 
 def _unpickle(path: Path) -> dict[bytes, object]:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from thaw.data.base import ImageSet, Splits
-from thaw.data.download import DataUnavailableError
+from thaw.data.sources.base import ImageSet, Splits
+from thaw.data.sources.download import DataUnavailableError
 
 # What cameras, scanners and web shops write and Pillow reads; any other file is not an image.
 IMAGE_SUFFIXES = frozenset(
@@ -62,6 +62,14 @@ class ImageFolder:
         val = _scan_split(self.root / "val", classes, train_dir)
         test = _scan_split(self.root / "test", classes, train_dir)
         return Splits(train=train, test=test, val=val)
+
+    def load_test(self) -> ImageSet | None:
+        """The test/ folder alone (None without one: the test set is then split off train)."""
+        self.prepare()
+        test_dir = self.root / "test"
+        if not test_dir.is_dir():
+            return None
+        return _scan(test_dir, _class_folders(test_dir))
 
 
 def _class_folders(directory: Path) -> list[str]:

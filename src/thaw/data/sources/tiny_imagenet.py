@@ -25,42 +25,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from thaw.data.base import ImageSet, Splits
-from thaw.data.download import archive_path, fetch_and_extract
 from thaw.data.images import load_image, map_files
+from thaw.data.sources.base import ArchiveSource, ImageSet, Splits
 
 log = logging.getLogger(__name__)
 
-URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
-FOLDER = "tiny-imagenet-200"
 SIZE = 64
 # Part of the cache key: bump it when the decoding or the cached arrays change meaning.
 _CACHE_VERSION = "1"
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-class TinyImageNet:
+class TinyImageNet(ArchiveSource):
     """Tiny ImageNet as uint8 tensors (N, 3, 64, 64): 100000 train and the 10000 official val
     images as the test set; class i is the i-th of the sorted wnids, named by its first name in
-    words.txt (names shared by several classes get the wnid appended).
+    words.txt (names shared by several classes get the wnid appended)."""
 
-    Looks for `root/tiny-imagenet-200`; failing that extracts the archive from `root`, downloading
-    it from `url` first when `download` is true. `md5` None skips the checksum (for a mirror that
-    repacks the archive).
-    """
-
-    def __init__(
-        self, root: str | Path, download: bool = True, url: str = URL, md5: str | None = MD5
-    ) -> None:
-        self.root = Path(root)
-        self.download = download
-        self.url = url
-        self.md5 = md5
-
-    @property
-    def folder(self) -> Path:
-        return self.root / FOLDER
+    NAME = "Tiny ImageNet"
+    FOLDER = "tiny-imagenet-200"
+    URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+    MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
     def prepare(self) -> None:
         """Extract the archive (fetched if needed) and decode it into the cache: the slow part,
@@ -69,26 +53,36 @@ class TinyImageNet:
 
     def load(self) -> Splits:
         path = self._cache()
-        classes = class_names(
-            read_wnids(self.folder / "wnids.txt"), read_words(self.folder / "words.txt")
-        )
         try:
             with np.load(path, allow_pickle=False) as cached:
                 tensors = {name: torch.from_numpy(cached[name]) for name in _ARRAYS}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise OSError(f"cannot read the cache {path} ({err}): delete it to rebuild it") from err
+        classes = self._classes()
         return Splits(
             train=ImageSet(tensors["train_images"], tensors["train_labels"], classes),
             test=ImageSet(tensors["test_images"], tensors["test_labels"], classes),
         )
 
+    def load_test(self) -> ImageSet:
+        """The official val images, decoded directly (no cache: the training images may be
+        absent)."""
+        self.extract()
+        files, labels = _val_files(self.folder / "val", read_wnids(self.folder / "wnids.txt"))
+        images = torch.from_numpy(_decode(files))
+        return ImageSet(images, torch.tensor(labels, dtype=torch.long), self._classes())
+
+    def _classes(self) -> list[str]:
+        return class_names(
+            read_wnids(self.folder / "wnids.txt"), read_words(self.folder / "words.txt")
+        )
+
     def cache_path(self, key: str) -> Path:
-        return self.root / f"{FOLDER}.cache-{key}.npz"
+        return self.root / f"{self.FOLDER}.cache-{key}.npz"
 
     def _cache(self) -> Path:
         """The cache of the data as it is on disk now, decoded and written first if missing."""
-        archive = archive_path(self.root, self.url, f"{FOLDER}.zip")
-        fetch_and_extract("Tiny ImageNet", self.folder, archive, self.url, self.md5, self.download)
+        self.extract()
         wnids = read_wnids(self.folder / "wnids.txt")
         train_files, train_labels = _train_files(self.folder / "train", wnids)
         test_files, test_labels = _val_files(self.folder / "val", wnids)
@@ -114,7 +108,7 @@ class TinyImageNet:
             os.replace(partial, path)
         finally:
             Path(partial).unlink(missing_ok=True)
-        for stale in self.root.glob(f"{FOLDER}.cache-*.npz"):
+        for stale in self.root.glob(f"{self.FOLDER}.cache-*.npz"):
             if stale != path:
                 stale.unlink()
         log.info("Cached the decoded Tiny ImageNet images in %s", path)

@@ -1,22 +1,22 @@
 """Augmentation of whole uint8 batches on the device they live on: the fast alternative to the
-per-image pipeline of thaw.data.transforms, with no loader workers and no per-image Python.
+per-image pipeline of thaw.data.augment.per_image, with no loader workers and no per-image Python.
 
 It draws the same distribution of images as `build_train_transform` (and gives exactly what
-`build_eval_transform` gives), except that colour jitter stays in float where the per-image path
+`Preprocessing.transform` gives), except that colour jitter stays in float where the per-image path
 truncates to uint8 after each adjustment. Every draw is per sample and comes from the generator
 passed in, so a batch is reproducible from its seed alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from thaw.data.augment import AugmentOptions
-from thaw.data.transforms import _stats
+from thaw.data.augment.options import AugmentOptions
+from thaw.preprocess import Preprocessing
 
 # The keys whose transforms only exist per image (RandAugment & co., RandomErasing).
 _PER_IMAGE_KEYS = ("policy", "random_erasing")
@@ -27,6 +27,15 @@ def unsupported(options: AugmentOptions | Mapping[str, Any] | None) -> list[str]
     when the batch path can. MixUp/CutMix are not listed: they run on batches on either path."""
     keys = AugmentOptions.parse(options).random_keys
     return [key for key in keys if key.split("=")[0] in _PER_IMAGE_KEYS]
+
+
+def check_batchable(options: AugmentOptions | Mapping[str, Any] | None) -> None:
+    """Raise, naming the keys and the fix, when `options` holds per-image-only augmentations."""
+    if keys := unsupported(options):
+        raise ValueError(
+            f"augment {', '.join(keys)} only runs per image, not on batches: switch it off "
+            "or use data.loader=dataloader (the per-image path)"
+        )
 
 
 def jitter_colors(images: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -46,31 +55,22 @@ def jitter_colors(images: torch.Tensor, factors: torch.Tensor, order: torch.Tens
 
 
 class BatchAugment:
-    """`build_train_transform` (train=True) or `build_eval_transform` (train=False) for a batch:
-    resize and centre crop, then in training the padded random crop, the flip and the colour
-    jitter, each drawn per sample, then normalisation."""
+    """`build_train_transform` (train=True) or `Preprocessing.transform` (train=False) for a
+    batch: resize and centre crop, then in training the padded random crop, the flip and the
+    colour jitter, each drawn per sample, then normalisation."""
 
     def __init__(
         self,
         options: AugmentOptions | Mapping[str, Any] | None,
-        image_size: int | None,
-        mean: Sequence[float],
-        std: Sequence[float],
+        preprocessing: Preprocessing,
         train: bool,
     ) -> None:
         self.options = AugmentOptions.parse(options)
-        if train and (keys := unsupported(self.options)):
-            raise ValueError(
-                f"augment {', '.join(keys)} only runs per image, not on batches: switch it off "
-                "or use data.loader=dataloader (the per-image path)"
-            )
-        if image_size is not None and (
-            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-        ):
-            raise ValueError(f"image_size must be a positive integer or null, got {image_size!r}")
-        self.image_size, self.train = image_size, train
-        self.mean = torch.tensor(_stats(mean, "mean")).view(3, 1, 1)
-        self.std = torch.tensor(_stats(std, "std")).view(3, 1, 1)
+        if train:
+            check_batchable(self.options)
+        self.preprocessing, self.train = preprocessing, train
+        self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
+        self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -82,10 +82,10 @@ class BatchAugment:
             raise ValueError(f"expected uint8 images (B, 1 or 3, H, W), got {images.dtype} {shape}")
         if self.train and generator is None:
             raise ValueError("training augmentation draws from a generator: pass one")
-        # Resizing uint8 with torchvision's own kernel keeps the result bit-identical to Resize.
-        if self.image_size is not None:
-            images = F.resize(images, [self.image_size], antialias=True)
-            images = F.center_crop(images, [self.image_size])
+        # Resizing uint8 with torchvision's own kernel keeps the result bit-identical to Resize
+        # (and leaves images that already have the size untouched).
+        images = F.resize(images, [self.preprocessing.resize_size], antialias=True)
+        images = F.center_crop(images, [self.preprocessing.input_size])
         options = self.options
         if self.train and (options.crop_padding > 0 or options.hflip > 0):
             images = self._shift_and_flip(images, generator)

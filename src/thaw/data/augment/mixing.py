@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.transforms import v2
 
-from thaw.data.augment import AugmentOptions
+from thaw.data.augment.options import AugmentOptions
 
 
 class BatchMix:

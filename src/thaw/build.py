@@ -1,0 +1,92 @@
+"""Builders: the pieces of a run from its composed config, for the entry points and scripts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
+
+from thaw.data import ImageDataModule
+from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
+from thaw.hardware import channels_last, instantiate_trainer
+from thaw.models import Classifier, backbone_spec, create_backbone
+from thaw.preprocess import Preprocessing
+from thaw.resume import ResumeState
+
+
+def build_datamodule(
+    cfg: DictConfig, preprocessing: Preprocessing | None = None, test_only: bool = False
+) -> ImageDataModule:
+    """The DataModule of `cfg.data`. Without `preprocessing` it resolves the run's own at setup
+    (the backbone's statistics, or the data's with `data.normalize=dataset`); a trained model's
+    `preprocessing` is used as it is, and `test_only` then reads only its test images."""
+    spec = backbone_spec(cfg.model.name)
+    # Partial: the Preprocessing object passes through as it is (instantiate would convert it).
+    factory = instantiate(cfg.data, _partial_=True)
+    return factory(
+        augment=cfg.augment,
+        mean=spec.mean,
+        std=spec.std,
+        preprocessing=preprocessing,
+        test_only=test_only,
+    )
+
+
+def build_strategy(cfg: DictConfig) -> FinetuneStrategy:
+    """The fine-tuning strategy, built once per run and shared by the model (learning rates) and
+    the callbacks (freezing, feature cache)."""
+    return instantiate(cfg.finetune)
+
+
+def build_classifier(
+    cfg: DictConfig, classes: list[str], preprocessing: Preprocessing, strategy: FinetuneStrategy
+) -> Classifier:
+    """The classifier to train: the backbone with `cfg.model.weights` loaded, a new head."""
+    run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    return Classifier(
+        create_backbone(cfg.model.name, cfg.model.weights),
+        classes,
+        preprocessing,
+        optimizer=instantiate(cfg.optimizer),
+        finetune=strategy,
+        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        head_dropout=cfg.model.head_dropout,
+        label_smoothing=cfg.model.label_smoothing,
+        run_config=run_config,
+        channels_last=channels_last(cfg.trainer),
+        compile=cfg.model.get("compile", False),
+    )
+
+
+def build_run_callbacks(
+    strategy: FinetuneStrategy, datamodule: ImageDataModule, model: Classifier
+) -> list[pl.Callback]:
+    """The callbacks every training run gets, whatever the callbacks group says: the phase of
+    the strategy, the resume state, and the feature cache where it applies."""
+    callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), ResumeState()]
+    if wants_cache(strategy, datamodule.augment, list(model.backbone_groups)):
+        callbacks.append(FeatureCache(strategy))
+    return callbacks
+
+
+def build_trainer(cfg: DictConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
+    """The Trainer with the callbacks and loggers groups, then `extra_callbacks`."""
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
+    return instantiate_trainer(
+        cfg.trainer, callbacks=callbacks + extra_callbacks, logger=loggers or False
+    )
+
+
+def trainer_for_testing(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
+    """The fit trainer, except after spawned DDP workers: their test report would stay in the
+    workers, so test on one device here. Either way each test process sees every test image
+    once (the test loader is not sharded) and computes the metrics alone."""
+    if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+        return trainer
+    return instantiate_trainer(
+        cfg.trainer, devices=1, strategy="auto", callbacks=[], logger=trainer.loggers or False
+    )

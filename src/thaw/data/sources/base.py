@@ -1,0 +1,105 @@
+"""What every data source returns, so the DataModule never cares where images came from, and the
+shared base of the sources that come as one downloadable archive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+import torch
+
+from thaw.data.sources.download import archive_path, fetch_and_extract
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Labelled images: a uint8 tensor (N, C, H, W) held in memory, or a list of image files.
+
+    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB).
+    """
+
+    images: torch.Tensor | list[Path]
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.images, torch.Tensor)
+
+    def subset(self, indices: torch.Tensor) -> ImageSet:
+        """The images at `indices`, same classes."""
+        if self.in_memory:
+            images = self.images[indices]
+        else:
+            images = [self.images[i] for i in indices.tolist()]
+        return ImageSet(images, self.labels[indices], self.classes)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """What a source provides: its training set and, where it has them, its official test and
+    validation sets (the DataModule splits a missing one off `train`)."""
+
+    train: ImageSet
+    test: ImageSet | None = None
+    val: ImageSet | None = None
+
+
+class Source(Protocol):
+    """What the DataModule needs from a source: `prepare` puts the data on disk (downloading if it
+    may; run once, on one process), `load` reads every split, and `load_test` reads only the test
+    set where the source has one of its own (None: it is split off the training images), so a
+    trained model can be evaluated where only its test images exist."""
+
+    def prepare(self) -> None: ...
+
+    def load(self) -> Splits: ...
+
+    def load_test(self) -> ImageSet | None: ...
+
+
+class ArchiveSource:
+    """A data set published as one archive (tar or zip) whose top-level folder is `FOLDER`.
+
+    Looks for `root/FOLDER`; failing that extracts the archive from `root`, downloading it from
+    `url` (default: the publisher's) first when `download` is true. `md5` is the archive's
+    expected md5: "published" (the publisher's sum), another sum, or None to skip the check (for
+    a mirror that repacks the archive).
+    """
+
+    NAME: ClassVar[str]  # for messages: "CIFAR-10"
+    FOLDER: ClassVar[str]
+    URL: ClassVar[str]
+    MD5: ClassVar[str]
+
+    def __init__(
+        self,
+        root: str | Path,
+        download: bool = True,
+        url: str | None = None,
+        md5: str | None = "published",
+    ) -> None:
+        self.root = Path(root)
+        self.download = download
+        self.url = url or self.URL
+        self.md5 = self.MD5 if md5 == "published" else md5
+
+    @property
+    def folder(self) -> Path:
+        return self.root / self.FOLDER
+
+    def extract(self) -> Path:
+        """Make sure `root/FOLDER` exists: extract the archive, fetched first if needed."""
+        archive = archive_path(self.root, self.url, Path(self.URL).name)
+        return fetch_and_extract(self.NAME, self.folder, archive, self.url, self.md5, self.download)
+
+    def prepare(self) -> None:
+        self.extract()
