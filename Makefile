@@ -17,7 +17,8 @@ install: $(STAMP)
 
 # Transfer learning on real data, offline: pretrain resnet18 on five Fashion-MNIST classes, then
 # fine-tune it two-phase on the five others with 100 images per class; the same 100 images from
-# scratch are the baseline.
+# scratch are the baseline. Then export the transfer model to ONNX (parity-gated) and predict a
+# few test photos through the exported file.
 quickstart: install
 	$(PY) train.py experiment=fmnist_source hydra.run.dir=$(QUICKSTART_DIR)/source
 	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/transfer \
@@ -25,6 +26,13 @@ quickstart: install
 	$(PY) train.py experiment=fmnist_transfer hydra.run.dir=$(QUICKSTART_DIR)/scratch \
 		model.weights=null finetune=full finetune.backbone_lr_ratio=1.0
 	$(PY) scripts/compare_runs.py $(QUICKSTART_DIR)/transfer $(QUICKSTART_DIR)/scratch
+	$(PY) export.py ckpt_path=$(QUICKSTART_DIR)/transfer/checkpoints/best.ckpt format=onnx \
+		hydra.run.dir=$(QUICKSTART_DIR)/export
+	$(PY) scripts/write_samples.py $(QUICKSTART_DIR)/samples --per-class 1 \
+		--classes Dress Coat Sandal Shirt "Ankle boot"
+	$(PY) predict.py model_path=$(QUICKSTART_DIR)/transfer/model.onnx \
+		inputs=$(QUICKSTART_DIR)/samples hydra.run.dir=$(QUICKSTART_DIR)/predict
+	$(PY) scripts/show_predictions.py $(QUICKSTART_DIR)/predict/predictions.csv
 
 # make train ARGS="model=mobilenet_v3_large data=cifar10"
 train: install
@@ -34,7 +42,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests scripts train.py eval.py
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir logs

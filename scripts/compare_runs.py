@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from thaw.report import text_table
+
 COLUMNS = ("test/acc", "test/acc_top5", "test/f1_macro")
 
 
@@ -23,10 +25,7 @@ def table(run_dirs: list[Path]) -> str:
     for run in run_dirs:
         metrics = json.loads((run / "metrics.json").read_text())
         rows.append((run.name, *describe(run), *(f"{metrics[c]:.4f}" for c in COLUMNS)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
 
 
 if __name__ == "__main__":

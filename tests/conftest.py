@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from omegaconf import DictConfig
+from PIL import Image
 
 from data_formats import write_fashion_mnist
 from thaw.config import SILENT, compose_config
+from thaw.data.sources.fashion_mnist import CLASSES, FashionMNIST
 from thaw.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from thaw.preprocess import Preprocessing
 
@@ -74,3 +76,53 @@ def train_config(tmp_path: Path, fmnist_root: Path) -> Callable[..., DictConfig]
         return compose_config("train", [*TINY, *data, *overrides], tmp_path / run)
 
     return make
+
+
+# The classes, and images per class and split, of the `folder_run` photos.
+FOLDER_CLASSES = ["Trouser", "Sneaker", "Bag"]
+FOLDER_SPLITS = {"train": 40, "val": 12, "test": 12}
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real Fashion-MNIST photos as PNG files in root/{train,val,test}/<class>/: a shop's
+    folder of product photos, offline (Debian's dataset-fashion-mnist)."""
+    assert REAL_FMNIST.is_dir(), "install the data: apt-get install dataset-fashion-mnist"
+    splits = FashionMNIST(REAL_FMNIST, download=False, system_dir=None).load()
+    root = tmp_path_factory.mktemp("photos")
+    for label, name in enumerate(CLASSES):
+        if name not in FOLDER_CLASSES:
+            continue
+        images = splits.train.images[splits.train.labels == label]
+        start = 0
+        for split, count in FOLDER_SPLITS.items():
+            folder = root / split / name.replace("/", "_")
+            folder.mkdir(parents=True)
+            for i, image in enumerate(images[start : start + count]):
+                Image.fromarray(image[0].numpy(), "L").save(folder / f"{i:03d}.png")
+            start += count
+    return root
+
+
+@pytest.fixture(scope="session")
+def folder_run(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run dir of a tiny model trained on `photo_folder` (checkpoints/best.ckpt,
+    metrics.json, .hydra/), shared by the tests of what comes after training."""
+    from thaw.train import run
+
+    run_dir = tmp_path_factory.mktemp("folder_run") / "run"
+    overrides = [
+        *TINY,
+        "data=imagefolder",
+        f"data.root={photo_folder}",
+        "data.image_size=28",
+        "augment=none",
+        "finetune=full",
+        "finetune.backbone_lr_ratio=1.0",
+        "optimizer.lr=3e-3",
+        "trainer.max_epochs=4",
+        "logger=none",
+        "++callbacks.batch_preview=null",
+    ]
+    run(compose_config("train", overrides, run_dir))
+    return run_dir

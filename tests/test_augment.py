@@ -20,11 +20,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import offline_fmnist
 from data_formats import write_cifar10
 from thaw.config import config_dir
-from thaw.data import ImageDataModule, ImageSet, Splits
+from thaw.data import ImageSet, Splits
 from thaw.data.augment.batch import unsupported
 from thaw.data.augment.mixing import BatchMix
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.augment.per_image import build_train_transform
+from thaw.data.datamodule import ImageDataModule
 from thaw.data.sources.cifar10 import CIFAR10
 from thaw.data.sources.imagefolder import ImageFolder
 from thaw.preprocess import Preprocessing

@@ -111,3 +111,35 @@ def test_bench_speed_tiny(fmnist_root, tmp_path):
     assert (tmp_path / "speed-cpu.md").read_text().startswith("resnet18, 28 px, batch 8")
     with open(tmp_path / "speed-cpu.csv") as f:
         assert len(list(csv.reader(f))) == len(table)
+
+
+def test_bench_infer_tiny(folder_run, tmp_path):
+    bench = load_script("bench_infer")
+    rows = bench.main(
+        [
+            *("--ckpt", str(folder_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path)),
+            *("--warmup", "1", "--latency-runs", "5", "--throughput-runs", "1"),
+        ]
+    )
+    header, *runtimes = rows
+    assert [row[0] for row in runtimes] == [
+        "eager fp32",
+        "eager channels_last",
+        "ONNX Runtime fp32",
+        "ONNX Runtime INT8",
+        "torch.export",
+    ]
+    cells = {row[0]: dict(zip(header, row, strict=True)) for row in runtimes}
+    eager, ort = cells["eager fp32"], cells["ONNX Runtime fp32"]
+    # Each ratio is the one its own cells give; every exported runtime scores as the checkpoint
+    # does on the run's test images (INT8 within its gate's point).
+    for row in cells.values():
+        speedup = float(eager["batch-1 p50 ms"]) / float(row["batch-1 p50 ms"])
+        assert float(row["p50 speed-up vs eager fp32"]) == pytest.approx(speedup, rel=1e-2)
+        size = float(row["file MB"]) / float(ort["file MB"])
+        assert float(row["size vs ORT fp32"]) == pytest.approx(size, rel=1e-2)
+    for name in ("eager channels_last", "ONNX Runtime fp32", "torch.export"):
+        assert cells[name]["test acc"] == eager["test acc"]
+    assert abs(float(cells["ONNX Runtime INT8"]["test acc"]) - float(eager["test acc"])) <= 0.1
+    assert float(ort["file MB"]) / float(cells["ONNX Runtime INT8"]["file MB"]) > 3.5
+    assert (tmp_path / "infer-cpu.md").is_file()

@@ -33,7 +33,8 @@ from data_formats import (
     write_truncated_jpeg,
 )
 from thaw.config import compose_config
-from thaw.data import DataUnavailableError, ImageDataModule, ImageSet, Splits
+from thaw.data import DataUnavailableError, ImageSet, Splits
+from thaw.data.datamodule import ImageDataModule
 from thaw.data.images import load_image
 from thaw.data.sources import fashion_mnist as fmnist
 from thaw.data.sources import tiny_imagenet
@@ -897,7 +898,7 @@ def test_data_configs_instantiate(tmp_path: Path, name: str) -> None:
     for key in ("mean", "std", "augment"):
         assert key not in cfg.data
     # The shared keys come from conf/data_base.yaml; the option's own keys override them.
-    assert cfg.data._target_ == "thaw.data.ImageDataModule"
+    assert cfg.data._target_ == "thaw.data.datamodule.ImageDataModule"
     assert cfg.data.loader == "auto" and cfg.data.normalize == "backbone"
     assert cfg.data.val_fraction == 0.1 and cfg.data.seed == 0
     assert cfg.data.source._target_.startswith("thaw.data.sources.")

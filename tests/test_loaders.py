@@ -10,9 +10,9 @@ import torch
 from torchvision.transforms import v2
 
 from data_formats import write_cifar10, write_image_folder
-from thaw.data import ImageDataModule
 from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.options import AugmentOptions
+from thaw.data.datamodule import ImageDataModule
 from thaw.data.loader_choice import LOADERS, LoaderChoice, choose_loader
 from thaw.data.resumable import DeviceLoader, ResumableLoader
 from thaw.data.sources.cifar10 import CIFAR10

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
-from thaw.data import ImageDataModule
+from thaw.data.datamodule import ImageDataModule
 from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
 from thaw.hardware import channels_last, instantiate_trainer
 from thaw.models import Classifier, backbone_spec, create_backbone

@@ -8,25 +8,66 @@ from typing import Any
 
 import hydra
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from thaw.build import build_datamodule
 from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
-from thaw.data import ImageDataModule
-from thaw.hardware import channels_last, instantiate_trainer
+from thaw.data.datamodule import ImageDataModule
+from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
+from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
 from thaw.models import Classifier
+from thaw.preprocess import Preprocessing
 from thaw.report import confusion_matrix_image, write_metrics
-from thaw.trained import load_trained
+from thaw.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Load the trained model, read only its test images (from `data_root` if they moved), test
-    it, and write metrics.json."""
-    trained = load_trained(cfg.ckpt_path, channels_last=channels_last(cfg.trainer))
-    train_cfg = OmegaConf.create(trained.config)
+    it, and write metrics.json. A list of checkpoints is tested as an ensemble; with `tta` the
+    metrics with test-time augmentation are added under the same keys ending in `_tta`."""
+    paths = checkpoint_paths(cfg.ckpt_path)
+    models = [load_trained(p, channels_last=channels_last(cfg.trainer)) for p in paths]
+    tta = cfg.get("tta", "none")
+    if tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+    # The first checkpoint's test data, preprocessed once for each member's preprocessing.
+    data: dict[Preprocessing, ImageDataModule] = {}
+    for model in models:
+        if model.preprocessing not in data:
+            data[model.preprocessing] = read_test_data(cfg, models[0].config, model)
+    output_dir = Path(cfg.paths.output_dir)
+    with_tta = {"_tta": tta} if tta != "none" else {}
+    if len(models) > 1:
+        metrics = predictor_metrics(cfg, models, data, {"": "none", **with_tta})
+        metrics.update(checkpoint=paths, tta=tta)
+        write_metrics(output_dir / "metrics.json", metrics)
+    else:
+        (trained,) = models
+        extra = {"tta": tta, **predictor_metrics(cfg, models, data, with_tta)} if with_tta else {}
+        trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=[])
+        metrics = report_test_metrics(
+            trainer,
+            trained.model,
+            data[trained.preprocessing],
+            output_dir,
+            str(trained.path),
+            load_checkpoint=False,
+            extra=extra,
+        )
+    log.info("Test metrics written to %s", output_dir / "metrics.json")
+    return metrics
+
+
+def read_test_data(
+    cfg: DictConfig, config: dict[str, Any], trained: TrainedModel
+) -> ImageDataModule:
+    """The test images of the run `config` describes, preprocessed as `trained` was trained."""
+    train_cfg = OmegaConf.create(config)
     if cfg.get("data_root"):
         train_cfg.data.root = cfg.data_root
     datamodule = build_datamodule(train_cfg, trained.preprocessing, test_only=True)
@@ -36,13 +77,45 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             f"{trained.path} was trained on classes {trained.classes}, but the data now gives "
             f"{datamodule.classes}; point data_root at the data it was trained on"
         )
-    trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=[])
-    output_dir = Path(cfg.paths.output_dir)
-    metrics = report_test_metrics(
-        trainer, trained.model, datamodule, output_dir, str(trained.path), load_checkpoint=False
-    )
-    log.info("Test metrics written to %s", output_dir / "metrics.json")
+    return datamodule
+
+
+def predictor_metrics(
+    cfg: DictConfig,
+    models: list[TrainedModel],
+    data: dict[Preprocessing, ImageDataModule],
+    modes: dict[str, str],
+) -> dict[str, float]:
+    """Accuracy, top-5 accuracy and macro F1 of the models' averaged softmax on the test batches
+    of `data` (one DataModule per preprocessing), for each {key suffix: tta mode} of `modes`."""
+    device = "cuda" if uses_cuda(cfg.trainer.get("accelerator", "auto")) else "cpu"
+    predictors = {s: Predictor.from_trained(models, tta, device) for s, tta in modes.items()}
+    loaders = [datamodule.test_dataloader() for datamodule in data.values()]
+    outputs: dict[str, list[torch.Tensor]] = {suffix: [] for suffix in modes}
+    labels = []
+    for batches in zip(*loaders, strict=True):
+        images = dict(zip(data, (images for images, _ in batches), strict=True))
+        inputs = [images[model.preprocessing] for model in models]
+        for suffix, predictor in predictors.items():
+            outputs[suffix].append(predictor.batch_probabilities(inputs))
+        labels.append(batches[0][1].cpu())
+    target = torch.cat(labels)
+    metrics: dict[str, float] = {}
+    for suffix, probabilities in outputs.items():
+        metrics.update(scores(torch.cat(probabilities), target, suffix))
     return metrics
+
+
+def scores(probabilities: torch.Tensor, target: torch.Tensor, suffix: str) -> dict[str, float]:
+    """test/acc, test/acc_top5 and test/f1_macro (+ `suffix`), computed as the Classifier logs
+    them."""
+    n = probabilities.shape[1]
+    values = {
+        "acc": multiclass_accuracy(probabilities, target, n, average="micro"),
+        "acc_top5": multiclass_accuracy(probabilities, target, n, top_k=min(5, n), average="micro"),
+        "f1_macro": multiclass_f1_score(probabilities, target, n, average="macro"),
+    }
+    return {f"test/{name}{suffix}": float(value) for name, value in values.items()}
 
 
 def report_test_metrics(
@@ -52,14 +125,16 @@ def report_test_metrics(
     output_dir: Path,
     checkpoint: str | None,
     load_checkpoint: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Test `model` (with the weights of `checkpoint` unless they are loaded already), then
-    write metrics.json and log the confusion matrix as an image."""
+    write metrics.json (with the `extra` values) and log the confusion matrix as an image."""
     ckpt_path = checkpoint if load_checkpoint else None
     (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
     metrics.update({"test/" + k: v for k, v in model.test_report.items()})
     metrics["checkpoint"] = checkpoint
+    metrics.update(extra or {})
     if not trainer.is_global_zero:
         return metrics
     write_metrics(output_dir / "metrics.json", metrics)

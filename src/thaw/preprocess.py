@@ -68,21 +68,26 @@ class Preprocessing:
         self,
         augmentations: Sequence[torch.nn.Module] = (),
         after_normalize: Sequence[torch.nn.Module] = (),
+        normalize: bool = True,
     ) -> v2.Compose:
         """The evaluation transform; training inserts its `augmentations` on the uint8 image
-        after the crop (where they are cheapest) and `after_normalize` ones at the end."""
+        after the crop (where they are cheapest) and `after_normalize` ones at the end. With
+        `normalize=False` it stops at the uint8 RGB crop, for a model that normalises in its
+        graph."""
         steps = [
             v2.ToImage(),
             ToRGB(self.grayscale),
             v2.Resize(self.resize_size, antialias=True),
             v2.CenterCrop(self.input_size),
             *augmentations,
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(self.mean), list(self.std)),
-            *after_normalize,
-            v2.ToPureTensor(),
         ]
-        return v2.Compose(steps)
+        if normalize:
+            steps += [
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self.mean), list(self.std)),
+                *after_normalize,
+            ]
+        return v2.Compose([*steps, v2.ToPureTensor()])
 
 
 class ToRGB(torch.nn.Module):

@@ -16,7 +16,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from thaw.data import ImageDataModule
+from thaw.data.datamodule import ImageDataModule
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,10 @@
-"""Image sources, splits, augmentation and the LightningDataModule that ties them together."""
+"""Image sources, splits, augmentation and the LightningDataModule that ties them together.
 
-from thaw.data.datamodule import ImageDataModule
+Only the light names are exported here, so that inference, which decodes images with
+thaw.data.images, does not load the training DataModule.
+"""
+
 from thaw.data.sources.base import ImageSet, Source, Splits
 from thaw.data.sources.download import ChecksumError, DataUnavailableError
 
-__all__ = [
-    "ChecksumError",
-    "DataUnavailableError",
-    "ImageDataModule",
-    "ImageSet",
-    "Source",
-    "Splits",
-]
+__all__ = ["ChecksumError", "DataUnavailableError", "ImageSet", "Source", "Splits"]

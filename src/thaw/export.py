@@ -1,0 +1,232 @@
+"""`python export.py ckpt_path=... format=onnx|onnx_int8|torch_export`: a trained model as a file
+that runs without thaw, carrying its classes and preprocessing, written only if it passes the
+parity gate on real images (see thaw.inference.parity)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from thaw import __version__
+from thaw.build import build_datamodule
+from thaw.checkpoint import CheckpointError
+from thaw.config import config_dir
+from thaw.data.datamodule import ImageDataset
+from thaw.data.sources.base import ImageSet
+from thaw.data.sources.download import DataUnavailableError
+from thaw.data.sources.imagefolder import ImageFolder
+from thaw.data.split import limit_per_class, select_classes
+from thaw.inference.export_formats import (
+    FILE_NAMES,
+    INT8,
+    ExportError,
+    check_format,
+    load_exported,
+    write_exported,
+)
+from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT, ExportMetadata
+from thaw.inference.parity import CheckImages, check_parity
+from thaw.preprocess import Preprocessing
+from thaw.trained import TrainedModel, load_trained
+
+log = logging.getLogger(__name__)
+
+RECORD = "export.json"
+
+
+def export(cfg: DictConfig) -> Path:
+    """Check the format and its tools, load the checkpoint, export; returns the written file."""
+    check_format(cfg.format)
+    trained = load_trained(cfg.ckpt_path)
+    return export_model(
+        trained,
+        cfg.format,
+        Path(cfg.out) if cfg.out else run_dir(trained.path),
+        data_root=cfg.data_root,
+        images=cfg.images,
+        normalize_in_graph=cfg.normalize_in_graph,
+        calibration_images=cfg.calibration_images,
+        parity_images=cfg.parity_images,
+        opset=cfg.opset,
+        seed=cfg.seed,
+    )
+
+
+def export_model(
+    trained: TrainedModel,
+    format: str,
+    out_dir: str | Path,
+    *,
+    data_root: str | None = None,
+    images: str | Path | None = None,
+    normalize_in_graph: bool = False,
+    calibration_images: int = 256,
+    parity_images: int = 512,
+    opset: int = 18,
+    seed: int = 0,
+) -> Path:
+    """Export `trained` as `format` into `out_dir` (as model.onnx, model_int8.onnx or model.pt2)
+    and record the gate's figures in its export.json. Calibration and checks use the run's
+    training and validation images (read through its config, from `data_root` if they moved),
+    or the class folders of `images`, drawn stratified with `seed`."""
+    check_format(format)
+    for name, value in (
+        ("calibration_images", calibration_images),
+        ("parity_images", parity_images),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ExportError(f"{name} must be a positive number of images, got {value!r}")
+    layout = UINT8_INPUT if normalize_in_graph else FLOAT_INPUT
+    source = str(trained.path.resolve())
+    metadata = ExportMetadata(trained.classes, trained.preprocessing, layout, source)
+    calibration_pool, check_pool, images_from = image_pools(trained, data_root, images)
+    check = check_images(
+        stratified_sample(check_pool, parity_images, seed), trained.preprocessing, layout
+    )
+    calibration = None
+    if format == INT8:
+        chosen = stratified_sample(calibration_pool, calibration_images, seed)
+        calibration = load_images(chosen, trained.preprocessing, normalize=not normalize_in_graph)
+    notes: dict[str, Any] = {"images_from": images_from}
+    if calibration is not None:
+        notes["calibration_images"] = len(calibration)
+    model = trained.model
+    return write_gated(
+        format, model, model, metadata, Path(out_dir), check, calibration, opset, notes
+    )
+
+
+def write_gated(
+    format: str,
+    model: nn.Module,
+    reference: nn.Module,
+    metadata: ExportMetadata,
+    out_dir: Path,
+    check: CheckImages,
+    calibration: torch.Tensor | None = None,
+    opset: int = 18,
+    notes: dict[str, Any] | None = None,
+) -> Path:
+    """Write `model` as `format`, compare it with `reference` (the checkpoint's model) on
+    `check`, and only if it passes move it into `out_dir` and record the figures. It is written
+    to a temporary folder first, so a refused export leaves nothing, not even half a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / FILE_NAMES[format]
+        write_exported(format, model, metadata, staged, calibration, opset)
+        figures = check_parity(reference, load_exported(staged), check, quantized=format == INT8)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = Path(shutil.move(staged, out_dir / staged.name))
+    record = {
+        "format": format,
+        "file": path.name,
+        "size_bytes": path.stat().st_size,
+        "input_layout": metadata.input_layout,
+        **({} if format == "torch_export" else {"opset": opset}),
+        **figures,
+        **(notes or {}),
+        "thaw_version": __version__,
+        "source_checkpoint": metadata.source_checkpoint,
+    }
+    write_record(out_dir / RECORD, record)
+    log.info("Wrote %s (%d bytes): %s", path, record["size_bytes"], figures)
+    return path
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """export.json maps each exported file's name to its record, so exporting several formats
+    into one run dir keeps every record."""
+    records = json.loads(path.read_text()) if path.is_file() else {}
+    records[record["file"]] = record
+    path.write_text(json.dumps(records, indent=2) + "\n")
+
+
+def run_dir(checkpoint: Path) -> Path:
+    """The run dir of `checkpoint`: the parent of its checkpoints/ folder."""
+    folder = checkpoint.resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def image_pools(
+    trained: TrainedModel, data_root: str | None, images: str | Path | None
+) -> tuple[ImageSet, ImageSet, str]:
+    """(calibration pool, check pool, where they came from): the run's training and validation
+    splits, as its config split them; or an image folder's train/ and val/ (its class folders
+    alone serve both when it has no val/)."""
+    if images:
+        splits = ImageFolder(images).load()
+        _check_classes(trained, splits.train.classes, f"images={images}")
+        pools = [
+            select_classes(s, trained.classes) for s in (splits.train, splits.val or splits.train)
+        ]
+        return pools[0], pools[1], str(images)
+    train_cfg = OmegaConf.create(trained.config)
+    if data_root:
+        train_cfg.data.root = data_root
+    datamodule = build_datamodule(train_cfg, trained.preprocessing)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    _check_classes(
+        trained, datamodule.classes, "the run's data (point data_root at it if it moved)"
+    )
+    if datamodule.val_set is None or len(datamodule.val_set) == 0:
+        raise ExportError(
+            f"the run of {trained.path} has no validation images to check the export on "
+            "(data.val_fraction=0): give a folder of class folders with images=<folder>"
+        )
+    return datamodule.train_set, datamodule.val_set, "validation split of the run"
+
+
+def _check_classes(trained: TrainedModel, found: list[str], where: str) -> None:
+    if sorted(found) != sorted(trained.classes):
+        raise ExportError(
+            f"{trained.path} was trained on classes {trained.classes}, but {where} has "
+            f"{found}: calibrate and check on images of the model's own classes"
+        )
+
+
+def stratified_sample(imageset: ImageSet, n: int, seed: int) -> ImageSet:
+    """At most `n` images, the same number from every class (as far as each has them), drawn
+    with `seed`: calibration and checks see every class, and the same images every time."""
+    return limit_per_class(imageset, max(1, n // len(imageset.classes)), seed)
+
+
+def load_images(
+    imageset: ImageSet, preprocessing: Preprocessing, normalize: bool = True
+) -> torch.Tensor:
+    """The images through the evaluation transform: normalised float, or with
+    `normalize=False` the uint8 RGB crop a graph that normalises itself takes."""
+    dataset = ImageDataset(
+        imageset, preprocessing.transform(normalize=normalize), preprocessing.resize_size
+    )
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+def check_images(imageset: ImageSet, preprocessing: Preprocessing, layout: str) -> CheckImages:
+    """The gate's images, for the checkpoint and laid out as the exported graph takes them."""
+    reference = load_images(imageset, preprocessing)
+    exported = reference if layout == FLOAT_INPUT else load_images(imageset, preprocessing, False)
+    return CheckImages(reference, exported, imageset.labels)
+
+
+def _main(cfg: DictConfig) -> None:
+    try:
+        path = export(cfg)
+    except (ExportError, CheckpointError, DataUnavailableError, ImportError) as err:
+        log.error("%s", err)
+        raise SystemExit(2) from None
+    record = json.loads((path.parent / RECORD).read_text())[path.name]
+    print(OmegaConf.to_yaml({"export": record, "path": str(path)}))
+
+
+def main() -> None:
+    """Console entry point (`thaw-export`, `python export.py`)."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")(_main)()

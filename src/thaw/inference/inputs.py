@@ -1,0 +1,55 @@
+"""The image files a prediction reads, from one `inputs` value: a folder, a glob, a file or a list.
+
+A folder is searched recursively, like a training image folder (same suffixes, hidden files and
+folders skipped); a glob keeps the image files it matches; a .txt file lists one path per line,
+relative to the .txt; any other file is the one image. Folders and globs come back sorted, a list
+in its own order, so that row i of the output is line i of the list.
+"""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+from thaw.data.sources.imagefolder import IMAGE_SUFFIXES
+
+LIST_SUFFIX = ".txt"
+_GLOB_CHARS = frozenset("*?[")
+
+
+def resolve_inputs(value: str | Path) -> list[Path]:
+    """The image files `value` names; a ValueError that says what to give when there are none."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        files = sorted(
+            file
+            for file in path.rglob("*")
+            if _is_image(file) and not any(p.startswith(".") for p in file.relative_to(path).parts)
+        )
+    elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
+        files = _read_list(path)
+    elif path.is_file():
+        files = [path] if _is_image(path) else []
+    elif _GLOB_CHARS & set(text):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if _is_image(Path(p)))
+    else:
+        files = []
+    if not files:
+        raise ValueError(
+            f"inputs={text!r} matches no image file. Give a folder (searched recursively), a glob "
+            f"in quotes such as 'photos/**/*.jpg', one image file, or a {LIST_SUFFIX} file with "
+            f"one image path per line; image files end in {', '.join(sorted(IMAGE_SUFFIXES))}"
+        )
+    return files
+
+
+def _is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def _read_list(path: Path) -> list[Path]:
+    """The paths listed one per line (blank lines skipped), relative ones from the list's
+    folder. A listed file that is missing stays: its row carries the error."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [path.parent / Path(line).expanduser() for line in lines if line]

@@ -1,0 +1,72 @@
+"""What an exported model carries about itself, so it can be used without its checkpoint.
+
+Every exported file holds these as string key/value pairs (ONNX `metadata_props`, the
+`extra_files` of a .pt2 archive): the class names, the Preprocessing, the input layout, thaw's
+version and the checkpoint it came from. A third party can rebuild the preprocessing from them
+alone; the values are JSON where they are not plain strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from thaw import __version__
+from thaw.preprocess import Preprocessing
+
+# The input the exported graph takes, NCHW RGB of Preprocessing.input_size square:
+FLOAT_INPUT = "float32_normalized"  # resized, cropped, scaled to [0, 1] and normalised
+UINT8_INPUT = "uint8_rgb"  # resized and cropped only: the graph scales and normalises
+INPUT_LAYOUTS = (FLOAT_INPUT, UINT8_INPUT)
+_PREFIX = "thaw."
+
+
+@dataclass(frozen=True)
+class ExportMetadata:
+    classes: list[str]
+    preprocessing: Preprocessing
+    input_layout: str
+    source_checkpoint: str
+    thaw_version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.input_layout not in INPUT_LAYOUTS:
+            raise ValueError(
+                f"input_layout must be one of {list(INPUT_LAYOUTS)}, got {self.input_layout!r}"
+            )
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The names `to_strings` writes (a .pt2 archive returns only the extra files asked for)."""
+        return [_PREFIX + field.name for field in dataclasses.fields(cls)]
+
+    def to_strings(self) -> dict[str, str]:
+        """The metadata as `thaw.*` string pairs."""
+        values = {
+            "classes": json.dumps(self.classes),
+            "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "input_layout": self.input_layout,
+            "source_checkpoint": self.source_checkpoint,
+            "thaw_version": self.thaw_version,
+        }
+        return {_PREFIX + key: value for key, value in values.items()}
+
+    @classmethod
+    def from_strings(cls, pairs: Mapping[str, str], source: str) -> ExportMetadata:
+        """Read what `to_strings` wrote; `source` names the file in the error for one that has
+        no thaw metadata."""
+        try:
+            return cls(
+                classes=list(json.loads(pairs[_PREFIX + "classes"])),
+                preprocessing=Preprocessing.from_dict(json.loads(pairs[_PREFIX + "preprocessing"])),
+                input_layout=pairs[_PREFIX + "input_layout"],
+                source_checkpoint=pairs[_PREFIX + "source_checkpoint"],
+                thaw_version=pairs[_PREFIX + "thaw_version"],
+            )
+        except KeyError as err:
+            raise ValueError(
+                f"{source} has no thaw metadata ({err.args[0]} is missing): export it with "
+                "thaw-export, which writes the classes and preprocessing into the file"
+            ) from None

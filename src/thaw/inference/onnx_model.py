@@ -1,0 +1,50 @@
+"""An exported ONNX classifier run with ONNX Runtime, with the metadata it carries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from thaw.inference.metadata import UINT8_INPUT, ExportMetadata
+
+EXTRA = "export"  # pip install "thaw-vision[export]" brings onnx, onnxruntime and onnxscript
+
+
+def import_onnxruntime() -> ModuleType:
+    """onnxruntime, or an error naming the extra that installs it."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise ImportError(
+            f"this needs onnxruntime, which is not installed: pip install 'thaw-vision[{EXTRA}]'"
+        ) from err
+    return onnxruntime
+
+
+class OnnxModel:
+    """`model(batch)` -> logits (N, classes) as a float32 torch tensor, for a batch laid out as
+    `metadata.input_layout` says (a torch tensor or numpy array)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        ort = import_onnxruntime()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"model_path={self.path} does not exist")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            str(self.path), options, providers=["CPUExecutionProvider"]
+        )
+        pairs = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ExportMetadata.from_strings(pairs, str(self.path))
+        self.input_name = self.session.get_inputs()[0].name
+        self.dtype = np.uint8 if self.metadata.input_layout == UINT8_INPUT else np.float32
+
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        array = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        (logits,) = self.session.run(None, {self.input_name: array.astype(self.dtype, copy=False)})
+        return torch.from_numpy(logits)

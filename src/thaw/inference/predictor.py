@@ -1,0 +1,219 @@
+"""The Predictor: images in, class probabilities out, for one model or an averaged ensemble.
+
+Every model brings its own Preprocessing (from its checkpoint or its exported file), so the
+members of an ensemble may have been trained at different sizes or statistics; test-time
+augmentation works on the preprocessed batch, where a flip and a shift are cheap. predict.py,
+eval.py and the server all use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from thaw.data.images import load_image, map_files
+from thaw.inference.metadata import UINT8_INPUT
+from thaw.inference.onnx_model import OnnxModel
+from thaw.preprocess import Preprocessing
+from thaw.trained import TrainedModel, load_trained
+
+TTA_MODES = ("none", "flip", "flip_crop")
+# The shift of flip_crop's corner crops, as a fraction of the side: augment=basic's crop_padding.
+CROP_SHIFT = 0.125
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model: `model(batch)` -> logits (N, classes), for batches made by `transform`
+    (normalised float, or with `normalize=False` the uint8 RGB crop an exported graph takes)."""
+
+    model: Callable[[torch.Tensor], torch.Tensor]
+    preprocessing: Preprocessing
+    normalize: bool = True
+
+    @cached_property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """A decoded image -> this model's input."""
+        return self.preprocessing.transform(normalize=self.normalize)
+
+    @cached_property
+    def black(self) -> torch.Tensor:
+        """Black as this model's input encodes it, per channel: what flip_crop pads with, as
+        training's shift augmentation does."""
+        if not self.normalize:
+            return torch.zeros(3)
+        mean, std = torch.tensor(self.preprocessing.mean), torch.tensor(self.preprocessing.std)
+        return -mean / std
+
+
+class Predictor:
+    """The softmax of each member, averaged over its test-time views, then over the members.
+
+    `tta`: "none"; "flip" adds the horizontal flip; "flip_crop" adds the flip and 4 views
+    shifted by 1/8 of the side towards each corner (the 4 corner crops of the batch padded with
+    black by 1/8 of each side), 6 views in all. Batches run on `device`.
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Member],
+        classes: Sequence[str],
+        tta: str = "none",
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if tta not in TTA_MODES:
+            raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+        if not members:
+            raise ValueError("a Predictor needs at least one model")
+        self.members = list(members)
+        self.classes = list(classes)
+        self.tta = tta
+        self.device = torch.device(device)
+        # JPEGs decode at a reduced scale that still covers every member's resize.
+        self.decode_size = max(m.preprocessing.resize_size for m in self.members)
+
+    @classmethod
+    def from_trained(
+        cls,
+        models: Sequence[TrainedModel],
+        tta: str = "none",
+        device: torch.device | str = "cpu",
+    ) -> Predictor:
+        """An ensemble (or a single model) of loaded checkpoints, which must share their classes."""
+        first = models[0]
+        for other in models[1:]:
+            if other.classes != first.classes:
+                raise ValueError(
+                    f"an ensemble needs checkpoints with the same classes in the same order: "
+                    f"{first.path} has {first.classes}, {other.path} has {other.classes}"
+                )
+        members = [Member(m.model.to(device), m.preprocessing) for m in models]
+        return cls(members, first.classes, tta, device)
+
+    @classmethod
+    def from_checkpoints(
+        cls, paths: Sequence[str | Path], tta: str = "none", device: torch.device | str = "cpu"
+    ) -> Predictor:
+        cuda = torch.device(device).type == "cuda"
+        return cls.from_trained([load_trained(p, channels_last=cuda) for p in paths], tta, device)
+
+    @classmethod
+    def from_onnx(cls, path: str | Path, tta: str = "none") -> Predictor:
+        """An exported ONNX model, run by ONNX Runtime on the CPU."""
+        model = OnnxModel(path)
+        meta = model.metadata
+        member = Member(model, meta.preprocessing, normalize=meta.input_layout != UINT8_INPUT)
+        return cls([member], meta.classes, tta)
+
+    def prepare(self, image: Image.Image | Path) -> list[torch.Tensor]:
+        """Each member's input for one image (a path is decoded as training decodes it)."""
+        if not isinstance(image, Image.Image):
+            image = load_image(Path(image), self.decode_size)
+        return [member.transform(image) for member in self.members]
+
+    def probabilities(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
+        """Class probabilities (N, classes) of decoded images or image files."""
+        return self.batch_probabilities(_stack([self.prepare(image) for image in images]))
+
+    @torch.inference_mode()
+    def batch_probabilities(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Class probabilities (N, classes) on the CPU from one preprocessed batch per member."""
+        softmaxes = []
+        for member, batch in zip(self.members, batches, strict=True):
+            views = tta_views(batch.to(self.device), self.tta, member.black.to(self.device))
+            softmax = member.model(torch.cat(views)).float().softmax(dim=-1)
+            softmaxes.append(softmax.view(len(views), len(batch), -1).mean(dim=0))
+        return torch.stack(softmaxes).mean(dim=0).cpu()
+
+    def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """The `k` most likely (class, probability) pairs of each row, most likely first (k is
+        capped at the number of classes)."""
+        values, indices = probabilities.topk(min(k, len(self.classes)), dim=-1)
+        return [
+            [(self.classes[i], p) for i, p in zip(row_i, row_p, strict=True)]
+            for row_i, row_p in zip(indices.tolist(), values.tolist(), strict=True)
+        ]
+
+
+def _stack(prepared: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-image inputs (one per member, from `prepare`) -> one batch per member."""
+    return [torch.stack(inputs) for inputs in zip(*prepared, strict=True)]
+
+
+def tta_views(batch: torch.Tensor, tta: str, black: torch.Tensor) -> list[torch.Tensor]:
+    """The views of a batch (N, C, H, W) that `tta` averages over (see Predictor); `black` is
+    the per-channel value of the padding."""
+    views = [batch]
+    if tta in ("flip", "flip_crop"):
+        views.append(batch.flip(-1))
+    if tta == "flip_crop":
+        n, c, h, w = batch.shape
+        pad_h, pad_w = max(1, round(CROP_SHIFT * h)), max(1, round(CROP_SHIFT * w))
+        padded = black.to(batch.dtype).view(1, c, 1, 1).repeat(n, 1, h + 2 * pad_h, w + 2 * pad_w)
+        padded[..., pad_h : pad_h + h, pad_w : pad_w + w] = batch
+        views += [
+            padded[..., top : top + h, left : left + w]
+            for top in (0, 2 * pad_h)
+            for left in (0, 2 * pad_w)
+        ]
+    return views
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One file's probabilities (classes,), or the error that kept it from being read."""
+
+    path: Path
+    probabilities: torch.Tensor | None
+    error: str | None = None
+
+
+def predict_files(
+    predictor: Predictor, paths: Sequence[Path], batch_size: int
+) -> Iterator[FileResult]:
+    """Every file's result, in order, decoding on a thread pool and predicting `batch_size` files
+    at a time; a file that cannot be decoded gets its error and the others go on."""
+
+    def prepare(path: Path) -> list[torch.Tensor] | str:
+        try:
+            return predictor.prepare(path)
+        except OSError as err:
+            return str(err)
+
+    prepared = map_files(prepare, paths)
+    for start in range(0, len(paths), batch_size):
+        chunk = [(path, next(prepared)) for path in paths[start : start + batch_size]]
+        good = [inputs for _, inputs in chunk if not isinstance(inputs, str)]
+        probabilities = iter(predictor.batch_probabilities(_stack(good)) if good else [])
+        for path, inputs in chunk:
+            if isinstance(inputs, str):
+                yield FileResult(path, None, inputs)
+            else:
+                yield FileResult(path, next(probabilities))
+
+
+def prediction_row(result: FileResult, predictor: Predictor, top_k: int) -> dict[str, Any]:
+    """path, label, prob, top1_label, top1_prob, ..., error: None where there is no value."""
+    k = min(top_k, len(predictor.classes))
+    probabilities = result.probabilities
+    ranked: list[tuple[Any, Any]] = [(None, None)] * k  # an error row: empty cells
+    if probabilities is not None:
+        ranked = predictor.top_k(probabilities[None], k)[0]
+    row = {"path": str(result.path), "label": ranked[0][0], "prob": ranked[0][1]}
+    for i, (label, prob) in enumerate(ranked, start=1):
+        row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
+    row["error"] = result.error
+    return row
+
+
+def checkpoint_paths(value: Any) -> list[str]:
+    """`ckpt_path` as a list: one path, or several for an ensemble."""
+    if value is None or isinstance(value, (str, Path)):
+        return [] if value is None else [str(value)]
+    return [str(v) for v in value]
