@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -26,7 +27,12 @@ def import_onnxruntime() -> ModuleType:
 
 class OnnxModel:
     """`model(batch)` -> logits (N, classes) as a float32 torch tensor, for a batch laid out as
-    `metadata.input_layout` says (a torch tensor or numpy array)."""
+    `metadata.input_layout` says (a torch tensor or numpy array).
+
+    `threads` defaults to every core this process may use: ONNX Runtime's own default counts
+    physical cores, and on the 2-vCPU development machine that made resnet18 at 28 px take
+    1.9 ms a single image instead of 1.4 ms.
+    """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         ort = import_onnxruntime()
@@ -34,8 +40,7 @@ class OnnxModel:
         if not self.path.is_file():
             raise FileNotFoundError(f"model_path={self.path} does not exist")
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         self.session = ort.InferenceSession(
             str(self.path), options, providers=["CPUExecutionProvider"]
         )
