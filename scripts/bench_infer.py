@@ -12,7 +12,7 @@ the same inputs:
 For each: batch-1 latency p50 and p99 (--latency-runs single images after --warmup), throughput at
 batch 64 (--throughput-runs batches), the file size, and the accuracy on the run's own test images,
 read through the checkpoint's preprocessing. Prints one table and the issue's targets, and writes
-<out>/infer-<device>.md and .csv.
+<out>/infer-cpu.md and .csv (the exported files go to <out>/runs/).
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def measure(args: argparse.Namespace) -> list[list[str]]:
     torch.manual_seed(0)
     trained = load_trained(args.ckpt)
     out = Path(args.out)
-    files = {fmt: export_model(trained, fmt, out) for fmt in ("onnx", "onnx_int8", "torch_export")}
+    models = out / "runs"  # the exported files (not committed)
+    files = {
+        fmt: export_model(trained, fmt, models) for fmt in ("onnx", "onnx_int8", "torch_export")
+    }
     runtimes: dict[str, tuple[Runtime, int]] = {
         "eager fp32": (eager(trained, channels_last=False), weights_bytes(trained)),
         "eager channels_last": (eager(trained, channels_last=True), weights_bytes(trained)),
