@@ -15,6 +15,7 @@ from thaw.config import SILENT, compose_config
 from thaw.data.sources.fashion_mnist import CLASSES, FashionMNIST
 from thaw.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from thaw.preprocess import Preprocessing
+from thaw.train import run
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -108,8 +109,6 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def folder_run(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run dir of a tiny model trained on `photo_folder` (checkpoints/best.ckpt,
     metrics.json, .hydra/), shared by the tests of what comes after training."""
-    from thaw.train import run
-
     run_dir = tmp_path_factory.mktemp("folder_run") / "run"
     overrides = [
         *TINY,
