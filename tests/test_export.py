@@ -19,11 +19,11 @@ from PIL import Image
 from torchvision import transforms
 
 from conftest import FOLDER_CLASSES, FOLDER_SPLITS
-from thaw.checkpoint import CheckpointError
+from thaw.checkpoint import CheckpointError, run_dir
 from thaw.config import compose_config
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
-from thaw.export import check_images, export, export_model, run_dir, stratified_sample, write_gated
+from thaw.export import check_images, export, export_model, stratified_sample, write_gated
 from thaw.inference.export_formats import ExportError
 from thaw.inference.metadata import ExportMetadata
 from thaw.inference.onnx_model import OnnxModel

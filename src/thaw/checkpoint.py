@@ -49,3 +49,10 @@ def run_record(checkpoint: dict[str, Any], path: str | Path) -> RunRecord:
         )
     info = checkpoint[RUN_KEY]
     return RunRecord(info["config"], list(info["classes"]), info.get("preprocessing"))
+
+
+def run_dir(checkpoint: Path) -> Path:
+    """The run dir of `checkpoint`: the parent of its checkpoints/ folder, where the run's
+    metrics.json and exported files are."""
+    folder = checkpoint.resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder

@@ -18,7 +18,7 @@ from torch import nn
 
 from thaw import __version__
 from thaw.build import build_datamodule
-from thaw.checkpoint import CheckpointError
+from thaw.checkpoint import CheckpointError, run_dir
 from thaw.config import config_dir
 from thaw.data.datamodule import ImageDataset
 from thaw.data.sources.base import ImageSet
@@ -96,7 +96,7 @@ def export_model(
     if format == INT8:
         chosen = stratified_sample(calibration_pool, calibration_images, seed)
         calibration = load_images(chosen, trained.preprocessing, normalize=not normalize_in_graph)
-    notes: dict[str, Any] = {"images_from": images_from}
+    notes: dict[str, Any] = {"model": trained.config["model"]["name"], "images_from": images_from}
     if calibration is not None:
         notes["calibration_images"] = len(calibration)
     model = trained.model
@@ -147,12 +147,6 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
     records = json.loads(path.read_text()) if path.is_file() else {}
     records[record["file"]] = record
     path.write_text(json.dumps(records, indent=2) + "\n")
-
-
-def run_dir(checkpoint: Path) -> Path:
-    """The run dir of `checkpoint`: the parent of its checkpoints/ folder."""
-    folder = checkpoint.resolve().parent
-    return folder.parent if folder.name == "checkpoints" else folder
 
 
 def image_pools(

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
@@ -19,7 +18,13 @@ from rich.progress import track
 from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
 from thaw.inference.inputs import resolve_inputs
-from thaw.inference.predictor import Predictor, checkpoint_paths, predict_files, prediction_row
+from thaw.inference.predictor import (
+    Predictor,
+    best_device,
+    checkpoint_paths,
+    predict_files,
+    prediction_row,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +74,6 @@ def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> 
         log.warning("%d of %d files could not be decoded: see the error column", errors, len(rows))
     log.info("Wrote %d predictions to %s", len(rows), out)
     return out
-
-
-def best_device(name: str) -> str:
-    """`device`, with auto the CUDA GPU where there is one, else the CPU."""
-    if name != "auto":
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> None:

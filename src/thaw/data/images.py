@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -23,8 +23,9 @@ _CHUNK = 256
 T = TypeVar("T")
 
 
-def load_image(path: Path, min_size: int | None = None) -> Image.Image:
-    """Decode an image file to RGB, turned upright as its EXIF orientation says (phone photos).
+def load_image(path: Path | BinaryIO, min_size: int | None = None) -> Image.Image:
+    """Decode an image file (or an open binary file: an upload) to RGB, turned upright as its
+    EXIF orientation says (phone photos).
 
     `min_size` lets a JPEG decode at a reduced scale that keeps both sides >= min_size, which is
     several times faster for camera photos that are resized down anyway. Any failure, whatever
@@ -36,7 +37,8 @@ def load_image(path: Path, min_size: int | None = None) -> Image.Image:
                 image.draft("RGB", (min_size, min_size))
             return to_rgb(ImageOps.exif_transpose(image))
     except Exception as err:  # PIL raises many types for a corrupt or truncated file
-        raise OSError(f"could not decode image {path}: {err}") from err
+        name = path if isinstance(path, Path) else "upload"
+        raise OSError(f"could not decode image {name}: {err}") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -119,7 +119,7 @@ class Predictor:
 
     def probabilities(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
         """Class probabilities (N, classes) of decoded images or image files."""
-        return self.batch_probabilities(_stack([self.prepare(image) for image in images]))
+        return self.batch_probabilities(stack_inputs([self.prepare(image) for image in images]))
 
     @torch.inference_mode()
     def batch_probabilities(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -141,8 +141,9 @@ class Predictor:
         ]
 
 
-def _stack(prepared: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
-    """Per-image inputs (one per member, from `prepare`) -> one batch per member."""
+def stack_inputs(prepared: Sequence[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Per-image inputs (one per member, from `prepare`) -> one batch per member, the input of
+    `batch_probabilities`."""
     return [torch.stack(inputs) for inputs in zip(*prepared, strict=True)]
 
 
@@ -190,7 +191,7 @@ def predict_files(
     for start in range(0, len(paths), batch_size):
         chunk = [(path, next(prepared)) for path in paths[start : start + batch_size]]
         good = [inputs for _, inputs in chunk if not isinstance(inputs, str)]
-        probabilities = iter(predictor.batch_probabilities(_stack(good)) if good else [])
+        probabilities = iter(predictor.batch_probabilities(stack_inputs(good)) if good else [])
         for path, inputs in chunk:
             if isinstance(inputs, str):
                 yield FileResult(path, None, inputs)
@@ -210,6 +211,13 @@ def prediction_row(result: FileResult, predictor: Predictor, top_k: int) -> dict
         row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
     row["error"] = result.error
     return row
+
+
+def best_device(name: str) -> str:
+    """`device`, with auto the CUDA GPU where there is one, else the CPU."""
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def checkpoint_paths(value: Any) -> list[str]:
