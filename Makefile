@@ -42,7 +42,7 @@ test: install
 	$(PY) -m pytest -q
 
 lint: install
-	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py serve.py
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir logs

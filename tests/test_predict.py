@@ -293,11 +293,11 @@ def test_console_script_shows_the_predict_config():
         assert key in result.stdout, key
 
 
-def test_inference_imports_no_training_code():
+def test_inference_and_serving_import_no_training_code():
     training = ["thaw.train", "thaw.build", "thaw.finetune", "thaw.resume", "thaw.data.datamodule"]
     training += ["thaw.data.augment", "thaw.data.resumable"]
     code = (
-        "import sys, thaw.predict, thaw.inference.inputs, thaw.inference.predictor; "
+        "import sys, thaw.predict, thaw.inference.inputs, thaw.inference.predictor, thaw.serve; "
         f"print(sorted(m for m in sys.modules if m in {training} or "
         f"m.startswith(tuple(t + '.' for t in {training}))))"
     )

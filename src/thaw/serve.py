@@ -1,0 +1,104 @@
+"""`python serve.py ckpt_path=...` (or model_path=model.onnx): the classifier over HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import hydra
+import torch
+import uvicorn
+from fastapi import FastAPI
+from omegaconf import DictConfig, OmegaConf
+
+from thaw.checkpoint import CheckpointError
+from thaw.config import config_dir
+from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
+from thaw.serving.app import ServeSettings, create_app
+from thaw.serving.model import load_served
+
+log = logging.getLogger(__name__)
+
+# The config a worker process of `workers > 1` reads to build its own app.
+CONFIG_ENV = "THAW_SERVE_CONFIG"
+USER_ERRORS = (CheckpointError, FileNotFoundError, ImportError, ValueError)
+
+
+def settings_from(cfg: DictConfig) -> ServeSettings:
+    """The server's bounds from the config, each checked and named if wrong."""
+    for key in ("max_batch_size", "max_pending", "top_k", "workers", "port"):
+        _check_number(key, cfg[key], integer=True, minimum=1)
+    _check_number("batch_timeout_ms", cfg.batch_timeout_ms, integer=False, minimum=0)
+    _check_number("max_upload_mb", cfg.max_upload_mb, integer=False, minimum=0)
+    if cfg.max_upload_mb == 0:
+        raise ValueError("max_upload_mb must be above 0: it is the largest request body accepted")
+    if cfg.tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {cfg.tta!r}")
+    if cfg.api_key is not None and not str(cfg.api_key):
+        raise ValueError("api_key is empty: set a secret, or null for an open server")
+    return ServeSettings(
+        max_batch_size=cfg.max_batch_size,
+        batch_timeout_ms=float(cfg.batch_timeout_ms),
+        max_upload_mb=float(cfg.max_upload_mb),
+        max_pending=cfg.max_pending,
+        top_k=cfg.top_k,
+        api_key=None if cfg.api_key is None else str(cfg.api_key),
+    )
+
+
+def _check_number(key: str, value: object, integer: bool, minimum: int) -> None:
+    kinds = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{key} must be {kind} >= {minimum}, got {value!r}")
+
+
+def build_app(cfg: DictConfig) -> FastAPI:
+    """The app for `cfg`: the model loaded, the settings checked."""
+    settings = settings_from(cfg)
+    predictor, info = load_served(
+        checkpoint_paths(cfg.ckpt_path), cfg.model_path, best_device(cfg.device), cfg.tta
+    )
+    return create_app(predictor, info, settings)
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one worker process (`workers > 1`): each loads its own model, with its share
+    of the cores for intra-op threads."""
+    cfg = OmegaConf.create(json.loads(os.environ[CONFIG_ENV]))
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.workers))
+    return build_app(cfg)
+
+
+def serve(cfg: DictConfig) -> None:
+    """Load the model (a mistake stops here, before the port opens), then serve until stopped."""
+    app = build_app(cfg)
+    log.info("Serving on http://%s:%d (the page at /, the API at /predict)", cfg.host, cfg.port)
+    if cfg.workers == 1:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+        return
+    del app  # each worker process builds its own from the environment
+    os.environ[CONFIG_ENV] = json.dumps(OmegaConf.to_container(cfg, resolve=True))
+    uvicorn.run(
+        "thaw.serve:app_from_environment",
+        factory=True,
+        host=cfg.host,
+        port=cfg.port,
+        workers=cfg.workers,
+        log_level="info",
+    )
+
+
+def _main(cfg: DictConfig) -> None:
+    try:
+        serve(cfg)
+    except USER_ERRORS as err:
+        print(f"Error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main() -> None:
+    """Console entry point (`thaw-serve`, `python serve.py`)."""
+    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="serve")(_main)()

@@ -1,0 +1,1 @@
+"""The HTTP service: uploads decoded safely, requests batched dynamically, one Predictor."""

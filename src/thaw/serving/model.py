@@ -1,0 +1,74 @@
+"""The model a server answers with, and what /info says about it.
+
+A checkpoint is loaded with `load_trained`, an exported file through its own metadata: the same
+Predictor and preprocessing as predict.py, so a served answer equals predict's. /info adds the
+run's test metrics (its metrics.json) and, for an exported file, the parity figures its
+export.json recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from thaw import __version__
+from thaw.checkpoint import run_dir
+from thaw.inference.predictor import Predictor
+from thaw.trained import load_trained
+
+METRICS = "metrics.json"
+EXPORT_RECORD = "export.json"
+
+
+def load_served(
+    ckpt_paths: list[str], model_path: str | None, device: str, tta: str = "none"
+) -> tuple[Predictor, dict[str, Any]]:
+    """(the Predictor, the model's /info): from checkpoints (several: an ensemble) or from one
+    exported ONNX file, never both."""
+    if bool(ckpt_paths) == bool(model_path):
+        raise ValueError(
+            "give either ckpt_path=<file.ckpt> or model_path=<model.onnx>, "
+            f"not {'both' if ckpt_paths else 'neither'}"
+        )
+    if model_path:
+        path = Path(model_path)
+        predictor = Predictor.from_onnx(path, tta)
+        export = _read_json(path.parent / EXPORT_RECORD).get(path.name)
+        name = (export or {}).get("model", "unknown")
+        model = {"name": name, "format": "onnx", "path": str(path)}
+        metrics_dir = path.parent
+    else:
+        trained = [load_trained(p, channels_last=device == "cuda") for p in ckpt_paths]
+        predictor = Predictor.from_trained(trained, tta, device)
+        name = "+".join(t.config["model"]["name"] for t in trained)
+        model = {"name": name, "format": "checkpoint", "path": ", ".join(ckpt_paths)}
+        export, metrics_dir = None, run_dir(trained[0].path)
+    preprocessing = predictor.members[0].preprocessing
+    metrics = _read_json(metrics_dir / METRICS) if len(ckpt_paths) <= 1 else {}
+    info = {
+        "model": model,
+        "classes": predictor.classes,
+        "input_size": preprocessing.input_size,
+        "preprocessing": preprocessing.to_dict(),
+        "device": str(predictor.device),
+        "tta": tta,
+        "thaw_version": __version__,
+        "test_metrics": _scalar_test_metrics(metrics) or None,
+        "export": export,
+    }
+    return predictor, info
+
+
+def _scalar_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The run's headline test figures (not its per-class values or confusion matrix)."""
+    return {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`, or {} where there is none (a model copied without its run)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

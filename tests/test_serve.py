@@ -1,0 +1,432 @@
+"""serve.py on a model trained on real photos, over a real loopback port: answers equal to
+predict's, batches with a bad file, every kind of bad input refused without harm to the server,
+the API key, concurrency, /info and /metrics, ONNX, several workers, and the page in chromium."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from conftest import FOLDER_CLASSES
+from data_formats import write_truncated_jpeg
+from serving import loopback_server
+from thaw.config import compose_config
+from thaw.export import export_model
+from thaw.predict import predict
+from thaw.serve import _main, build_app, settings_from
+from thaw.serving.batcher import DynamicBatcher, Overloaded
+from thaw.trained import load_trained
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = "s3cret"
+
+
+def serve_config(tmp_path: Path, *overrides: str):
+    return compose_config("serve", ["device=cpu", *overrides], tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(folder_run: Path) -> Path:
+    return folder_run / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def test_images(photo_folder: Path) -> list[Path]:
+    return sorted((photo_folder / "test").rglob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def predicted(ckpt: Path, test_images: list[Path], tmp_path_factory) -> dict[str, dict]:
+    """predict.py's answer for each test image, by `key`: {class: probability}."""
+    out = tmp_path_factory.mktemp("predict")
+    rows = json.loads(
+        predict(
+            compose_config(
+                "predict",
+                ["device=cpu", f"ckpt_path={ckpt}", f"inputs={test_images[0].parents[1]}"]
+                + ["out=predictions.json"],
+                out,
+            )
+        ).read_text()
+    )
+    k = len(FOLDER_CLASSES)
+    return {
+        key(Path(row["path"])): {row[f"top{i}_label"]: row[f"top{i}_prob"] for i in range(1, k + 1)}
+        for row in rows
+    }
+
+
+@pytest.fixture(scope="module")
+def url(ckpt: Path, tmp_path_factory) -> str:
+    app = build_app(serve_config(tmp_path_factory.mktemp("serve"), f"ckpt_path={ckpt}"))
+    with loopback_server(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def strict_url(ckpt: Path, tmp_path_factory) -> str:
+    """A server with an API key and a 0.05 MB upload limit."""
+    cfg = serve_config(
+        tmp_path_factory.mktemp("strict"),
+        f"ckpt_path={ckpt}",
+        f"api_key={KEY}",
+        "max_upload_mb=0.05",
+    )
+    with loopback_server(build_app(cfg)) as base:
+        yield base
+
+
+def key(path: Path) -> str:
+    """class/file name: the file names repeat across the class folders."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def as_probabilities(answer: dict) -> dict[str, float]:
+    return {entry["label"]: entry["prob"] for entry in answer["top_k"]}
+
+
+def assert_same(answer: dict, expected: dict[str, float]) -> None:
+    got = as_probabilities(answer)
+    assert set(got) == set(expected)
+    for label, prob in expected.items():
+        assert got[label] == pytest.approx(prob, abs=1e-5), label
+    assert answer["label"] == max(expected, key=expected.get)
+    assert answer["prob"] == got[answer["label"]]
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header declares `width` x `height`: a decompression bomb's signature."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its checksum
+    return bytes(data)
+
+
+def test_served_answers_equal_predicts(url, test_images, predicted):
+    with httpx.Client(base_url=url) as client:
+        for path in test_images:
+            multipart = client.post("/predict", files={"file": (path.name, path.read_bytes())})
+            raw = client.post("/predict", content=path.read_bytes())
+            for response in (multipart, raw):
+                assert response.status_code == 200, response.text
+                assert_same(response.json(), predicted[key(path)])
+
+
+def test_a_batch_answers_each_file_and_a_bad_one_gets_its_own_error(
+    url, test_images, predicted, tmp_path
+):
+    truncated = write_truncated_jpeg(tmp_path / "cut.jpg").read_bytes()
+    files = [
+        ("files", (test_images[0].name, test_images[0].read_bytes())),
+        ("files", ("cut.jpg", truncated)),
+        ("files", ("notes.txt", b"not an image")),
+        ("files", (test_images[-1].name, test_images[-1].read_bytes())),
+    ]
+    response = httpx.post(f"{url}/predict/batch", files=files)
+    assert response.status_code == 200, response.text
+    first, cut, text, last = response.json()
+    assert [r["file"] for r in (first, cut, text, last)] == [f[1][0] for f in files]
+    assert_same(first, predicted[key(test_images[0])])
+    assert_same(last, predicted[key(test_images[-1])])
+    assert cut["status"] == 400 and "could not decode" in cut["error"] and "label" not in cut
+    assert text["status"] == 415 and "not an image" in text["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "route", "request_args", "status", "words"),
+    [
+        ("POST", "/predict", {"content": b"plain text, not a picture"}, 415, "not an image"),
+        ("POST", "/predict", {"files": {"file": ("a.txt", b"%PDF-1.4")}}, 415, "not an image"),
+        ("POST", "/predict", {"content": png_declaring(100_000, 100_000)}, 400, "too large"),
+        ("POST", "/predict", {"content": png_declaring(12_000, 12_000)}, 400, "12000x12000"),
+        ("POST", "/predict", {"content": b""}, 400, "empty"),
+        ("POST", "/predict", {"files": {"image": ("a.png", b"x")}}, 400, "field 'file'"),
+        ("POST", "/predict/batch", {"content": b"raw"}, 400, "multipart"),
+        ("POST", "/predict/batch", {"data": {"note": "no files"}}, 400, "multipart"),
+        ("GET", "/predict", {}, 405, "Method Not Allowed"),
+        ("PUT", "/predict/batch", {}, 405, "Method Not Allowed"),
+        ("POST", "/health", {}, 405, "Method Not Allowed"),
+        # A server-side path is never read: as a form value or as the body, it is not an image.
+        ("POST", "/predict", {"files": {"file": (None, "/etc/passwd")}}, 400, "field 'file'"),
+        ("POST", "/predict", {"data": {"file": "/etc/passwd"}}, 415, "not an image"),
+    ],
+)
+def test_bad_input_gets_its_status_and_the_server_goes_on(
+    url, test_images, predicted, method, route, request_args, status, words
+):
+    with httpx.Client(base_url=url) as client:
+        response = client.request(method, route, **request_args)
+        assert response.status_code == status, response.text
+        assert words in response.json()["detail"]
+        good = client.post("/predict", content=test_images[0].read_bytes())
+        assert good.status_code == 200
+        assert_same(good.json(), predicted[key(test_images[0])])
+
+
+def test_an_upload_over_the_limit_gets_413_and_the_key_guards_predict(strict_url, test_images):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    big = os.urandom(60 * 1024)  # over 0.05 MB
+    with httpx.Client(base_url=strict_url) as client:
+        assert client.post("/predict", content=big, headers=auth).status_code == 413
+        response = client.post("/predict/batch", files=[("files", ("a.png", big))], headers=auth)
+        assert response.status_code == 413
+        assert "max_upload_mb" in response.json()["detail"]
+
+        image = test_images[0].read_bytes()
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for route in ("/predict", "/predict/batch"):
+                response = client.post(route, files={"file": ("a.png", image)}, headers=headers)
+                assert response.status_code == 401, (route, headers)
+                assert response.headers["www-authenticate"] == "Bearer"
+        assert client.post("/predict", content=image, headers=auth).status_code == 200
+        batch = client.post("/predict/batch", files={"file": ("a.png", image)}, headers=auth)
+        assert batch.status_code == 200 and batch.json()[0]["label"] in FOLDER_CLASSES
+        for route in ("/", "/health", "/info"):
+            assert client.get(route).status_code == 200, route
+        assert client.get("/info").json()["auth"] is True
+
+
+def test_sixteen_clients_at_once_all_get_predicts_answers(url, test_images, predicted):
+    def client_session(offset: int) -> list[tuple[str, httpx.Response]]:
+        with httpx.Client(base_url=url, timeout=60) as client:
+            paths = [test_images[(offset + i) % len(test_images)] for i in range(4)]
+            return [(key(p), client.post("/predict", content=p.read_bytes())) for p in paths]
+
+    before = httpx.get(f"{url}/metrics").json()
+    with ThreadPoolExecutor(16) as pool:
+        sessions = list(pool.map(client_session, range(16)))
+    answers = [answer for session in sessions for answer in session]
+    assert len(answers) == 64
+    for name, response in answers:
+        assert response.status_code == 200, response.text
+        assert_same(response.json(), predicted[name])
+    after = httpx.get(f"{url}/metrics").json()
+    served = after["batches"]["images"] - before["batches"]["images"]
+    assert served == 64
+    ok = (
+        after["routes"]["/predict"]["requests"]["200"]
+        - before["routes"]["/predict"]["requests"]["200"]
+    )
+    assert ok == 64
+
+
+def test_info_and_metrics_report_the_model_and_the_traffic(url, folder_run, test_images):
+    info = httpx.get(f"{url}/info").json()
+    assert info["classes"] == sorted(FOLDER_CLASSES)
+    assert info["input_size"] == 28 and info["model"]["name"] == "resnet18"
+    metrics = json.loads((folder_run / "metrics.json").read_text())
+    assert info["test_metrics"]["test/acc"] == metrics["test/acc"]
+    assert info["export"] is None and info["auth"] is False
+
+    before = httpx.get(f"{url}/metrics").json()["routes"]["/predict"]["requests"]
+    httpx.post(f"{url}/predict", content=test_images[0].read_bytes())
+    httpx.post(f"{url}/predict", content=b"text")
+    after = httpx.get(f"{url}/metrics").json()
+    counts = after["routes"]["/predict"]["requests"]
+    assert counts["200"] == before["200"] + 1
+    assert counts["415"] == before.get("415", 0) + 1
+    latency = after["routes"]["/predict"]["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p99"]
+    text = httpx.get(f"{url}/metrics", params={"format": "prometheus"}).text
+    assert f'thaw_requests_total{{route="/predict",status="415"}} {counts["415"]}' in text
+
+
+def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
+    ckpt, test_images, tmp_path
+):
+    model = export_model(load_trained(ckpt), "onnx", tmp_path, parity_images=24)
+    rows = json.loads(
+        predict(
+            compose_config(
+                "predict",
+                [f"model_path={model}", f"inputs={test_images[0]}", "out=p.json"],
+                tmp_path / "predict",
+            )
+        ).read_text()
+    )
+    expected = {rows[0][f"top{i}_label"]: rows[0][f"top{i}_prob"] for i in (1, 2, 3)}
+    app = build_app(serve_config(tmp_path / "serve", f"model_path={model}"))
+    with loopback_server(app) as base, httpx.Client(base_url=base) as client:
+        info = client.get("/info").json()
+        assert info["model"] == {"name": "resnet18", "format": "onnx", "path": str(model)}
+        record = json.loads((tmp_path / "export.json").read_text())["model.onnx"]
+        assert info["export"] == record and info["export"]["top1_agreement"] == 1.0
+        response = client.post("/predict", content=test_images[0].read_bytes())
+        assert_same(response.json(), expected)
+
+
+def test_the_batcher_groups_waiting_requests_up_to_the_limit():
+    async def scenario(max_batch_size: int, items: int) -> tuple[list[int], list[int]]:
+        sizes: list[int] = []
+
+        def double(batch: list[int]) -> list[int]:
+            sizes.append(len(batch))
+            return [2 * x for x in batch]
+
+        async with DynamicBatcher(double, max_batch_size, 0.05, max_pending=64) as batcher:
+            results = await asyncio.gather(*(batcher.submit(i) for i in range(items)))
+        return list(results), sizes
+
+    results, sizes = asyncio.run(scenario(4, 10))
+    assert results == [2 * i for i in range(10)] and sizes == [4, 4, 2]
+    results, sizes = asyncio.run(scenario(1, 5))
+    assert results == [0, 2, 4, 6, 8] and sizes == [1] * 5
+
+
+def test_the_batcher_waits_only_for_requests_that_are_coming():
+    async def scenario(announce: bool) -> list[int]:
+        sizes: list[int] = []
+
+        def record(batch: list[int]) -> list[int]:
+            sizes.append(len(batch))
+            return batch
+
+        async def second() -> int:  # read and decoded while the first waits, then submitted
+            if announce:
+                with batcher.coming():
+                    await asyncio.sleep(0.05)
+            else:
+                await asyncio.sleep(0.05)
+            return await batcher.submit(2)
+
+        async with DynamicBatcher(record, 8, timeout_s=30.0, max_pending=8) as batcher:
+            late = asyncio.ensure_future(second())
+            await asyncio.sleep(0)  # the second request is on its way (announced, if at all)
+            first = await asyncio.wait_for(batcher.submit(1), 5)  # never the 30 s timeout
+            assert [first, await late] == [1, 2]
+        return sizes
+
+    assert asyncio.run(scenario(announce=True)) == [2]
+    assert asyncio.run(scenario(announce=False)) == [1, 1]
+
+
+def test_a_failing_batch_fails_its_requests_and_a_full_queue_refuses_more():
+    async def scenario() -> None:
+        def fail_on_three(batch: list[int]) -> list[int]:
+            if 3 in batch:
+                raise RuntimeError("boom")
+            return batch
+
+        async with DynamicBatcher(fail_on_three, 1, 0.0, max_pending=2) as batcher:
+            with pytest.raises(RuntimeError, match="boom"):
+                await batcher.submit(3)
+            assert await batcher.submit(4) == 4  # the loop survived
+            waiting = [asyncio.ensure_future(batcher.submit(i)) for i in range(3)]
+            await asyncio.sleep(0)  # all three try to queue before the loop takes one
+            done = await asyncio.gather(*waiting, return_exceptions=True)
+            assert [isinstance(d, Overloaded) for d in done] == [False, False, True]
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("override", "words"),
+    [
+        ("max_batch_size=0", "max_batch_size must be an integer >= 1"),
+        ("batch_timeout_ms=-1", "batch_timeout_ms must be a number >= 0"),
+        ("max_upload_mb=0", "max_upload_mb must be above 0"),
+        ("workers=1.5", "workers must be an integer"),
+        ("tta=rotate", "tta must be one of"),
+        ("api_key=''", "api_key is empty"),
+    ],
+)
+def test_a_wrong_setting_is_named(override, words, tmp_path):
+    with pytest.raises(ValueError, match=words):
+        settings_from(serve_config(tmp_path, override))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_command_line_serves_with_two_workers_and_stops_cleanly(ckpt, test_images, tmp_path):
+    port = free_port()
+    command = [sys.executable, "serve.py", f"ckpt_path={ckpt}", f"port={port}", "workers=2"]
+    process = subprocess.Popen(
+        [*command, f"hydra.run.dir={tmp_path}"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(
+                pool.map(
+                    lambda p: httpx.post(
+                        f"http://127.0.0.1:{port}/predict", content=p.read_bytes()
+                    ),
+                    test_images[:8],
+                )
+            )
+        assert all(r.status_code == 200 for r in responses)
+    finally:
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=60)[0]
+    assert process.returncode == 0, output
+    assert output.count("Application startup complete") == 2, output  # one per worker
+
+
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _main(serve_config(tmp_path))
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "Error: give either ckpt_path=<file.ckpt> or model_path=<model.onnx>, not neither"
+    )
+
+
+def test_the_page_shows_the_top_label_of_a_dropped_photo(url, test_images, predicted):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert chromium and driver_path, "install them: apt-get install chromium chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        driver.get(url)
+        wait = WebDriverWait(driver, 30)
+        wait.until(lambda d: "resnet18" in d.find_element(By.ID, "model").text)
+        image = test_images[0]
+        driver.find_element(By.ID, "file").send_keys(str(image))
+        top = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar .label"))
+        expected = predicted[key(image)]
+        assert top[0].text == max(expected, key=expected.get)
+        assert [e.text for e in top] == sorted(expected, key=expected.get, reverse=True)
+        assert driver.find_element(By.ID, "error").text == ""
+    finally:
+        driver.quit()
