@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 def load_script(name: str):
+    """A script as a module, registered as imports are (its dataclasses look themselves up)."""
     spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -145,3 +148,26 @@ def test_bench_infer_tiny(folder_run, tmp_path):
     assert abs(float(cells["ONNX Runtime INT8"]["test acc"]) - float(eager["test acc"])) <= 0.1
     assert float(ort["file MB"]) / float(cells["ONNX Runtime INT8"]["file MB"]) > 3.5
     assert (tmp_path / "infer-cpu.md").is_file()
+
+
+def test_bench_serve_tiny(folder_run, photo_folder, tmp_path):
+    bench = load_script("bench_serve")
+    rows = bench.main(
+        [
+            *("--ckpt", str(folder_run / "checkpoints" / "best.ckpt")),
+            *("--images", str(photo_folder / "test"), "--out", str(tmp_path)),
+            *("--requests", "16", "--seconds", "10"),
+        ]
+    )
+    header, *runs = rows
+    assert [(row[0], row[1]) for row in runs] == [
+        (clients, bad) for bad in ("none", "1 in 4") for clients in ("1", "8", "32")
+    ]
+    for row in runs:
+        cells = dict(zip(header, row, strict=True))
+        ratio = float(cells["batching img/s"]) / float(cells["batch size 1 img/s"])
+        assert float(cells["batching speed-up"].rstrip("x")) == pytest.approx(ratio, rel=0.05)
+        assert cells["failed good"] == "0"
+        refused, bad = cells["bad refused (415)"].split("/")
+        assert refused == bad == ("0" if cells["bad requests"] == "none" else "8")  # 2 servers
+    assert "| clients |" in (tmp_path / "serve-cpu.md").read_text()
