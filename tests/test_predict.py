@@ -11,14 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import FOLDER_CLASSES, FOLDER_SPLITS
 from data_formats import write_truncated_jpeg
+from thaw.analysis.gradcam import explain_image
 from thaw.checkpoint import CheckpointError
 from thaw.config import compose_config
+from thaw.data.images import load_image
 from thaw.evaluate import evaluate
 from thaw.export import export_model
 from thaw.inference.inputs import resolve_inputs
@@ -213,6 +216,39 @@ def test_json_output_holds_the_csv_rows(plain_rows, ckpt, photo_folder, tmp_path
         assert row["top2_prob"] == pytest.approx(float(csv_row["top2_prob"]), abs=1e-6)
 
 
+def test_explain_writes_an_overlay_of_each_predicted_class(
+    plain_rows, ckpt, photo_folder, tmp_path
+):
+    folder = tmp_path / "photos"  # two files named 000.png, and one that cannot be decoded
+    sources = [photo_folder / "test" / name / "000.png" for name in ("Bag", "Trouser")]
+    for source in sources:
+        (folder / source.parent.name).mkdir(parents=True)
+        shutil.copy(source, folder / source.parent.name)
+    bad = write_truncated_jpeg(folder / "cut.jpg")
+    out = run_predict(tmp_path / "run", f"ckpt_path={ckpt}", f"inputs={folder}", "explain=true")
+    rows = read_csv(out)
+    assert list(rows[0]) == [*COLUMNS, "explanation"]
+    assert [row["path"] for row in rows] == [
+        str(folder / "Bag" / "000.png"),
+        str(folder / "Trouser" / "000.png"),
+        str(bad),
+    ]
+    assert rows[2]["error"] and rows[2]["explanation"] == ""
+    expected = {row["path"]: row for row in plain_rows}
+    trained = load_trained(ckpt)
+    for index, (row, source) in enumerate(zip(rows[:2], sources, strict=True)):
+        assert row["label"] == expected[str(source)]["label"]  # explaining changes no prediction
+        assert row["explanation"] == str(out.parent / "explain" / f"{index}_000.png")
+        with Image.open(row["explanation"]) as picture:
+            assert picture.format == "PNG" and picture.mode == "RGB"
+            assert picture.size == (28, 28)  # the model's input view, as the model saw it
+            written = np.asarray(picture, dtype=int)
+        # The overlay of the predicted class's Grad-CAM, as explain_image draws it.
+        target = CLASSES.index(row["label"])
+        _, drawn = explain_image(trained, load_image(Path(row["path"])), target)
+        assert np.abs(written - np.asarray(drawn, dtype=int)).max() <= 1
+
+
 def test_inputs_resolve_folders_globs_files_and_lists(tmp_path):
     root = tmp_path / "photos"
     (root / "sub").mkdir(parents=True)
@@ -244,6 +280,13 @@ def test_inputs_resolve_folders_globs_files_and_lists(tmp_path):
         (["tta=mirror"], ValueError, r"tta must be one of \['none', 'flip', 'flip_crop'\]"),
         (["out=predictions.txt"], ValueError, "must end in .csv or .json"),
         (["top_k=0"], ValueError, "top_k must be a positive integer"),
+        (["explain=yes"], ValueError, "explain must be true or false"),
+        (
+            ["explain=true", "ckpt_path=null", "model_path=model.onnx"],
+            ValueError,
+            r"explain=true needs the PyTorch model.*give ckpt_path=",
+        ),
+        (["explain=true", "ckpt_path=[{ckpt},{ckpt}]"], ValueError, "needs one checkpoint"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_written(
@@ -253,7 +296,7 @@ def test_bad_input_is_refused_before_anything_is_written(
     torch.save({"state_dict": {}}, foreign)
     empty = tmp_path / "empty"
     empty.mkdir()
-    values = {"foreign": foreign, "empty": empty}
+    values = {"foreign": foreign, "empty": empty, "ckpt": ckpt}
     base = [f"ckpt_path={ckpt}", f"inputs={photo_folder / 'test'}"]
     cfg = compose_config(
         "predict", base + [o.format(**values) for o in overrides], tmp_path / "run"
@@ -289,7 +332,8 @@ def test_console_script_shows_the_predict_config():
     script = Path(sys.executable).parent / "thaw-predict"
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    for key in ("ckpt_path:", "model_path:", "inputs:", "tta: none", "top_k: 5", "task_name"):
+    keys = ("ckpt_path:", "model_path:", "inputs:", "tta: none", "top_k: 5", "explain: false")
+    for key in (*keys, "task_name"):
         assert key in result.stdout, key
 
 
@@ -297,7 +341,8 @@ def test_inference_and_serving_import_no_training_code():
     training = ["thaw.train", "thaw.build", "thaw.finetune", "thaw.resume", "thaw.data.datamodule"]
     training += ["thaw.data.augment", "thaw.data.resumable"]
     code = (
-        "import sys, thaw.predict, thaw.inference.inputs, thaw.inference.predictor, thaw.serve; "
+        "import sys, thaw.predict, thaw.inference.inputs, thaw.inference.predictor, thaw.serve, "
+        "thaw.analysis.gradcam; "
         f"print(sorted(m for m in sys.modules if m in {training} or "
         f"m.startswith(tuple(t + '.' for t in {training}))))"
     )

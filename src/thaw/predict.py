@@ -1,4 +1,5 @@
-"""`python predict.py ckpt_path=... inputs=...`: classify image files, write predictions.csv."""
+"""`python predict.py ckpt_path=... inputs=...`: classify image files, write predictions.csv;
+with `explain=true`, also a Grad-CAM overlay of each image's predicted class."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import track
 
+from thaw.analysis.gradcam import explain
 from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
+from thaw.data.images import load_image
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
     Predictor,
@@ -25,10 +28,12 @@ from thaw.inference.predictor import (
     predict_files,
     prediction_row,
 )
+from thaw.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
 OUT_SUFFIXES = (".csv", ".json")
+EXPLAIN_DIR = "explain"  # beside the output file: <index>_<file stem>.png per image
 # What a user can fix: said in one paragraph, exit status 2 (a bug keeps its traceback).
 USER_ERRORS = (CheckpointError, FileNotFoundError, ImportError, ValueError)
 
@@ -54,6 +59,20 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
             "give either ckpt_path=<file.ckpt> (or a list [a.ckpt,b.ckpt], an ensemble) or "
             f"model_path=<model.onnx>, not {'both' if ckpts else 'neither'}"
         )
+    explaining = cfg.get("explain", False)
+    if not isinstance(explaining, bool):
+        raise ValueError(f"explain must be true or false, got {explaining!r}")
+    if explaining and model_path:
+        raise ValueError(
+            "explain=true needs the PyTorch model, as Grad-CAM takes gradients through it: give "
+            f"ckpt_path=<file.ckpt> (the checkpoint {model_path} was exported from) in place of "
+            "model_path"
+        )
+    if explaining and len(ckpts) > 1:
+        raise ValueError(
+            f"explain=true needs one checkpoint, not an ensemble of {len(ckpts)}: give "
+            "ckpt_path=<file.ckpt>"
+        )
     if model_path:
         predictor = Predictor.from_onnx(model_path, cfg.tta)
     else:
@@ -68,12 +87,51 @@ def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> 
     terminal = Console(stderr=True).is_terminal
     shown = track(results, "Predicting", total=len(paths), disable=not terminal)
     rows = [prediction_row(result, predictor, cfg.top_k) for result in shown]
+    if cfg.get("explain", False):
+        explain_rows(rows, predictor, out.parent / EXPLAIN_DIR, cfg.batch_size)
     write_rows(out, rows)
     errors = sum(row["error"] is not None for row in rows)
     if errors:
         log.warning("%d of %d files could not be decoded: see the error column", errors, len(rows))
     log.info("Wrote %d predictions to %s", len(rows), out)
     return out
+
+
+def explain_rows(
+    rows: list[dict[str, Any]], predictor: Predictor, folder: Path, batch_size: int
+) -> None:
+    """Write the Grad-CAM overlay of each row's predicted class (the `label`, TTA included) on
+    the model's input view of its file to folder/<index>_<stem>.png (the index keeps two
+    photos/a/1.jpg and photos/b/1.jpg apart), and add the path to the row as `explanation`:
+    None where the file could not be decoded. The overlay has the model's input size."""
+    member = predictor.members[0]
+    if not isinstance(member.model, Classifier):  # setup refuses ONNX models and ensembles
+        raise TypeError(f"explain needs one PyTorch Classifier, got {type(member.model)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    width = len(str(len(rows) - 1))
+    starts = range(0, len(rows), batch_size)
+    terminal = Console(stderr=True).is_terminal
+    written = 0
+    for start in track(starts, "Explaining", total=len(starts), disable=not terminal):
+        chunk, images = [], []
+        for index, row in enumerate(rows[start : start + batch_size], start):
+            row["explanation"] = None
+            if row["error"] is not None:
+                continue
+            try:
+                images.append(load_image(Path(row["path"]), predictor.decode_size))
+            except OSError as err:  # changed since it was predicted: the row keeps its label
+                log.warning("could not explain %s: %s", row["path"], err)
+                continue
+            chunk.append((index, row))
+        targets = [predictor.classes.index(row["label"]) for _, row in chunk]
+        pictures = explain(member.model, member.preprocessing, images, targets)
+        for (index, row), (_, picture) in zip(chunk, pictures, strict=True):
+            path = folder / f"{index:0{width}d}_{Path(row['path']).stem}.png"
+            picture.save(path)
+            row["explanation"] = str(path)
+            written += 1
+    log.info("Wrote %d Grad-CAM overlays to %s", written, folder)
 
 
 def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> None:

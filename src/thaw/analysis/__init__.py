@@ -1,0 +1,1 @@
+"""Understanding a trained classifier: calibration, Grad-CAM, per-class analysis and the report."""
