@@ -33,6 +33,7 @@ quickstart: install
 	$(PY) predict.py model_path=$(QUICKSTART_DIR)/transfer/model.onnx \
 		inputs=$(QUICKSTART_DIR)/samples hydra.run.dir=$(QUICKSTART_DIR)/predict
 	$(PY) scripts/show_predictions.py $(QUICKSTART_DIR)/predict/predictions.csv
+	@echo "The transfer model's evaluation report: $(QUICKSTART_DIR)/transfer/report.html"
 
 # make train ARGS="model=mobilenet_v3_large data=cifar10"
 train: install

@@ -27,6 +27,7 @@ TINY = [
     "data.eval_batch_size=64",
     "trainer.max_epochs=2",
     "trainer.accelerator=cpu",
+    "report=false",  # the report has its own tests, on `folder_run`'s
     *SILENT,
 ]
 
@@ -122,6 +123,7 @@ def folder_run(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "trainer.max_epochs=4",
         "logger=none",
         "++callbacks.batch_preview=null",
+        "report=true",
     ]
     run(compose_config("train", overrides, run_dir))
     return run_dir

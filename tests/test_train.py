@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -103,7 +104,9 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(
     assert trained.classes == list(CLASSES) and not trained.model.training
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    assert trained.preprocessing == datamodule.preprocessing  # the training split's statistics
+    # The training split's statistics, and the temperature fitted after training (calibrate).
+    fitted = dataclasses.replace(datamodule.preprocessing, temperature=metrics["temperature"])
+    assert trained.preprocessing == fitted
     assert trained.preprocessing.grayscale and trained.preprocessing.mean != IMAGENET_MEAN
     test_only = tmp_path / "test_images_only"
     test_only.mkdir()

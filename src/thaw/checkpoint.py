@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,3 +58,33 @@ def run_dir(checkpoint: Path) -> Path:
     metrics.json and exported files are."""
     folder = checkpoint.resolve().parent
     return folder.parent if folder.name == "checkpoints" else folder
+
+
+def update_run_record(path: str | Path, **values: Any) -> None:
+    """Set entries of the RunRecord of the thaw checkpoint at `path` (e.g. its `preprocessing`),
+    keeping everything else, and write it back atomically (see `save_atomically`)."""
+    checkpoint = read_checkpoint(path)
+    run_record(checkpoint, path)  # a clear error for a file that is not a thaw checkpoint
+    checkpoint[RUN_KEY].update(values)
+    save_atomically(checkpoint, path)
+
+
+def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """`torch.save` to a temporary file beside `path`, then rename it over `path`: a reader
+    (or a crash) sees the old file or the new one, never half of one. The new file keeps the
+    old one's permissions."""
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
+    )
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            torch.save(checkpoint, file)
+            file.flush()
+            os.fsync(file.fileno())
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

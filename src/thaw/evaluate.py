@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from thaw.analysis.report import write_report
 from thaw.build import build_datamodule
 from thaw.checkpoint import CheckpointError
 from thaw.config import config_dir
@@ -58,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             str(trained.path),
             load_checkpoint=False,
             extra=extra,
+            report=cfg.get("report", True),
         )
     log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
@@ -126,9 +128,12 @@ def report_test_metrics(
     checkpoint: str | None,
     load_checkpoint: bool = True,
     extra: dict[str, Any] | None = None,
+    report: bool = True,
+    wall_time_s: float | None = None,
 ) -> dict[str, Any]:
     """Test `model` (with the weights of `checkpoint` unless they are loaded already), then
-    write metrics.json (with the `extra` values) and log the confusion matrix as an image."""
+    write metrics.json (with the `extra` values), log the confusion matrix as an image, and with
+    `report` write report.json and report.html beside it."""
     ckpt_path = checkpoint if load_checkpoint else None
     (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
@@ -138,11 +143,25 @@ def report_test_metrics(
     if not trainer.is_global_zero:
         return metrics
     write_metrics(output_dir / "metrics.json", metrics)
-    for logger in trainer.loggers:
-        if isinstance(logger, pl.loggers.TensorBoardLogger):
-            image = confusion_matrix_image(model.test_report["confusion_matrix"], model.classes)
-            logger.experiment.add_image("test/confusion_matrix", image, dataformats="HWC")
-            logger.experiment.flush()
+    writers = [
+        logger.experiment
+        for logger in trainer.loggers
+        if isinstance(logger, pl.loggers.TensorBoardLogger)
+    ]
+    for writer in writers:
+        image = confusion_matrix_image(model.test_report["confusion_matrix"], model.classes)
+        writer.add_image("test/confusion_matrix", image, dataformats="HWC")
+        writer.flush()
+    if report:
+        write_report(
+            model,
+            datamodule.test_dataloader(),
+            output_dir,
+            model.run_config,
+            checkpoint,
+            wall_time_s,
+            writers,
+        )
     return metrics
 
 

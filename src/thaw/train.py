@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from thaw.build import (
     build_trainer,
     trainer_for_testing,
 )
+from thaw.calibrate import calibrate
 from thaw.config import config_dir, flat_hparams
 from thaw.evaluate import report_test_metrics
 from thaw.resume import check_resumable, resolve_ckpt_path
@@ -32,6 +34,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     """Train as `cfg` says and return every logged metric (val and, if tested, test).
     `callbacks` run before thaw's own (so that they can time them, as scripts/bench_speed.py
     does)."""
+    started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
@@ -49,13 +52,29 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     log.info("Run dir: %s", output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+
+    calibration: dict[str, float] = {}
+    if cfg.get("calibrate"):
+        calibration = calibrate(cfg, trainer, model, datamodule, best)
+        metrics.update(calibration)
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
         tester = trainer_for_testing(cfg, trainer)
-        metrics.update(report_test_metrics(tester, model, datamodule, output_dir, best or None))
+        metrics.update(
+            report_test_metrics(
+                tester,
+                model,
+                datamodule,
+                output_dir,
+                best or None,
+                extra=calibration,
+                report=cfg.get("report", True),
+                wall_time_s=time.perf_counter() - started,
+            )
+        )
         hparam_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
         for logger in trainer.loggers:
             logger.log_hyperparams(flat_hparams(cfg), metrics=hparam_metrics)
@@ -83,7 +102,8 @@ def _main(cfg: DictConfig) -> float | None:
     except SIGTERMException:
         # Terminated, not finished (ResumeState saved last.ckpt): 128 + SIGTERM, as a shell says.
         raise SystemExit(143) from None
-    summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k == "val/acc_best"}
+    shown = ("val/acc_best", "temperature")
+    summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k in shown}
     summary = {k: v for k, v in summary.items() if isinstance(v, float)}
     rank_zero_info(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
     return optimized_value(metrics, cfg.get("optimized_metric"))

@@ -54,6 +54,8 @@ class Member:
 
 class Predictor:
     """The softmax of each member, averaged over its test-time views, then over the members.
+    Each member's logits are divided by its preprocessing's temperature first (the one fitted
+    after training; 1.0 for a model that has none), so its probabilities are the calibrated ones.
 
     `tta`: "none"; "flip" adds the horizontal flip; "flip_crop" adds the flip and 4 views
     shifted by 1/8 of the side towards each corner (the 4 corner crops of the batch padded with
@@ -127,7 +129,8 @@ class Predictor:
         softmaxes = []
         for member, batch in zip(self.members, batches, strict=True):
             views = tta_views(batch.to(self.device), self.tta, member.black.to(self.device))
-            softmax = member.model(torch.cat(views)).float().softmax(dim=-1)
+            logits = member.model(torch.cat(views)).float()
+            softmax = (logits / member.preprocessing.temperature).softmax(dim=-1)
             softmaxes.append(softmax.view(len(views), len(batch), -1).mean(dim=0))
         return torch.stack(softmaxes).mean(dim=0).cpu()
 

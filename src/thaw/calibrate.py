@@ -1,0 +1,142 @@
+"""Temperature scaling after training: one scalar T, fitted on the validation split, that makes
+softmax(logits / T) mean what it says (Guo et al., 2017). It is stored in the best checkpoint's
+Preprocessing, so predict, export and serve apply it; accuracy does not change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from itertools import islice
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from thaw.analysis.calibration import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+)
+from thaw.checkpoint import update_run_record
+from thaw.data.datamodule import ImageDataModule
+from thaw.hardware import channels_last
+from thaw.models import Classifier
+from thaw.trained import load_trained
+
+log = logging.getLogger(__name__)
+
+
+def calibrate(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    model: Classifier,
+    datamodule: ImageDataModule,
+    best: str,
+) -> dict[str, float]:
+    """Temperature scaling after training: fit T on the best checkpoint's validation logits,
+    write it into that checkpoint's preprocessing (atomically) and into `model`'s, so the test
+    that follows and everything that loads the checkpoint apply it. Returns the figures for the
+    run's metrics: `temperature`, and the validation NLL and ECE before (`val/nll`, `val/ece`)
+    and after it (`val/nll_calibrated`, `val/ece_calibrated`); {} (nothing changed) without a
+    best checkpoint or validation images.
+
+    Global rank 0 fits and writes; the other ranks (DDP) receive T from it."""
+    if not best:
+        log.info("No best checkpoint was saved: no temperature fitted")
+        return {}
+    n_batches = _validation_batches(trainer, datamodule)
+    if n_batches == 0:
+        log.info("No validation images: no temperature fitted")
+        return {}
+    figures: dict[str, float] | str = {}
+    if trainer.is_global_zero:
+        try:
+            figures = fit_checkpoint_temperature(
+                best,
+                datamodule,
+                n_batches,
+                trainer.strategy.root_device,
+                channels_last(cfg.trainer),
+            )
+        except Exception as err:  # the other ranks must not wait for a T that never comes
+            trainer.strategy.broadcast(f"{type(err).__name__}: {err}", src=0)
+            raise
+    figures = trainer.strategy.broadcast(figures, src=0)
+    if isinstance(figures, str):
+        raise RuntimeError(f"fitting the temperature failed on global rank 0: {figures}")
+    model.preprocessing = dataclasses.replace(
+        model.preprocessing, temperature=figures["temperature"]
+    )
+    images = int(figures.pop("images"))
+    if not MIN_TEMPERATURE * 1.001 < figures["temperature"] < MAX_TEMPERATURE * 0.999:
+        log.warning(
+            "The fitted temperature %.4g is at the end of the searched range [%g, %g]: the "
+            "validation NLL kept falling towards it, as it does when the model gets every "
+            "validation image right (the low end) or guesses no better than chance (the high "
+            "end). More validation images give a better fit (data.val_fraction); "
+            "calibrate=false keeps the model's own probabilities",
+            figures["temperature"],
+            MIN_TEMPERATURE,
+            MAX_TEMPERATURE,
+        )
+    log.info(
+        "Temperature %.4f fitted on %d validation images: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
+        "(written into %s)",
+        figures["temperature"],
+        images,
+        figures["val/nll"],
+        figures["val/nll_calibrated"],
+        figures["val/ece"],
+        figures["val/ece_calibrated"],
+        best,
+    )
+    return figures
+
+
+def fit_checkpoint_temperature(
+    checkpoint: str,
+    datamodule: ImageDataModule,
+    n_batches: int,
+    device: torch.device,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Fit the temperature of `checkpoint` on the first `n_batches` validation batches of
+    `datamodule` (in eval mode, on `device`) and store it in the checkpoint; `calibrate`'s
+    figures, and the number of `images` it was fitted on."""
+    trained = load_trained(checkpoint, channels_last=channels_last)
+    network = trained.model.to(device)
+    logits, labels = [], []
+    with torch.inference_mode():
+        for images, targets in islice(datamodule.val_dataloader(), n_batches):
+            logits.append(network(images.to(device)).float().cpu())
+            labels.append(targets.cpu())
+    del network
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    temperature = fit_temperature(all_logits, all_labels)
+    preprocessing = dataclasses.replace(trained.preprocessing, temperature=temperature)
+    update_run_record(checkpoint, preprocessing=preprocessing.to_dict())
+    return {
+        "temperature": temperature,
+        "val/nll": negative_log_likelihood(all_logits, all_labels),
+        "val/nll_calibrated": negative_log_likelihood(all_logits, all_labels, temperature),
+        "val/ece": expected_calibration_error(all_logits.softmax(-1), all_labels),
+        "val/ece_calibrated": expected_calibration_error(
+            (all_logits / temperature).softmax(-1), all_labels
+        ),
+        "images": float(len(all_labels)),
+    }
+
+
+def _validation_batches(trainer: pl.Trainer, datamodule: ImageDataModule) -> int:
+    """How many validation batches the trainer's validation saw (`trainer.limit_val_batches`
+    applied as Lightning applies it): the batches the temperature is fitted on."""
+    if datamodule.val_set is None or len(datamodule.val_set) == 0:
+        return 0
+    total = -(-len(datamodule.val_set) // datamodule.eval_batch_size)
+    limit = trainer.limit_val_batches
+    if isinstance(limit, int):
+        return min(total, limit)
+    return total if limit >= 1.0 else int(total * limit) or int(limit > 0)
