@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 # The config a worker process of `workers > 1` reads to build its own app.
 CONFIG_ENV = "THAW_SERVE_CONFIG"
 USER_ERRORS = (CheckpointError, FileNotFoundError, ImportError, ValueError)
+WORKER_STARTUP_S = 120
 
 
 def settings_from(cfg: DictConfig) -> ServeSettings:
@@ -88,6 +89,9 @@ def serve(cfg: DictConfig) -> None:
         port=cfg.port,
         workers=cfg.workers,
         log_level="info",
+        # uvicorn (>= 0.37) restarts a worker that misses its health check; loading torch and a
+        # model takes longer than the 5 s default on a busy machine.
+        timeout_worker_healthcheck=WORKER_STARTUP_S,
     )
 
 
