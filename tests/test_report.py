@@ -111,6 +111,7 @@ def test_the_training_run_writes_a_complete_report(folder_run):
     table = per_class(torch.tensor(report["confusion_matrix"]), sorted(FOLDER_CLASSES))
     assert report["per_class"] == sorted(table, key=lambda row: (row["f1"], row["class"]))
     assert report["summary"]["model"] == "resnet18" and report["summary"]["classes"] == 3
+    assert report["summary"]["wall_time"] == f"{metrics['train/wall_time_s']:.0f} s"
     size = report["model_size"]
     resnet18_params = sum(p.numel() for p in create_backbone("resnet18", None).model.parameters())
     assert size["parameters"] == resnet18_params + 512 * 3 + 3  # backbone and the 3-class head

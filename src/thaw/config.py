@@ -29,8 +29,9 @@ SILENT = [
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]
-# Overrides for the runs a script launches one after another: silent, no batch preview, no logger.
-QUIET = [*SILENT, "++callbacks.batch_preview=null", "logger=none"]
+# Overrides for the runs a script launches one after another (the benchmarks'): silent, no batch
+# preview, no logger, no evaluation report.
+QUIET = [*SILENT, "++callbacks.batch_preview=null", "logger=none", "report=false"]
 
 
 def config_dir() -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from thaw.analysis.report import write_report
 from thaw.build import build_datamodule
-from thaw.checkpoint import CheckpointError
+from thaw.checkpoint import CheckpointError, run_dir
 from thaw.config import config_dir
 from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
@@ -60,9 +61,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             load_checkpoint=False,
             extra=extra,
             report=cfg.get("report", True),
+            wall_time_s=training_wall_time(trained.path),
         )
     log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
+
+
+def training_wall_time(checkpoint: Path) -> float | None:
+    """How long the run that wrote `checkpoint` took (its metrics.json), for the report."""
+    try:
+        metrics = json.loads((run_dir(checkpoint) / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics.get("train/wall_time_s")
 
 
 def read_test_data(
@@ -132,14 +143,17 @@ def report_test_metrics(
     wall_time_s: float | None = None,
 ) -> dict[str, Any]:
     """Test `model` (with the weights of `checkpoint` unless they are loaded already), then
-    write metrics.json (with the `extra` values), log the confusion matrix as an image, and with
-    `report` write report.json and report.html beside it."""
+    write metrics.json (with the `extra` values and `train/wall_time_s`, the time from the run's
+    start to its test), log the confusion matrix as an image, and with `report` write
+    report.json and report.html beside it."""
     ckpt_path = checkpoint if load_checkpoint else None
     (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
     metrics.update({"test/" + k: v for k, v in model.test_report.items()})
     metrics["checkpoint"] = checkpoint
     metrics.update(extra or {})
+    if wall_time_s is not None:
+        metrics["train/wall_time_s"] = wall_time_s
     if not trainer.is_global_zero:
         return metrics
     write_metrics(output_dir / "metrics.json", metrics)

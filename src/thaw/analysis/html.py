@@ -21,8 +21,11 @@ th[data-sort] { cursor: pointer; user-select: none; } th[data-sort]:hover { colo
 .card b { display: block; font-size: 1.4rem; }
 .grid { display: flex; flex-wrap: wrap; gap: .8rem; }
 figure { margin: 0; text-align: center; font-size: .8rem; }
-figure img { width: 112px; height: 112px; image-rendering: pixelated; display: block; }
-img.wide { max-width: 100%; }
+figure img { width: 96px; height: 96px; image-rendering: pixelated; display: block; }
+figure img.wide { width: auto; height: auto; max-width: 100%; image-rendering: auto; }
+table.kv td { text-align: left; }
+.pairs { display: flex; flex-wrap: wrap; gap: .5rem 2rem; }
+.pairs h3 { font-size: .95rem; margin: .4rem 0; }
 .muted { color: #666; }
 """
 
@@ -90,10 +93,10 @@ def render(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
             for i, index in enumerate(pair["examples"])
         )
         pairs.append(
-            f"<h3>{e(pair['true'])} taken for {e(pair['predicted'])}: {pair['count']}</h3>"
-            f'<div class="grid">{examples}</div>'
+            f"<div><h3>{e(pair['true'])} taken for {e(pair['predicted'])}: {pair['count']}</h3>"
+            f'<div class="grid">{examples}</div></div>'
         )
-    confused = "".join(pairs) or "<p>No mistakes on the test set.</p>"
+    confused = f'<div class="pairs">{"".join(pairs)}</div>' if pairs else "<p>No mistakes.</p>"
 
     losses = "".join(
         picture(
@@ -121,7 +124,7 @@ def render(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
 <style>{STYLE}</style></head><body>
 <h1>Evaluation report: {e(summary["model"])} on {e(summary["data"])}</h1>
 <section id="summary"><div class="cards">{headline}</div>
-<table>{config_rows}</table></section>
+<table class="kv">{config_rows}</table></section>
 
 <section id="per-class"><h2>Per class</h2>
 <p class="muted">Sorted by F1, weakest first; click a header to sort.</p>
@@ -151,7 +154,7 @@ the map of its class from layer <code>{e(report["gradcam"]["layer"])}</code>.</p
 {picture("reliability", "reliability diagram", "wide")}</section>
 
 <section id="model-size"><h2>Model size</h2>
-<table><tr><td>parameters</td><td>{size["parameters"]:,}</td></tr>
+<table class="kv"><tr><td>parameters</td><td>{size["parameters"]:,}</td></tr>
 <tr><td>size</td><td>{size["megabytes"]:.2f} MB</td></tr>
 <tr><td>FLOPs per image</td><td>{flops / 1e9:.3f} G ({size["input_size"]} px)</td></tr></table>
 </section>

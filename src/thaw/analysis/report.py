@@ -241,7 +241,7 @@ def _to_tensorboard(
     for tag, pictures in (("test/top_losses", losses), ("test/gradcam", correct)):
         if pictures:
             tensors = [
-                torch.from_numpy(np.asarray(p.convert("RGB"))).permute(2, 0, 1) for p in pictures
+                torch.from_numpy(np.array(p.convert("RGB"))).permute(2, 0, 1) for p in pictures
             ]
             writer.add_image(tag, make_grid(tensors, nrow=6, padding=2))
     writer.flush()
