@@ -5,6 +5,7 @@ the API key, concurrency, /info and /metrics, ONNX, several workers, and the pag
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
@@ -20,17 +21,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import FOLDER_CLASSES
 from data_formats import write_truncated_jpeg
 from serving import loopback_server
+from thaw.analysis.gradcam import explain
 from thaw.config import compose_config
 from thaw.export import export_model
 from thaw.predict import predict
 from thaw.serve import _main, build_app, settings_from
 from thaw.serving.batcher import DynamicBatcher, Overloaded
+from thaw.serving.uploads import decode_upload
 from thaw.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,6 +232,25 @@ def test_sixteen_clients_at_once_all_get_predicts_answers(url, test_images, pred
     assert ok == 64
 
 
+def test_explain_adds_the_grad_cam_overlay_that_predict_draws(url, ckpt, test_images):
+    image = test_images[0].read_bytes()
+    response = httpx.post(f"{url}/predict", params={"explain": "true"}, content=image)
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    prefix = "data:image/png;base64,"
+    assert answer["explanation"].startswith(prefix)
+    served = Image.open(io.BytesIO(base64.b64decode(answer["explanation"][len(prefix) :])))
+    trained = load_trained(ckpt)
+    decoded = decode_upload(image, trained.preprocessing.resize_size)
+    target = trained.classes.index(answer["label"])
+    ((_, expected),) = explain(trained.model, trained.preprocessing, [decoded], [target])
+    assert served.size == expected.size == (28, 28)
+    difference = np.abs(np.asarray(served, int) - np.asarray(expected, int))
+    assert difference.max() <= 1  # the same map, up to rounding
+    assert "explanation" not in httpx.post(f"{url}/predict", content=image).json()
+    assert httpx.get(f"{url}/info").json()["explain"] is True
+
+
 def test_info_and_metrics_report_the_model_and_the_traffic(url, folder_run, test_images):
     info = httpx.get(f"{url}/info").json()
     assert info["classes"] == sorted(FOLDER_CLASSES)
@@ -271,6 +294,9 @@ def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
         assert info["export"] == record and info["export"]["top1_agreement"] == 1.0
         response = client.post("/predict", content=test_images[0].read_bytes())
         assert_same(response.json(), expected)
+        refused = client.post("/predict", params={"explain": "true"}, content=b"x")
+        assert refused.status_code == 400 and "checkpoint" in refused.json()["detail"]
+        assert info["explain"] is False
 
 
 def test_the_batcher_groups_waiting_requests_up_to_the_limit():
@@ -431,5 +457,8 @@ def test_the_page_shows_the_top_label_of_a_dropped_photo(url, test_images, predi
         assert top[0].text == max(expected, key=expected.get)
         assert [e.text for e in top] == sorted(expected, key=expected.get, reverse=True)
         assert driver.find_element(By.ID, "error").text == ""
+        overlay = driver.find_element(By.ID, "overlay")  # Grad-CAM of the top label
+        wait.until(lambda d: overlay.is_displayed())
+        assert overlay.get_attribute("src").startswith("data:image/png;base64,")
     finally:
         driver.quit()

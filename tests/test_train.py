@@ -126,6 +126,11 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(
     for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
         assert recomputed[key] == pytest.approx(written[key], abs=1e-6)
     assert recomputed["test/confusion_matrix"] == written["test/confusion_matrix"]
+    # Eval writes the report too, with the training run's wall time read from its metrics.json.
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["confusion_matrix"] == written["test/confusion_matrix"]
+    assert report["summary"]["wall_time"] == f"{written['train/wall_time_s']:.0f} s"
+    assert (tmp_path / "eval" / "report.html").is_file()
 
 
 def test_resume_from_last_finishes_the_run(train_config):

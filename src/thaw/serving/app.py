@@ -1,6 +1,7 @@
 """The HTTP API and the web page: FastAPI routes over a Predictor, batched dynamically.
 
-Routes: `POST /predict` (one image, multipart field `file` or the raw body), `POST
+Routes: `POST /predict` (one image, multipart field `file` or the raw body; `?explain=true` adds
+its Grad-CAM overlay, for a checkpoint), `POST
 /predict/batch` (several multipart files, one result or error each, in order), `GET /health`,
 `GET /info`, `GET /metrics` (JSON, or `?format=prometheus`) and the page at `/`.
 """
@@ -8,7 +9,9 @@ Routes: `POST /predict` (one image, multipart field `file` or the raw body), `PO
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
+import io
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +22,14 @@ from typing import Any
 import torch
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from thaw.analysis import gradcam
 from thaw.inference.predictor import Predictor, stack_inputs
+from thaw.models.classifier import Classifier
 from thaw.serving.batcher import DynamicBatcher, Overloaded
 from thaw.serving.metrics import RequestMetrics
 from thaw.serving.uploads import UploadError, decode_upload
@@ -65,18 +71,37 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
 
     app.add_middleware(Measured, metrics=metrics)
 
-    async def classify(data: bytes) -> dict[str, Any]:
-        """One upload's answer, or the UploadError that says what is wrong with it."""
+    # Grad-CAM needs gradients through one PyTorch model: a checkpoint, not an exported file.
+    explainer = predictor.members[0] if len(predictor.members) == 1 else None
+    if explainer is not None and not isinstance(explainer.model, Classifier):
+        explainer = None
+
+    async def classify(data: bytes) -> tuple[dict[str, Any], Image.Image]:
+        """One upload's answer and its decoded image, or the UploadError that says what is
+        wrong with it."""
         with batcher.coming():
-            inputs = await run_in_threadpool(prepare, data)
+            image, inputs = await run_in_threadpool(prepare, data)
         try:
             probabilities = await batcher.submit(inputs)
         except Overloaded as err:
             raise HTTPException(503, f"the server is busy: {err}", {"Retry-After": "1"}) from None
-        return answer(probabilities)
+        return answer(probabilities), image
 
-    def prepare(data: bytes) -> list[torch.Tensor]:
-        return predictor.prepare(decode_upload(data, predictor.decode_size))
+    def prepare(data: bytes) -> tuple[Image.Image, list[torch.Tensor]]:
+        image = decode_upload(data, predictor.decode_size)
+        return image, predictor.prepare(image)
+
+    async def explanation(image: Image.Image, label: str) -> str:
+        """The Grad-CAM overlay of `label` on the model's view of `image`, as a PNG data URI."""
+        assert explainer is not None
+        target = predictor.classes.index(label)
+        model, preprocessing = explainer.model, explainer.preprocessing
+        ((_, picture),) = await batcher.run_alone(
+            lambda: gradcam.explain(model, preprocessing, [image], [target])
+        )
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
     def answer(probabilities: torch.Tensor) -> dict[str, Any]:
         ranked = predictor.top_k(probabilities[None], settings.top_k)[0]
@@ -87,7 +112,13 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
         }
 
     @app.post("/predict", dependencies=authorized)
-    async def predict(request: Request) -> JSONResponse:
+    async def predict(request: Request, explain: bool = False) -> JSONResponse:
+        if explain and explainer is None:
+            raise HTTPException(
+                400,
+                "explain=true needs the PyTorch model: serve a checkpoint (ckpt_path=...), "
+                "not an exported file or an ensemble",
+            )
         body = await read_body(request, limit)
         if _is_multipart(request):
             form = await parse_form(request, body)
@@ -96,9 +127,12 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
                 raise HTTPException(400, "send the image as the multipart field 'file'")
             body = await upload.read()
         try:
-            return JSONResponse(await classify(body))
+            result, image = await classify(body)
         except UploadError as err:
             raise HTTPException(err.status, err.detail) from None
+        if explain:
+            result["explanation"] = await explanation(image, result["label"])
+        return JSONResponse(result)
 
     @app.post("/predict/batch", dependencies=authorized)
     async def predict_batch(request: Request) -> JSONResponse:
@@ -112,7 +146,8 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
 
         async def one(upload: UploadFile) -> dict[str, Any]:
             try:
-                return {"file": upload.filename, **await classify(await upload.read())}
+                result, _ = await classify(await upload.read())
+                return {"file": upload.filename, **result}
             except UploadError as err:
                 return {"file": upload.filename, "error": err.detail, "status": err.status}
 
@@ -130,6 +165,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
             "max_batch_size": settings.max_batch_size,
             "max_upload_mb": settings.max_upload_mb,
             "auth": settings.api_key is not None,
+            "explain": explainer is not None,
         }
 
     @app.get("/metrics", response_model=None)

@@ -63,6 +63,11 @@ class DynamicBatcher(Generic[Item, Result]):
         await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    async def run_alone(self, function: Callable[[], Result]) -> Result:
+        """`function()` on the inference thread, between batches: work that must not overlap a
+        batch (Grad-CAM hooks the model it runs through)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
     @contextmanager
     def coming(self) -> Iterator[None]:
         """Announce an item that is being prepared for `submit`."""
