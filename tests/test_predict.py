@@ -279,7 +279,7 @@ def test_inputs_resolve_folders_globs_files_and_lists(tmp_path):
         (["model_path=model.onnx"], ValueError, "not both"),
         (["tta=mirror"], ValueError, r"tta must be one of \['none', 'flip', 'flip_crop'\]"),
         (["out=predictions.txt"], ValueError, "must end in .csv or .json"),
-        (["top_k=0"], ValueError, "top_k must be a positive integer"),
+        (["top_k=0"], ValueError, "top_k must be an integer >= 1"),
         (["explain=yes"], ValueError, "explain must be true or false"),
         (
             ["explain=true", "ckpt_path=null", "model_path=model.onnx"],

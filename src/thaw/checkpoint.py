@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ def run_dir(checkpoint: Path) -> Path:
     metrics.json and exported files are."""
     folder = checkpoint.resolve().parent
     return folder.parent if folder.name == "checkpoints" else folder
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A run's JSON record (metrics.json, export.json) as a dict, or {} where there is none or
+    it is unreadable: a model copied without its run still loads."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def update_run_record(path: str | Path, **values: Any) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 
 from thaw.analysis.report import write_report
 from thaw.build import build_datamodule
-from thaw.checkpoint import CheckpointError, run_dir
+from thaw.checkpoint import CheckpointError, read_record, run_dir
 from thaw.config import config_dir
 from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
@@ -69,11 +68,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 def training_wall_time(checkpoint: Path) -> float | None:
     """How long the run that wrote `checkpoint` took (its metrics.json), for the report."""
-    try:
-        metrics = json.loads((run_dir(checkpoint) / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return metrics.get("train/wall_time_s")
+    return read_record(run_dir(checkpoint) / "metrics.json").get("train/wall_time_s")
 
 
 def read_test_data(

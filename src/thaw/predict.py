@@ -18,7 +18,7 @@ from rich.progress import track
 
 from thaw.analysis.gradcam import explain
 from thaw.checkpoint import CheckpointError
-from thaw.config import config_dir
+from thaw.config import check_number, config_dir
 from thaw.data.images import load_image
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
@@ -47,8 +47,7 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
     """The Predictor, the image files and the output path: everything a user can get wrong is
     checked here, before anything is written. `out` is in the run dir unless absolute."""
     for key in ("top_k", "batch_size"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
+        check_number(key, cfg[key])
     out = Path(cfg.paths.output_dir) / cfg.out  # an absolute `out` replaces the run dir
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise ValueError(f"out={cfg.out!r} must end in .csv or .json (the format to write)")

@@ -14,7 +14,7 @@ from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
 from thaw.checkpoint import CheckpointError
-from thaw.config import config_dir
+from thaw.config import check_number, config_dir
 from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.model import load_served
@@ -30,9 +30,9 @@ WORKER_STARTUP_S = 120
 def settings_from(cfg: DictConfig) -> ServeSettings:
     """The server's bounds from the config, each checked and named if wrong."""
     for key in ("max_batch_size", "max_pending", "top_k", "workers", "port"):
-        _check_number(key, cfg[key], integer=True, minimum=1)
-    _check_number("batch_timeout_ms", cfg.batch_timeout_ms, integer=False, minimum=0)
-    _check_number("max_upload_mb", cfg.max_upload_mb, integer=False, minimum=0)
+        check_number(key, cfg[key])
+    check_number("batch_timeout_ms", cfg.batch_timeout_ms, integer=False, minimum=0)
+    check_number("max_upload_mb", cfg.max_upload_mb, integer=False, minimum=0)
     if cfg.max_upload_mb == 0:
         raise ValueError("max_upload_mb must be above 0: it is the largest request body accepted")
     if cfg.tta not in TTA_MODES:
@@ -47,13 +47,6 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         top_k=cfg.top_k,
         api_key=None if cfg.api_key is None else str(cfg.api_key),
     )
-
-
-def _check_number(key: str, value: object, integer: bool, minimum: int) -> None:
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{key} must be {kind} >= {minimum}, got {value!r}")
 
 
 def build_app(cfg: DictConfig) -> FastAPI:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 from collections.abc import Mapping
 from typing import Any
+
+import torch
+from PIL import Image
 
 STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; max-width: 72rem; margin: 2rem auto; padding: 0 1rem;
@@ -47,7 +51,17 @@ document.querySelectorAll("table.sortable th[data-sort]").forEach((th, column) =
 """
 
 
+def png_bytes(picture: Image.Image | torch.Tensor) -> bytes:
+    """A PIL image, or a uint8 (3, H, W) tensor, as PNG bytes."""
+    if isinstance(picture, torch.Tensor):
+        picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def data_uri(png: bytes) -> str:
+    """PNG bytes as a data: URI, for an <img> that needs no other file."""
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 

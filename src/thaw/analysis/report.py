@@ -27,7 +27,7 @@ from thaw.analysis.calibration import (
 )
 from thaw.analysis.figures import confusion_figure, reliability_figure
 from thaw.analysis.gradcam import grad_cam, overlay, target_layer
-from thaw.analysis.html import render
+from thaw.analysis.html import png_bytes, render
 from thaw.analysis.interpretation import (
     Collected,
     Example,
@@ -76,7 +76,7 @@ def write_report(
         chosen = [x for x in data.mistakes if (x.label, x.predicted) == (true, predicted)]
         chosen = chosen[:EXAMPLES_PER_PAIR]
         for i, example in enumerate(chosen):
-            images[f"confused_{true}_{predicted}_{i}"] = _png(_view(example, preprocessing))
+            images[f"confused_{true}_{predicted}_{i}"] = png_bytes(_view(example, preprocessing))
         pairs.append(
             {
                 "true": classes[true],
@@ -91,11 +91,11 @@ def write_report(
     top_losses = data.mistakes[:TOP_LOSSES]
     loss_overlays = _explained(model, top_losses, [x.predicted for x in top_losses])
     for i, picture in enumerate(loss_overlays):
-        images[f"top_loss_{i}"] = _png(picture)
+        images[f"top_loss_{i}"] = png_bytes(picture)
     correct = _stratified_correct(data, GRADCAM_CLASSES)
     correct_overlays = _explained(model, correct, [x.label for x in correct])
     for i, picture in enumerate(correct_overlays):
-        images[f"gradcam_{i}"] = _png(picture)
+        images[f"gradcam_{i}"] = png_bytes(picture)
 
     calibration = _calibration(logits, labels, temperature)
     images["reliability"] = reliability_figure(
@@ -205,14 +205,6 @@ def _view(example: Example, preprocessing: Preprocessing) -> torch.Tensor:
     std = torch.tensor(preprocessing.std).view(3, 1, 1)
     pixels = (example.image.float() * std + mean).clamp(0, 1)
     return (pixels * 255).round().to(torch.uint8)
-
-
-def _png(picture: Image.Image | torch.Tensor) -> bytes:
-    if isinstance(picture, torch.Tensor):
-        picture = Image.fromarray(picture.permute(1, 2, 0).numpy())
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _describe(example: Example, classes: list[str]) -> dict[str, Any]:

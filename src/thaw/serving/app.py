@@ -9,9 +9,7 @@ its Grad-CAM overlay, for a checkpoint), `POST
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
-import io
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -28,6 +26,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thaw.analysis import gradcam
+from thaw.analysis.html import data_uri, png_bytes
 from thaw.inference.predictor import Predictor, stack_inputs
 from thaw.models.classifier import Classifier
 from thaw.serving.batcher import DynamicBatcher, Overloaded
@@ -99,9 +98,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
         ((_, picture),) = await batcher.run_alone(
             lambda: gradcam.explain(model, preprocessing, [image], [target])
         )
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        return data_uri(png_bytes(picture))
 
     def answer(probabilities: torch.Tensor) -> dict[str, Any]:
         ranked = predictor.top_k(probabilities[None], settings.top_k)[0]

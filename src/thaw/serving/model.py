@@ -8,12 +8,11 @@ export.json recorded.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from thaw import __version__
-from thaw.checkpoint import run_dir
+from thaw.checkpoint import read_record, run_dir
 from thaw.inference.predictor import Predictor
 from thaw.trained import load_trained
 
@@ -34,7 +33,7 @@ def load_served(
     if model_path:
         path = Path(model_path)
         predictor = Predictor.from_onnx(path, tta)
-        export = _read_json(path.parent / EXPORT_RECORD).get(path.name)
+        export = read_record(path.parent / EXPORT_RECORD).get(path.name)
         name = (export or {}).get("model", "unknown")
         model = {"name": name, "format": "onnx", "path": str(path)}
         metrics_dir = path.parent
@@ -45,7 +44,7 @@ def load_served(
         model = {"name": name, "format": "checkpoint", "path": ", ".join(ckpt_paths)}
         export, metrics_dir = None, run_dir(trained[0].path)
     preprocessing = predictor.members[0].preprocessing
-    metrics = _read_json(metrics_dir / METRICS) if len(ckpt_paths) <= 1 else {}
+    metrics = read_record(metrics_dir / METRICS) if len(ckpt_paths) <= 1 else {}
     info = {
         "model": model,
         "classes": predictor.classes,
@@ -63,12 +62,3 @@ def load_served(
 def _scalar_test_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The run's headline test figures (not its per-class values or confusion matrix)."""
     return {k: v for k, v in metrics.items() if k.startswith("test/") and isinstance(v, float)}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`, or {} where there is none (a model copied without its run)."""
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
