@@ -65,7 +65,8 @@ def free_port() -> int:
 def start_server(
     ckpt: Path, max_batch_size: int, port: int, device: str, run_dir: Path
 ) -> subprocess.Popen:
-    """serve.py in its own process (so the clients do not share its cores' Python), ready."""
+    """serve.py in its own process (so the clients do not share its cores' Python), started;
+    `wait_until_ready` waits for it."""
     command = [
         sys.executable,
         str(ROOT / "serve.py"),
@@ -78,18 +79,20 @@ def start_server(
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "server.log"  # a file, not a pipe nobody reads, which would fill and block it
     with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"serve.py exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
         except httpx.TransportError:
             time.sleep(0.2)
-    process.kill()
-    raise RuntimeError("serve.py did not answer /health within 120 s")
+    raise RuntimeError(f"serve.py did not answer {url}/health within {seconds:g} s")
 
 
 async def drive(url: str, images: list[bytes], clients: int, mixed: bool, args) -> Load:
@@ -133,12 +136,15 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, int, bool], Load]:
     minutes)."""
     images = [path.read_bytes() for path in resolve_inputs(args.images)]
     urls, servers = {}, []
+    logs = {name: args.out / "runs" / f"bs{size}" / "server.log" for name, size in SERVERS.items()}
     try:
-        for name, max_batch_size in SERVERS.items():
+        for name, max_batch_size in SERVERS.items():  # both load at once
             port = free_port()
-            run_dir = args.out / "runs" / f"bs{max_batch_size}"
+            run_dir = logs[name].parent
             servers.append(start_server(args.ckpt, max_batch_size, port, args.device, run_dir))
             urls[name] = f"http://127.0.0.1:{port}"
+        for server, name in zip(servers, SERVERS, strict=True):
+            wait_until_ready(server, urls[name], logs[name])
         results = {}
         for mixed in (False, True):
             for clients in CLIENTS:
