@@ -44,7 +44,13 @@ from thaw.data.sources.download import ChecksumError
 from thaw.data.sources.fashion_mnist import FashionMNIST
 from thaw.data.sources.imagefolder import ImageFolder
 from thaw.data.sources.tiny_imagenet import TinyImageNet
-from thaw.data.split import limit_per_class, select_classes, stratified_split
+from thaw.data.split import (
+    fold_split,
+    limit_per_class,
+    select_classes,
+    stratified_folds,
+    stratified_split,
+)
 from thaw.preprocess import Preprocessing
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
@@ -933,3 +939,65 @@ def test_data_root_override_reaches_the_source(tmp_path: Path) -> None:
     dm = instantiate(cfg.data, augment=None, mean=MEAN, std=STD)
     dm.setup()
     assert dm.classes == ["cat", "dog"] and len(dm.test_set) == 4
+
+
+def test_stratified_folds_are_disjoint_stratified_seeded_and_cover_the_pool() -> None:
+    labels = torch.tensor([0] * 10 + [1] * 7 + [2] * 13)[torch.randperm(30)]
+    folds = stratified_folds(labels, 5, seed=3)
+    joined = torch.cat(folds)
+    assert sorted(joined.tolist()) == list(range(30))  # disjoint, and every index once
+    for fold in folds:
+        for c, n in ((0, 10), (1, 7), (2, 13)):
+            assert n // 5 <= int((labels[fold] == c).sum()) <= -(-n // 5)
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+    assert all(
+        torch.equal(a, b) for a, b in zip(folds, stratified_folds(labels, 5, seed=3), strict=True)
+    )
+    assert not all(
+        torch.equal(a, b) for a, b in zip(folds, stratified_folds(labels, 5, seed=4), strict=True)
+    )
+
+
+@pytest.mark.parametrize("source", ["in memory", "image folder with val/"])
+def test_kfold_validates_on_each_fold_of_the_pool_and_keeps_the_test_set(
+    tmp_path: Path, fmnist_root: Path, source: str
+) -> None:
+    if source == "in memory":
+        make = lambda: fmnist.FashionMNIST(fmnist_root, download=False)  # noqa: E731
+        pool_size, options = 10 * 5, {"samples_per_class": 5}  # 8 a class, limited to 5
+    else:
+        write_image_folder(tmp_path, ["a", "b"], n_per_class=4, splits=("train",))
+        write_image_folder(tmp_path, ["a", "b"], n_per_class=2, splits=("val", "test"), seed=1)
+        make, pool_size, options = lambda: ImageFolder(tmp_path), 2 * 6, {}  # noqa: E731
+
+    def split(fold: int) -> ImageDataModule:
+        dm = ImageDataModule(make(), None, MEAN, STD, image_size=8, folds=3, fold=fold, **options)
+        dm.setup()
+        return dm
+
+    def keys(imageset: ImageSet) -> list:
+        if imageset.in_memory:
+            return [bytes(image.numpy()) for image in imageset.images]
+        return list(imageset.images)
+
+    runs = [split(k) for k in range(3)]
+    held = [keys(dm.val_set) for dm in runs]
+    assert sum(map(len, held)) == pool_size and len(set().union(*held)) == pool_size
+    for dm, val in zip(runs, held, strict=True):
+        assert set(keys(dm.train_set)).isdisjoint(val)
+        assert len(dm.train_set) + len(val) == pool_size
+        assert set(counts(dm.val_set.labels)) == set(range(len(dm.classes)))  # stratified
+        assert keys(dm.test_set) == keys(runs[0].test_set)  # the test set stays fixed
+
+
+def test_kfold_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"data.fold=1 needs data.folds"):
+        ImageDataModule(None, None, MEAN, STD, fold=1)
+    with pytest.raises(ValueError, match=r"data.fold=0,1,2,3,4"):
+        ImageDataModule(None, None, MEAN, STD, folds=5)
+    with pytest.raises(ValueError, match=r"\[0, 2\], got 3"):
+        ImageDataModule(None, None, MEAN, STD, folds=3, fold=3)
+    labels = torch.tensor([0, 0, 0, 1, 1])
+    small = ImageSet(torch.zeros(5, 1, 2, 2, dtype=torch.uint8), labels, ["many", "few"])
+    with pytest.raises(ValueError, match="data.folds=3 needs 3 or more .* 'few' has 2"):
+        fold_split(small, 3, 0, seed=0)

@@ -20,7 +20,7 @@ from thaw.data.images import find_unreadable, load_image
 from thaw.data.loader_choice import LOADERS, LoaderChoice, choose_loader
 from thaw.data.resumable import DeviceLoader, PositionedLoader, ResumableLoader
 from thaw.data.sources.base import ImageSet, Source
-from thaw.data.split import limit_per_class, select_classes, split_imageset
+from thaw.data.split import fold_split, join, limit_per_class, select_classes, split_imageset
 from thaw.data.stats import NORMALIZE, resolve_preprocessing
 from thaw.preprocess import Preprocessing
 
@@ -61,12 +61,16 @@ class ImageDataModule(pl.LightningDataModule):
     photo cannot stop a long run mid-epoch; without it the first bad file fails with its path);
     stratified, seeded `test_fraction` and `val_fraction` splits of train for the sets the source
     lacks (val_fraction 0 leaves validation empty); the `samples_per_class` limit on train only,
-    so few-shot runs are still validated and tested on full sets. Then it resolves the run's
-    `preprocessing` (see thaw.data.stats: `image_size`, and `mean`/`std`, the backbone's, or
-    with `normalize="dataset"` the training split's) unless one is given, as a trained model's
-    is, chooses the data path and builds that path's transforms. `augment` is the augment group;
-    its MixUp/CutMix run on training batches after they reach the device. `root` is the config's
-    user-facing `data.root`, which the config interpolates into the source.
+    so few-shot runs are still validated and tested on full sets. With `folds` (K-fold
+    cross-validation) the training pool, the source's own validation set included, is first
+    limited to `samples_per_class`, then fold `fold` of a stratified, seeded split into `folds`
+    parts is the validation set and the others train; `val_fraction` is then unused. Then it
+    resolves the run's `preprocessing` (see thaw.data.stats: `image_size`, and `mean`/`std`,
+    the backbone's, or with `normalize="dataset"` the training split's) unless one is given, as
+    a trained model's is, chooses the data path and builds that path's transforms. `augment` is
+    the augment group; its MixUp/CutMix run on training batches after they reach the device.
+    `root` is the config's user-facing `data.root`, which the config interpolates into the
+    source.
 
     `loader` asks for a data path (see thaw.data.loader_choice): `device` keeps an in-memory set
     on the training device as uint8 and augments whole batches there; `dataloader` decodes and
@@ -87,6 +91,8 @@ class ImageDataModule(pl.LightningDataModule):
         test_fraction: float = 0.1,
         classes: Sequence[str] | None = None,
         samples_per_class: int | None = None,
+        folds: int | None = None,
+        fold: int | None = None,
         skip_bad_images: bool = False,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -111,6 +117,7 @@ class ImageDataModule(pl.LightningDataModule):
             _check_int("samples_per_class", samples_per_class, minimum=1, nullable=True)
         _check_fraction("val_fraction", val_fraction)
         _check_fraction("test_fraction", test_fraction)
+        _check_folds(folds, fold)
         if normalize not in NORMALIZE:
             raise ValueError(f"data.normalize must be one of {list(NORMALIZE)}, got {normalize!r}")
         if loader not in LOADERS:
@@ -135,6 +142,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.test_fraction = float(test_fraction)
         self.samples_per_class = samples_per_class
+        self.folds, self.fold = folds, fold
         self.skip_bad_images = skip_bad_images
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -208,10 +216,16 @@ class ImageDataModule(pl.LightningDataModule):
         self._check_class_sizes(train, test is None, val is None)
         if test is None:
             train, test = split_imageset(train, self.test_fraction, self.split_seed)
-        if val is None:
-            train, val = split_imageset(train, self.val_fraction, self.split_seed)
-        if self.samples_per_class is not None:
-            train = limit_per_class(train, self.samples_per_class, self.split_seed)
+        if self.folds is not None:
+            pool = train if val is None else join(train, val)
+            if self.samples_per_class is not None:
+                pool = limit_per_class(pool, self.samples_per_class, self.split_seed)
+            train, val = fold_split(pool, self.folds, self.fold, self.split_seed)
+        else:
+            if val is None:
+                train, val = split_imageset(train, self.val_fraction, self.split_seed)
+            if self.samples_per_class is not None:
+                train = limit_per_class(train, self.samples_per_class, self.split_seed)
         self.train_set, self.val_set, self.test_set = train, val, test
 
     def _filter(self, *imagesets: ImageSet | None) -> tuple[ImageSet | None, ...]:
@@ -282,7 +296,7 @@ class ImageDataModule(pl.LightningDataModule):
                 "is 0: give a test/ folder or a data.test_fraction in (0, 1)"
             )
         held = [f"test (data.test_fraction={self.test_fraction:g})"] if split_test else []
-        if split_val and self.val_fraction > 0:
+        if split_val and self.val_fraction > 0 and self.folds is None:
             held.append(f"validation (data.val_fraction={self.val_fraction:g})")
         needed = 1 + len(held)
         sizes = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
@@ -362,3 +376,18 @@ def _check_int(name: str, value: Any, minimum: int | None = None, nullable: bool
 def _check_fraction(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"data.{name} must be a number in [0, 1), got {value!r}")
+
+
+def _check_folds(folds: Any, fold: Any) -> None:
+    """K-fold needs both values, or neither: data.folds=5 data.fold=2."""
+    if folds is None:
+        if fold is not None:
+            raise ValueError(f"data.fold={fold!r} needs data.folds (e.g. data.folds=5)")
+        return
+    _check_int("folds", folds, minimum=2)
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < folds:
+        raise ValueError(
+            f"data.folds={folds} needs data.fold, the fold to validate on: an integer in "
+            f"[0, {folds - 1}], got {fold!r}. Run all folds with -m data.fold="
+            + ",".join(str(k) for k in range(folds))
+        )

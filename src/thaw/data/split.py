@@ -84,3 +84,47 @@ def limit_per_class(imageset: ImageSet, n: int, seed: int) -> ImageSet:
     if not chosen:
         return imageset
     return imageset.subset(torch.sort(torch.cat(chosen)).values)
+
+
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+    """`folds` disjoint index sets that cover every index, each holding an equal share (within
+    one) of every class: the classes' shuffled indices, one after another, dealt round-robin.
+    Seeded, so every process and every fold's run sees the same split."""
+    generator = torch.Generator().manual_seed(seed)
+    dealt = [
+        idx[torch.randperm(len(idx), generator=generator)]
+        for idx in (torch.nonzero(labels == c).flatten() for c in torch.unique(labels).tolist())
+    ]
+    order = torch.cat(dealt) if dealt else torch.empty(0, dtype=torch.long)
+    fold_of = torch.arange(len(order)) % folds
+    return [torch.sort(order[fold_of == k]).values for k in range(folds)]
+
+
+def fold_split(imageset: ImageSet, folds: int, fold: int, seed: int) -> tuple[ImageSet, ImageSet]:
+    """K-fold cross-validation: (the other folds, fold `fold`) of `stratified_folds`. Every
+    class needs `folds` images or more, so that every fold validates every class."""
+    sizes = torch.bincount(imageset.labels, minlength=len(imageset.classes)).tolist()
+    short = [
+        f"{name!r} has {n}" for name, n in zip(imageset.classes, sizes, strict=True) if n < folds
+    ]
+    if short:
+        raise ValueError(
+            f"data.folds={folds} needs {folds} or more training images per class, but "
+            f"{', '.join(short)}. Lower data.folds or add images"
+        )
+    parts = stratified_folds(imageset.labels, folds, seed)
+    held = parts[fold]
+    keep = torch.sort(torch.cat([p for k, p in enumerate(parts) if k != fold])).values
+    return imageset.subset(keep), imageset.subset(held)
+
+
+def join(first: ImageSet, second: ImageSet) -> ImageSet:
+    """Two image sets of the same classes as one (a source's own validation set joins the
+    training pool that K-fold splits)."""
+    if first.classes != second.classes:
+        raise ValueError(f"cannot join sets of classes {first.classes} and {second.classes}")
+    if first.in_memory and second.in_memory:
+        images: torch.Tensor | list = torch.cat([first.images, second.images])
+    else:
+        images = [*first.images, *second.images]
+    return ImageSet(images, torch.cat([first.labels, second.labels]), first.classes)
