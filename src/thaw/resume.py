@@ -17,10 +17,19 @@ log = logging.getLogger(__name__)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means this run dir's last checkpoint; anything else must be an existing file."""
+    """`last` means this run dir's last checkpoint, which must exist; `auto` means that one
+    when it exists and a fresh start when it does not (so a requeued or pre-empted cluster job
+    continues without edits); anything else must be an existing file."""
     if ckpt_path is None:
         return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path == "auto":
+        if last.is_file():
+            log.info("ckpt_path=auto: resuming from %s", last)
+            return str(last)
+        log.info("ckpt_path=auto: no %s yet, starting fresh", last)
+        return None
+    path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
     return str(path)

@@ -11,6 +11,7 @@ from typing import Any
 import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -51,7 +52,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
 
     log.info("Run dir: %s", output_dir)
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    metrics = fitted_metrics(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
 
     calibration: dict[str, float] = {}
@@ -63,6 +64,9 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         if not best:
             log.warning("No best checkpoint was saved; testing the weights as they are now.")
         tester = trainer_for_testing(cfg, trainer)
+        # metrics.json also keeps what fitting ended with: a sweep's report reads it from there.
+        fitted = {k: v for k, v in metrics.items() if k.startswith("val/")}
+        fitted["train/epochs"] = trainer.current_epoch
         metrics.update(
             report_test_metrics(
                 tester,
@@ -70,17 +74,54 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
                 datamodule,
                 output_dir,
                 best or None,
-                extra=calibration,
+                extra={**fitted, **calibration},
                 report=cfg.get("report", True),
                 wall_time_s=time.perf_counter() - started,
             )
         )
-        hparam_metrics = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        for logger in trainer.loggers:
-            logger.log_hyperparams(flat_hparams(cfg), metrics=hparam_metrics)
-            logger.finalize("success")  # written after Lightning's own finalize: flush again
+        record_in_loggers(trainer, cfg, metrics, calibration, best)
         log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
+
+
+def fitted_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """What fitting logged. A resumed run with no epoch left to train (a requeued job that had
+    finished fitting) logs nothing, so its val/acc_best comes from the checkpoint callback's
+    restored best score."""
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best = trainer.checkpoint_callback
+    if (
+        "val/acc_best" not in metrics
+        and best is not None
+        and best.monitor == "val/acc"
+        and best.best_model_score is not None
+    ):
+        metrics["val/acc_best"] = float(best.best_model_score)
+    return metrics
+
+
+def record_in_loggers(
+    trainer: pl.Trainer,
+    cfg: DictConfig,
+    metrics: dict[str, Any],
+    calibration: dict[str, float],
+    best: str,
+) -> None:
+    """Give every logger the run's config; TensorBoard pairs it with the final metrics in its
+    HParams dashboard, the others get the calibration figures, which no training loop logged
+    (the test loop logged its own), and MLflow the best checkpoint as an artifact."""
+    params = flat_hparams(cfg)
+    final = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(params, metrics=final)
+        else:
+            logger.log_hyperparams(params)
+            if calibration:
+                logger.log_metrics(calibration, step=trainer.global_step)
+        if isinstance(logger, MLFlowLogger) and best:
+            logger.experiment.log_artifact(logger.run_id, best, "checkpoints")
+        logger.finalize("success")  # written after Lightning's own finalize: flush again
 
 
 def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
