@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import torch
 import torchvision
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from mlflow import MlflowClient
 from omegaconf.errors import InterpolationToMissingValueError
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -41,9 +44,11 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_option_composes_and_instantiates(train_config, group, option):
-    extra = ["model.weights=null"] if group == "experiment" else []
+    extra = ["model.weights=null"] if group in ("experiment", "hparams_search") else []
+    if option == "imagefolder" and group != "data":
+        extra.append("data=imagefolder")  # as the preset chooses it, without the generated data
     cfg = train_config(f"{group}={option}", *extra)
-    if group == "data" and option == "imagefolder":
+    if cfg.data.source._target_.endswith("ImageFolder"):
         cfg.data.root = str(ROOT)  # any existing directory: instantiating reads nothing yet
     datamodule = build_datamodule(cfg)
     assert datamodule.batch_size == cfg.data.batch_size
@@ -206,7 +211,7 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
     assert metrics["test/acc"] > 0.75, metrics
 
 
-def test_multirun_writes_one_run_dir_per_job(fmnist_root, tmp_path):
+def test_a_kfold_multirun_writes_a_run_dir_per_fold_and_reports_mean_and_std(fmnist_root, tmp_path):
     sweep_dir = tmp_path / "sweep"
     command = [
         sys.executable,
@@ -215,15 +220,28 @@ def test_multirun_writes_one_run_dir_per_job(fmnist_root, tmp_path):
         *TINY,
         *offline_fmnist(fmnist_root),
         "trainer.max_epochs=1",
-        "optimizer.lr=1e-3,3e-4",
+        "data.folds=3",
+        "data.fold=0,1,2",
         f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
-    assert [p.name for p in runs] == ["0", "1"]
-    lrs = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
-    assert "optimizer.lr=0.001" in lrs[0] and "optimizer.lr=0.0003" in lrs[1]
+    assert [p.name for p in runs] == ["0", "1", "2"]
+    folds = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
+    assert all(f"data.fold={k}" in folds[k] for k in range(3))
+
+    metrics = [json.loads((p / "metrics.json").read_text()) for p in runs]
+    with (sweep_dir / "sweep.csv").open() as file:
+        rows = {row["job"]: row for row in csv.DictReader(file)}
+    for job, values in zip(runs, metrics, strict=True):
+        assert float(rows[job.name]["test/acc"]) == values["test/acc"]
+        assert float(rows[job.name]["val/acc_best"]) == values["val/acc_best"]
+    report = (sweep_dir / "sweep.md").read_text()
+    test_acc = [m["test/acc"] for m in metrics]
+    mean, std = statistics.fmean(test_acc), statistics.stdev(test_acc)
+    assert f"| test/acc | {mean:.4f} | {std:.4f} |" in report and "(3 folds)" in report
+    assert "Sweep " in result.stderr + result.stdout  # the top rows on the console
 
 
 def test_help_lists_the_config_groups():
@@ -352,3 +370,23 @@ def test_optimized_metric_must_be_a_logged_metric():
     assert optimized_value(logged, None) is None
     with pytest.raises(ValueError, match=r"'val/accuracy'.*\['val/acc', 'val/acc_best'\]"):
         optimized_value(logged, "val/accuracy")
+
+
+def test_mlflow_logger_records_params_metrics_per_step_and_the_best_checkpoint(
+    train_config, tmp_path
+):
+    cfg = train_config("logger=mlflow", "trainer.log_every_n_steps=1")
+    metrics = run(cfg)
+    client = MlflowClient(f"sqlite:///{Path(cfg.paths.log_dir) / 'mlflow.db'}")
+    (found,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert found.info.status == "FINISHED" and found.info.run_name == cfg.paths.output_dir
+    assert float(found.data.params["optimizer/lr"]) == cfg.optimizer.lr
+    assert found.data.params["model/name"] == "resnet18"
+    steps = [m.step for m in client.get_metric_history(found.info.run_id, "train/loss_step")]
+    assert steps == list(range(2 * 5))  # 2 epochs of 5 steps, each logged
+    assert found.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert found.data.metrics["temperature"] == pytest.approx(metrics["temperature"])
+    (artifact,) = client.list_artifacts(found.info.run_id, "checkpoints")
+    copy = client.download_artifacts(found.info.run_id, artifact.path, str(tmp_path))
+    best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
+    assert Path(copy).read_bytes() == best.read_bytes()  # the calibrated, tested checkpoint
