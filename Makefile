@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 QUICKSTART_DIR := logs/quickstart/$(shell date +%Y-%m-%d_%H-%M-%S)
 
-.PHONY: install quickstart train test lint tensorboard clean
+.PHONY: install quickstart train test lint tensorboard mlflow-ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,11 @@ lint: install
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir logs
 
+# The MLflow UI over logger=mlflow's store, from its own venv (the full mlflow package).
+mlflow-ui:
+	test -x .venv-mlflow/bin/mlflow || ($(PYTHON) -m venv .venv-mlflow && \
+		.venv-mlflow/bin/pip install -q "mlflow>=3")
+	.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///logs/mlflow.db
+
 clean:
-	rm -rf logs multirun outputs .pytest_cache .ruff_cache
+	rm -rf logs multirun outputs .pytest_cache .ruff_cache .venv-mlflow

@@ -84,36 +84,33 @@ def test_a_rerun_resumes_the_study_prunes_and_survives_failures(first_search, fm
     storage = f"sqlite:///{first_search / 'optuna.db'}"
     study = optuna.load_study(study_name="fmnist_transfer", storage=storage)
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
-    cut_off = study.ask({"optimizer.lr": lr})
-    # Trial 4 is left RUNNING, as a search killed mid-trial leaves it.
+    cut_off = study.ask({"optimizer.lr": lr})  # trial 4 stays RUNNING, as a killed search leaves it
+    study.enqueue_trial({"model.head_dropout": 2.0})  # trial 5 will fail: not a probability
 
-    search(fmnist_root, first_search, 6, *THRESHOLD_PRUNER)
+    output = search(
+        fmnist_root,
+        first_search,
+        7,
+        "+hydra.sweeper.params.model.head_dropout='interval(0.0, 0.5)'",  # quoted: a string
+        *THRESHOLD_PRUNER,
+    )
     found = trials(first_search)
     assert [t.state for t in found] == [TrialState.COMPLETE] * 4 + [
+        TrialState.FAIL,
         TrialState.FAIL,
         TrialState.PRUNED,
         TrialState.PRUNED,
     ]
     assert found[4].user_attrs["interrupted"] and "interrupted" in found[4].user_attrs["error"]
-    assert found[5].params["optimizer.lr"] == cut_off.params["optimizer.lr"]  # run again
-    assert len(found[6].intermediate_values) == 1  # stopped after its first epoch
-    assert not (first_search / "trial_5" / "metrics.json").exists()
+    assert "dropout" in found[5].user_attrs["error"] and "Trial 5 FAIL" in output
+    assert found[6].params["optimizer.lr"] == cut_off.params["optimizer.lr"]  # run again
+    assert len(found[7].intermediate_values) == 1  # stopped after its first epoch
+    assert not (first_search / "trial_7" / "metrics.json").exists()
     assert (first_search / "trial_0" / "metrics.json").read_bytes() == first_metrics
 
-    output = search(fmnist_root, first_search, 7, "model.head_dropout=2.0")
-    failed = trials(first_search)[7]
-    assert failed.state == TrialState.FAIL and "dropout" in failed.user_attrs["error"]
-    assert "Trial 7 FAIL" in output
     rows = report_rows(first_search)
     assert [rows[f"trial {n}"]["state"] for n in range(8)] == [
-        "COMPLETE",
-        "COMPLETE",
-        "COMPLETE",
-        "COMPLETE",
-        "FAIL",
-        "PRUNED",
-        "PRUNED",
-        "FAIL",
-    ]
-    assert "dropout" in rows["trial 7"]["error"] and rows["trial 7"]["value"] == ""
+        "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "FAIL", "PRUNED", "PRUNED"
+    ]  # fmt: skip
+    assert "dropout" in rows["trial 5"]["error"] and rows["trial 5"]["value"] == ""
     assert list(rows)[:4] == sorted(list(rows)[:4], key=lambda j: -float(rows[j]["value"]))

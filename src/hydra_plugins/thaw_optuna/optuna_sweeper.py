@@ -4,6 +4,7 @@ Optuna is imported when a search starts, not when Hydra scans its plugins on eve
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -40,4 +41,10 @@ class OptunaSweeper(Sweeper):
             for key, value in self.settings.items()
         }
         plain["params"] = plain.get("params") or {}
+        known = [field.name for field in dataclasses.fields(SearchSettings)]
+        unknown = sorted(set(plain) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown hydra.sweeper keys {unknown}; the Optuna sweeper's are {known}"
+            )
         search(self.launcher, SearchSettings(**plain), sweep_dir, arguments)

@@ -44,6 +44,7 @@ def search_space(
     `params` and the command line: a sweep on the command line (`a=1,2`) joins the search
     space, a fixed value there overrides the preset's range for that key."""
     parser = OverridesParser.create()
+    params = flat(params)
     given = parser.parse_overrides(list(arguments))
     fixed_keys = {o.get_key_element() for o in given if not o.is_sweep_override()}
     fixed = [o.input_line for o in given if not o.is_sweep_override()]
@@ -58,6 +59,20 @@ def search_space(
         else:
             fixed.append(override.input_line)
     return space, fixed
+
+
+def flat(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`params` with nested keys joined by dots: a preset writes `optimizer.lr: ...` as one key,
+    the command line (`hydra.sweeper.params.optimizer.lr=...`) nests it; the later one wins."""
+    joined: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            joined.update(flat(value, f"{name}."))
+        else:
+            joined.pop(name, None)
+            joined[name] = value
+    return joined
 
 
 def as_overrides(params: Mapping[str, Any]) -> list[str]:

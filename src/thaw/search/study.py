@@ -58,7 +58,7 @@ def search(
     if not space:
         raise ValueError(
             "the Optuna search has nothing to search: give hydra.sweeper.params ranges, e.g. "
-            "hydra.sweeper.params.optimizer.lr='tag(log, interval(1e-4, 1e-2))'"
+            "\"hydra.sweeper.params.optimizer.lr='tag(log, interval(1e-4, 1e-2))'\""
         )
     sweep_dir.mkdir(parents=True, exist_ok=True)
     storage = storage_url(settings, sweep_dir)
