@@ -5,7 +5,9 @@
 
 On real Fashion-MNIST (resnet18, random init: speed does not depend on the weights), each row is
 measured in a child process of its own, one after the other in this run, so every ratio compares
-two measurements taken under the same conditions, and each row's peak memory is its own:
+two measurements taken under the same conditions, and each row's peak memory is its own. The
+children are forked from one helper process that imports torch and thaw once and computes
+nothing itself (Linux; a fresh interpreter per row cost 6 s of imports each):
 
 - training images/s of thaw (Lightning fit with thaw's callbacks, metrics and per-group LR
   logging) vs a plain PyTorch loop doing the same work: same model, batches (prepared on the
@@ -32,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -281,7 +284,7 @@ def augment_per_image(args: argparse.Namespace) -> float:
 
 
 # -- epoch times: frozen, cached, full --------------------------------------------------------
-def epoch_times(args: argparse.Namespace, finetune: list[str]) -> dict[str, float]:
+def epoch_times(args: argparse.Namespace, finetune: list[str], name: str) -> dict[str, float]:
     """Seconds of the second training epoch, and of what happens between train start and the
     first epoch (computing the cached features, where they are cached)."""
     import pytorch_lightning as pl
@@ -322,7 +325,7 @@ def epoch_times(args: argparse.Namespace, finetune: list[str]) -> dict[str, floa
         "test=false",
         *finetune,
     ]
-    cfg = compose_config("train", overrides, Path(args.out) / "runs" / args.row)
+    cfg = compose_config("train", overrides, Path(args.out) / "runs" / name)
     run(cfg, callbacks=[Timing()])
     return {
         "value": marks["end1"] - marks["start1"],
@@ -339,7 +342,7 @@ ROWS: dict[str, Callable[[argparse.Namespace], Any]] = {
     "augment_device": augment_device,
     "augment_pil": augment_pil,
     "augment_per_image": augment_per_image,
-    **{name: partial(epoch_times, finetune=extra) for name, extra in EPOCH_ROWS.items()},
+    **{name: partial(epoch_times, finetune=extra, name=name) for name, extra in EPOCH_ROWS.items()},
 }
 
 
@@ -352,24 +355,50 @@ def peak_memory_mb(device: torch.device, rss_before: int) -> float:
     return (peak - rss_before) / 2**20
 
 
-def child(args: argparse.Namespace) -> None:
+def child(args: argparse.Namespace, row: str) -> None:
     device = device_of(args)
     rss_before = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    result = ROWS[args.row](args)
+    result = ROWS[row](args)
     result = result if isinstance(result, dict) else {"value": result}
     result["peak_mb"] = peak_memory_mb(device, rss_before)
-    print("RESULT " + json.dumps(result), flush=True)
+    print(f"RESULT {row} " + json.dumps(result), flush=True)
 
 
-def measure(argv: list[str], row: str) -> dict[str, float]:
-    command = [sys.executable, __file__, *argv, "--row", row]
+def helper(args: argparse.Namespace) -> None:
+    """Run each of `args.rows` in a process forked from this one, one after the other. This
+    process has imported everything but run nothing, so each child starts as a fresh one would
+    (no CUDA context, no thread pools), without paying for the imports again."""
+    for row in args.rows.split(","):
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: run the row, report, and never return into the helper
+            code = 0
+            try:
+                child(args, row)
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"row {row} failed (exit {os.waitstatus_to_exitcode(status)})")
+
+
+def measure(argv: list[str], rows: list[str]) -> dict[str, dict[str, float]]:
+    """Every row of `rows`, each in its own process (see `helper`): {row: its result}."""
+    command = [sys.executable, __file__, *argv, "--rows", ",".join(rows)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode != 0 or not lines:
-        raise RuntimeError(f"row {row} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    print(f"{row}: {result}", flush=True)
-    return result
+    results = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT "):
+            row, payload = line.removeprefix("RESULT ").split(" ", 1)
+            results[row] = json.loads(payload)
+            print(f"{row}: {results[row]}", flush=True)
+    if done.returncode != 0 or set(results) != set(rows):
+        raise RuntimeError(f"measuring failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+    return results
 
 
 def ratio_row(
@@ -387,12 +416,14 @@ def ratio_row(
 
 
 def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
-    pair = measure(argv, "train_interleaved")  # throughput: medians, side by side
-    thaw = {"value": pair["value"], "peak_mb": measure(argv, "train_thaw")["peak_mb"]}
-    plain = {"value": pair["plain"], "peak_mb": measure(argv, "train_plain")["peak_mb"]}
-    device_aug, pil_aug = measure(argv, "augment_device"), measure(argv, "augment_pil")
-    per_image_aug = measure(argv, "augment_per_image")
-    epochs = {name: measure(argv, name) for name in EPOCH_ROWS}
+    rows = ["train_interleaved", "train_thaw", "train_plain", "augment_device", "augment_pil"]
+    results = measure(argv, [*rows, "augment_per_image", *EPOCH_ROWS])
+    pair = results["train_interleaved"]  # throughput: medians, side by side
+    thaw = {"value": pair["value"], "peak_mb": results["train_thaw"]["peak_mb"]}
+    plain = {"value": pair["plain"], "peak_mb": results["train_plain"]["peak_mb"]}
+    device_aug, pil_aug = results["augment_device"], results["augment_pil"]
+    per_image_aug = results["augment_per_image"]
+    epochs = {name: results[name] for name in EPOCH_ROWS}
     frozen, cached, full = epochs["epoch_frozen"], epochs["epoch_cached"], epochs["epoch_full"]
 
     overhead = plain["value"] / thaw["value"] - 1
@@ -485,10 +516,10 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--data-root", default="data/fashion_mnist")
     parser.add_argument("--system-dir", default="/usr/share/datasets/fashion-mnist")
     parser.add_argument("--out", default="results/bench_speed")
-    parser.add_argument("--row", choices=sorted(ROWS), help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)  # the helper process (see `helper`)
     args = parser.parse_args(argv)
-    if args.row:
-        child(args)
+    if args.rows:
+        helper(args)
         return []
 
     table = benchmark(argv, args)

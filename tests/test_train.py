@@ -193,7 +193,7 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
         f"data.root={tmp_path / 'empty'}",
         "data.source.download=false",
         f"data.source.system_dir={REAL_FMNIST}",
-        "data.samples_per_class=200",
+        "data.samples_per_class=150",
         "data.batch_size=32",
         "data.eval_batch_size=500",
         "augment=none",
@@ -206,7 +206,7 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
         "+trainer.limit_test_batches=4",
     )
     metrics = run(cfg)
-    # 1,800 training images from random init, 3 epochs: seeds 42 and 1 gave 0.825 and 0.831 on
+    # 1,500 training images from random init, 3 epochs: seeds 42 and 1 gave 0.810 and 0.807 on
     # these 2,000 test images; chance is 0.10.
     assert metrics["test/acc"] > 0.75, metrics
 
