@@ -281,6 +281,8 @@ def _study_plots(study_file: Path, sweep_dir: Path) -> list[str]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 axes = plot(study)
+            axes.figure.set_size_inches(9, 4.5)  # room for long parameter names
+            axes.figure.tight_layout()
             (sweep_dir / name).write_bytes(png(axes.figure))
             written.append(name)
     return written
