@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import pytorch_lightning as pl
@@ -18,6 +21,7 @@ from thaw.preprocess import Preprocessing
 from thaw.train import run
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 # Small and fast: random init (no downloads), few images, CPU, no progress bars.
 TINY = [
@@ -127,3 +131,13 @@ def folder_run(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     ]
     run(compose_config("train", overrides, run_dir))
     return run_dir
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as a module, registered as imports are (its dataclasses look themselves
+    up), so a test calls its main() in process."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

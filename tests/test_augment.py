@@ -4,10 +4,9 @@ from the DataModule into the Classifier, dataset statistics, and the pictures of
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import offline_fmnist
+from conftest import load_script, offline_fmnist
 from data_formats import write_cifar10
 from thaw.config import config_dir
 from thaw.data import ImageSet, Splits
@@ -339,13 +338,6 @@ def test_dataset_normalisation_gives_zero_mean_unit_std(tmp_path: Path, kind: st
 
 
 # ---------------------------------------------------------------- pictures of a batch
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_show_batch_writes_a_captioned_grid(fmnist_root: Path, tmp_path: Path) -> None:

@@ -202,12 +202,12 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
         "scheduler=onecycle",
         "optimizer.lr=3e-3",
         "trainer.max_epochs=3",
-        "+trainer.limit_val_batches=4",
-        "+trainer.limit_test_batches=4",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=2",
     )
     metrics = run(cfg)
-    # 1,500 training images from random init, 3 epochs: seeds 42 and 1 gave 0.810 and 0.807 on
-    # these 2,000 test images; chance is 0.10.
+    # 1,500 training images from random init, 3 epochs, validated on 500: seeds 42 and 1 gave
+    # 0.817 and 0.810 on these 1,000 test images; chance is 0.10.
     assert metrics["test/acc"] > 0.75, metrics
 
 
@@ -220,16 +220,16 @@ def test_a_kfold_multirun_writes_a_run_dir_per_fold_and_reports_mean_and_std(fmn
         *TINY,
         *offline_fmnist(fmnist_root),
         "trainer.max_epochs=1",
-        "data.folds=3",
-        "data.fold=0,1,2",
+        "data.folds=2",
+        "data.fold=0,1",
         f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(p.parent for p in sweep_dir.glob("*/metrics.json"))
-    assert [p.name for p in runs] == ["0", "1", "2"]
+    assert [p.name for p in runs] == ["0", "1"]
     folds = [(p / ".hydra" / "overrides.yaml").read_text() for p in runs]
-    assert all(f"data.fold={k}" in folds[k] for k in range(3))
+    assert all(f"data.fold={k}" in folds[k] for k in range(2))
 
     metrics = [json.loads((p / "metrics.json").read_text()) for p in runs]
     with (sweep_dir / "sweep.csv").open() as file:
@@ -240,7 +240,7 @@ def test_a_kfold_multirun_writes_a_run_dir_per_fold_and_reports_mean_and_std(fmn
     report = (sweep_dir / "sweep.md").read_text()
     test_acc = [m["test/acc"] for m in metrics]
     mean, std = statistics.fmean(test_acc), statistics.stdev(test_acc)
-    assert f"| test/acc | {mean:.4f} | {std:.4f} |" in report and "(3 folds)" in report
+    assert f"| test/acc | {mean:.4f} | {std:.4f} |" in report and "(2 folds)" in report
     assert "Sweep " in result.stderr + result.stdout  # the top rows on the console
 
 
