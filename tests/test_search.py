@@ -11,9 +11,11 @@ from pathlib import Path
 
 import optuna
 import pytest
+from hydra.core.utils import JobReturn, JobStatus
 from optuna.trial import TrialState
 
 from conftest import TINY, offline_fmnist
+from thaw.search.study import record_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 THRESHOLD_PRUNER = [  # prunes every trial at its first report: val/acc is always below 1.1
@@ -114,3 +116,16 @@ def test_a_rerun_resumes_the_study_prunes_and_survives_failures(first_search, fm
     ]  # fmt: skip
     assert "dropout" in rows["trial 5"]["error"] and rows["trial 5"]["value"] == ""
     assert list(rows)[:4] == sorted(list(rows)[:4], key=lambda j: -float(rows[j]["value"]))
+
+
+@pytest.mark.parametrize("value", [float("nan"), None])
+def test_a_trial_that_returns_no_finite_metric_is_a_failure(value):
+    """What the sweeper records for a job that ended without error but returned NaN (a loss
+    that diverged) or nothing: FAIL, with the value in its error."""
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"optimizer.lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    job = JobReturn(status=JobStatus.COMPLETED, _return_value=value)
+    record_trial(study, trial, job)
+    (ended,) = study.trials
+    assert ended.state == TrialState.FAIL
+    assert repr(value) in ended.user_attrs["error"] and "finite" in ended.user_attrs["error"]

@@ -87,7 +87,7 @@ def search(
         ]
         returns = launcher.launch(overrides, initial_job_idx=trials[0].number)
         for trial, job in zip(trials, returns, strict=True):
-            _record(study, trial, job)
+            record_trial(study, trial, job)
     _log_best(study)
     return study
 
@@ -137,7 +137,7 @@ def _pruning_override(storage: str, settings: SearchSettings, number: int) -> st
     )
 
 
-def _record(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> None:
+def record_trial(study: optuna.Study, trial: optuna.trial.Trial, job: JobReturn) -> None:
     """Tell the study how the trial's job ended: COMPLETE with its value, PRUNED, or FAIL with
     the error (an exception, or a value that is not a finite number)."""
     run_dir = job.hydra_cfg.hydra.runtime.output_dir if job.hydra_cfg else None
