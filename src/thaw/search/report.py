@@ -88,8 +88,9 @@ def write_sweep_report(sweep_dir: Path) -> list[Row]:
     study_file = sweep_dir / STUDY_FILE
     plots: list[str] = []
     if study_file.is_file():
-        rows = study_rows(study_file, metric)
-        plots = _study_plots(study_file, sweep_dir)
+        studies = _studies(study_file)
+        rows = study_rows(studies, metric)
+        plots = _study_plots(studies[0], sweep_dir) if studies else []
         common: list[str] = []  # a trial's overrides are its sampled values only
     else:
         rows = job_rows(sweep_dir, metric)
@@ -136,16 +137,23 @@ def job_rows(sweep_dir: Path, metric: str) -> list[Row]:
     return rows
 
 
-def study_rows(study_file: Path, metric: str) -> list[Row]:
-    """One row per trial of every study in the SQLite file, earlier runs' trials included; the
-    run's metrics.json fills in what it wrote (test/acc, wall time)."""
+def _studies(study_file: Path) -> list[Any]:
+    """Every Optuna study in the SQLite file, read once for the rows and the plots."""
     import optuna
 
     storage = f"sqlite:///{study_file.resolve()}"
-    rows = []
-    for summary in optuna.get_all_study_summaries(storage):
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        prefix = f"{summary.study_name}/" if len(rows) else ""
+    return [
+        optuna.load_study(study_name=summary.study_name, storage=storage)
+        for summary in optuna.get_all_study_summaries(storage)
+    ]
+
+
+def study_rows(studies: Sequence[Any], metric: str) -> list[Row]:
+    """One row per trial of every study, earlier runs' trials included; the run's metrics.json
+    fills in what it wrote (test/acc, wall time)."""
+    rows: list[Row] = []
+    for study in studies:
+        prefix = f"{study.study_name}/" if len(rows) else ""
         for trial in study.get_trials(deepcopy=False):
             run_dir = str(trial.user_attrs.get("run_dir", ""))
             metrics = _numbers(read_record(Path(run_dir) / "metrics.json")) if run_dir else {}
@@ -259,7 +267,7 @@ def _fill_from_metrics(row: Row, metric: str) -> None:
     row.wall_time_s = row.metrics.get("train/wall_time_s", row.wall_time_s)
 
 
-def _study_plots(study_file: Path, sweep_dir: Path) -> list[str]:
+def _study_plots(study: Any, sweep_dir: Path) -> list[str]:
     """optimization_history.png, and param_importances.png once two or more trials completed
     (fANOVA needs them); the names of the files written."""
     import warnings
@@ -269,22 +277,19 @@ def _study_plots(study_file: Path, sweep_dir: Path) -> list[str]:
 
     from thaw.analysis.figures import png
 
-    storage = f"sqlite:///{study_file.resolve()}"
     written = []
-    for summary in optuna.get_all_study_summaries(storage)[:1]:
-        study = optuna.load_study(study_name=summary.study_name, storage=storage)
-        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
-        figures = {"optimization_history.png": plots.plot_optimization_history}
-        if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
-            figures["param_importances.png"] = plots.plot_param_importances
-        for name, plot in figures.items():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                axes = plot(study)
-            axes.figure.set_size_inches(9, 4.5)  # room for long parameter names
-            axes.figure.tight_layout()
-            (sweep_dir / name).write_bytes(png(axes.figure))
-            written.append(name)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    figures = {"optimization_history.png": plots.plot_optimization_history}
+    if len(complete) >= 2 and len({k for t in complete for k in t.params}) >= 1:
+        figures["param_importances.png"] = plots.plot_param_importances
+    for name, plot in figures.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            axes = plot(study)
+        axes.figure.set_size_inches(9, 4.5)  # room for long parameter names
+        axes.figure.tight_layout()
+        (sweep_dir / name).write_bytes(png(axes.figure))
+        written.append(name)
     return written
 
 
