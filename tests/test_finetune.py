@@ -22,10 +22,12 @@ from thaw.finetune import (
     discriminative_lrs,
     schedulers,
 )
-from thaw.models import BACKBONES, Classifier, create_backbone
-from thaw.models.backbones import HEAD
+from thaw.models import Classifier, create_backbone
+from thaw.models.backbones import HEAD, STAGES
+from thaw.models.backbones.torchvision import MODELS
+from thaw.models.layer_groups import LayerGroup
 
-GROUPS = [*BACKBONES["resnet18"].groups, HEAD]
+GROUPS = [*STAGES, HEAD]
 
 
 def make_model(strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=None) -> Classifier:
@@ -77,17 +79,18 @@ def fit(quiet_trainer):
     return train
 
 
-def snapshot(modules: list[nn.Module]) -> dict[str, torch.Tensor]:
-    return {f"{i}.{k}": v.clone() for i, m in enumerate(modules) for k, v in m.state_dict().items()}
+def snapshot(group: LayerGroup) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (BatchNorm statistics) of the group, copied."""
+    return {k: v.detach().clone() for k, v in group.tensors().items()}
 
 
-def changed(before: dict[str, torch.Tensor], modules: list[nn.Module]) -> dict[str, bool]:
-    after = snapshot(modules)
+def changed(before: dict[str, torch.Tensor], group: LayerGroup) -> dict[str, bool]:
+    after = snapshot(group)
     return {k: not torch.equal(before[k], after[k]) for k in before}
 
 
 def group_snapshots(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: snapshot(mods) for name, mods in model.layer_groups().items()}
+    return {name: snapshot(group) for name, group in model.layer_groups().items()}
 
 
 def test_phase_one_freezes_backbone_bitwise_while_head_learns(fit):
@@ -185,7 +188,7 @@ def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm(fit):
     assert {g["name"] for g in trainer.optimizers[0].param_groups} == set(GROUPS)
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_backbone_parameter_is_in_exactly_one_group(name):
     backbone = create_backbone(name, weights=None)
     assert list(backbone.groups) == GROUPS[:-1]
@@ -197,7 +200,7 @@ def test_every_backbone_parameter_is_in_exactly_one_group(name):
         finetune=Full(),
     )
     groups = model.layer_groups()
-    grouped = [id(p) for mods in groups.values() for m in mods for p in m.parameters()]
+    grouped = [id(p) for group in groups.values() for p in group.params]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     param_groups = build_param_groups(groups, dict.fromkeys(GROUPS, 0.1), 0.05)
     assert sum(len(g["params"]) for g in param_groups) == len(list(model.parameters()))

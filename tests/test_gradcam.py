@@ -15,8 +15,10 @@ from PIL import Image
 from torch import nn
 
 from thaw.analysis.gradcam import explain_image, grad_cam, overlay, target_layer
-from thaw.models.backbones import BACKBONES, IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from thaw.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
+from thaw.models.backbones.torchvision import MODELS
 from thaw.models.classifier import Classifier
+from thaw.models.layer_groups import blocks_from_paths
 from thaw.preprocess import Preprocessing
 from thaw.trained import TrainedModel
 
@@ -54,8 +56,9 @@ def tiny_backbone() -> Backbone:
         stage4=block(32, 64, 1),
         pool=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
     )
-    groups = {f"stage{i}": [f"stage{i}"] for i in range(1, 5)}
-    return Backbone("tiny", nn.Sequential(stages), 64, groups, IMAGENET_MEAN, IMAGENET_STD)
+    model = nn.Sequential(stages)
+    blocks = blocks_from_paths(model, {f"stage{i}": [f"stage{i}"] for i in range(1, 5)})
+    return Backbone("tiny", model, 64, blocks, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def paint(image: torch.Tensor, colour: int, quadrant: int, g: torch.Generator) -> None:
@@ -160,14 +163,14 @@ def test_explain_image_overlays_the_predicted_class_on_the_cropped_view(trained)
         assert explain_image(trained, photo, (label + 1) % 4)[0] == (label + 1) % 4
 
 
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_grad_cam_runs_on_every_backbone_and_leaves_the_model_as_it_was(name):
     torch.manual_seed(0)
     model = Classifier(create_backbone(name, weights=None), ["a", "b", "c"], PREPROCESSING)
     model.train()
     frozen_norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     frozen_norm.eval()  # as a fine-tuning run may keep frozen batch norms
-    model.backbone.get_submodule(model.backbone_groups["stage1"][0]).requires_grad_(False)
+    model.layer_groups()["stage1"].modules[0].requires_grad_(False)
     modes = {name: m.training for name, m in model.named_modules()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}

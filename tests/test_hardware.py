@@ -15,6 +15,7 @@ from conftest import PREPROCESSING
 from thaw.finetune import Full
 from thaw.hardware import channels_last, instantiate_trainer, resolve_precision
 from thaw.models import Backbone, Classifier, create_backbone
+from thaw.models.layer_groups import blocks_from_paths
 from thaw.train import run
 from thaw.trained import load_trained
 
@@ -75,7 +76,8 @@ def test_compiled_backbone_keeps_outputs_and_checkpoint_keys() -> None:
         net = nn.Sequential(
             nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
-        return Backbone("tiny", net, 8, {"stage1": ["0", "1"]}, (0.5,) * 3, (0.5,) * 3)
+        blocks = blocks_from_paths(net, {"stage1": ["0", "1"]})
+        return Backbone("tiny", net, 8, blocks, (0.5,) * 3, (0.5,) * 3)
 
     eager, compiled = classifier(tiny()), classifier(tiny(), compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())

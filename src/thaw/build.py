@@ -13,6 +13,7 @@ from thaw.data.datamodule import ImageDataModule
 from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
 from thaw.hardware import channels_last, instantiate_trainer
 from thaw.models import Classifier, backbone_spec, create_backbone
+from thaw.models.backbones import BackboneSpec
 from thaw.preprocess import Preprocessing
 from thaw.resume import ResumeState
 
@@ -23,16 +24,23 @@ def build_datamodule(
     """The DataModule of `cfg.data`. Without `preprocessing` it resolves the run's own at setup
     (the backbone's statistics, or the data's with `data.normalize=dataset`); a trained model's
     `preprocessing` is used as it is, and `test_only` then reads only its test images."""
-    spec = backbone_spec(cfg.model.name)
+    spec = model_spec(cfg.model)
     # Partial: the Preprocessing object passes through as it is (instantiate would convert it).
     factory = instantiate(cfg.data, _partial_=True)
+    size = {"image_size": spec.input_size} if cfg.data.get("image_size") == "auto" else {}
     return factory(
         augment=cfg.augment,
         mean=spec.mean,
         std=spec.std,
         preprocessing=preprocessing,
         test_only=test_only,
+        **size,
     )
+
+
+def model_spec(model_cfg: DictConfig) -> BackboneSpec:
+    """The backbone spec of the model group: its family's, for its name and weights."""
+    return backbone_spec(model_cfg.name, model_cfg.weights, model_cfg.get("family", "torchvision"))
 
 
 def build_strategy(cfg: DictConfig) -> FinetuneStrategy:
@@ -44,10 +52,17 @@ def build_strategy(cfg: DictConfig) -> FinetuneStrategy:
 def build_classifier(
     cfg: DictConfig, classes: list[str], preprocessing: Preprocessing, strategy: FinetuneStrategy
 ) -> Classifier:
-    """The classifier to train: the backbone with `cfg.model.weights` loaded, a new head."""
+    """The classifier to train: the backbone for the data's input size with `cfg.model.weights`
+    loaded, a new head."""
     run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    backbone = create_backbone(
+        cfg.model.name,
+        cfg.model.weights,
+        cfg.model.get("family", "torchvision"),
+        input_size=preprocessing.input_size,
+    )
     return Classifier(
-        create_backbone(cfg.model.name, cfg.model.weights),
+        backbone,
         classes,
         preprocessing,
         optimizer=instantiate(cfg.optimizer),

@@ -42,7 +42,12 @@ def load_trained(path: str | Path, channels_last: bool = False) -> TrainedModel:
     preprocessing = Preprocessing.from_dict(record.preprocessing)
     model_cfg = record.config["model"]
     model = Classifier(
-        create_backbone(model_cfg["name"], weights=None),
+        create_backbone(
+            model_cfg["name"],
+            weights=None,
+            family=model_cfg.get("family", "torchvision"),
+            input_size=preprocessing.input_size,
+        ),
         record.classes,
         preprocessing,
         head_dropout=model_cfg["head_dropout"],

@@ -40,42 +40,40 @@ def target_layer(model: Classifier, input_size: tuple[int, int] | None = None) -
     then a lower group's map, coarser in meaning but still spatial, is used, and the report says
     which layer it was. A module counts as spatial when it holds a 2-D convolution; that skips
     what some backbones put after their last map (MobileNetV3's pooled 960 -> 1280 projection).
-    A backbone whose top layer gives tokens (a ViT) has no such module: its spec would have to
-    name a layer whose output is (or is reshaped to) a grid, and this is where it would be looked
-    up.
+    A timm ViT has no such module: its layer is the last transformer block, whose input tokens
+    (see `_token_cams`) are the grid of patches.
     """
-    candidates = [_last_spatial(model, group) for group in reversed(GROUPS)]
-    candidates = [module for module in candidates if module is not None]
-    if not candidates:
-        raise ValueError(
-            f"no module of the backbone's layer groups {model.backbone_groups} gives a spatial "
-            "feature map (none holds a Conv2d): Grad-CAM needs one"
-        )
     side = model.preprocessing.input_size
+    groups = model.layer_groups()
+    candidates = [m for g in reversed(GROUPS) if g in groups for m in reversed(groups[g].modules)]
+    candidates = [m for m in candidates if any(isinstance(s, nn.Conv2d) for s in m.modules())]
     sizes = _map_sizes(model, candidates, input_size or (side, side))
-    for module in candidates:
+    spatial = [module for module in candidates if module in sizes]
+    if not spatial and _token_grid(model) is not None:
+        return model.backbone.blocks[-1]
+    if not spatial:
+        raise ValueError(
+            "no module of the backbone's layer groups gives a spatial feature map (B, C, h, w): "
+            "Grad-CAM needs one, and a backbone of tokens (a ViT) has none"
+        )
+    for module in spatial:
         if min(sizes[module]) >= MIN_MAP_SIDE:
             return module
-    return max(candidates, key=lambda module: min(sizes[module]))
-
-
-def _last_spatial(model: Classifier, group: str) -> nn.Module | None:
-    for path in reversed(model.backbone_groups.get(group, [])):
-        module = model.backbone.get_submodule(path)
-        if any(isinstance(m, nn.Conv2d) for m in module.modules()):
-            return module
-    return None
+    return max(spatial, key=lambda module: min(sizes[module]))
 
 
 def _map_sizes(
     model: Classifier, modules: list[nn.Module], input_size: tuple[int, int]
 ) -> dict[nn.Module, tuple[int, int]]:
-    """The (h, w) of each module's output for one input of `input_size` (one forward pass)."""
+    """The (h, w) of each module's output for one input of `input_size` (one forward pass),
+    for the modules whose output is a map (B, C, h, w)."""
     sizes: dict[nn.Module, tuple[int, int]] = {}
-    hooks = [
-        m.register_forward_hook(lambda m, _, out: sizes.__setitem__(m, tuple(out.shape[-2:])))
-        for m in modules
-    ]
+
+    def record(module: nn.Module, inputs: object, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            sizes[module] = tuple(out.shape[-2:])
+
+    hooks = [m.register_forward_hook(record) for m in modules]
     device = next(model.parameters()).device
     try:
         with _eval_mode(model), torch.no_grad():
@@ -116,13 +114,17 @@ def grad_cam(model: Classifier, batch: torch.Tensor, targets: torch.Tensor) -> t
         raise ValueError(f"{len(batch)} images but {len(targets)} targets")
     height, width = batch.shape[-2:]
     layer = target_layer(model, (height, width))
+    grid = _token_grid(model)
     # Autograd on even inside torch.inference_mode or no_grad (predict runs under both).
     with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
         # A clone made here is an ordinary tensor even if `batch` was made under inference_mode.
         inputs = batch.detach().clone()
-        cams = LayerGradCam(model, layer).attribute(
-            inputs, target=[int(t) for t in targets], relu_attributions=True
-        )
+        if grid is not None and layer is model.backbone.blocks[-1]:
+            cams = _token_cams(model, inputs, targets.to(inputs.device), layer, grid)
+        else:
+            cams = LayerGradCam(model, layer).attribute(
+                inputs, target=[int(t) for t in targets], relu_attributions=True
+            )
         if cams.ndim != 4:
             raise ValueError(
                 f"the target layer {type(layer).__name__} gives maps of shape "
@@ -132,6 +134,41 @@ def grad_cam(model: Classifier, batch: torch.Tensor, targets: torch.Tensor) -> t
     cams = cams[:, 0].clamp(min=0)
     peaks = cams.amax(dim=(1, 2), keepdim=True)
     return torch.where(peaks > 0, cams / peaks.clamp(min=torch.finfo(cams.dtype).tiny), 0.0)
+
+
+def _token_grid(model: Classifier) -> tuple[int, int, int] | None:
+    """(prefix tokens, rows, columns) of a timm ViT's token sequence, or None for other models."""
+    backbone = model.backbone
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    blocks = getattr(backbone, "blocks", None)
+    if grid is None or not isinstance(blocks, nn.Sequential) or not len(blocks):
+        return None
+    return getattr(backbone, "num_prefix_tokens", 0), *grid
+
+
+def _token_cams(
+    model: Classifier,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    block: nn.Module,
+    grid: tuple[int, int, int],
+) -> torch.Tensor:
+    """Grad-CAM on the patch tokens entering a ViT's last block, (N, 1, rows, columns): each
+    channel weighted by the mean gradient of the class logit over the patches. Its input, not
+    its output: after the last block only the class token reaches the head, so the patches'
+    gradients there are zero (the reshape pytorch-grad-cam documents for ViTs)."""
+    prefix, rows, columns = grid
+    inputs = inputs.requires_grad_()  # the tokens need a graph even where the ViT is frozen
+    seen: list[torch.Tensor] = []
+    hook = block.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        logits = model(inputs)
+    finally:
+        hook.remove()
+    (grads,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), seen[0])
+    tokens, grads = seen[0][:, prefix:], grads[:, prefix:]
+    cams = (tokens * grads.mean(dim=1, keepdim=True)).sum(dim=-1).clamp(min=0)
+    return cams.reshape(-1, 1, rows, columns).detach()
 
 
 def overlay(

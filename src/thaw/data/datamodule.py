@@ -109,8 +109,13 @@ class ImageDataModule(pl.LightningDataModule):
         _check_int("batch_size", batch_size, minimum=1)
         _check_int("num_workers", num_workers, minimum=0)
         _check_int("split_seed", split_seed)
-        if image_size is not None:
-            _check_int("image_size", image_size, minimum=1, nullable=True)
+        if image_size is not None and (
+            isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+        ):
+            raise ValueError(
+                f"data.image_size must be an integer >= 1, null (the images' own size) or auto "
+                f"(the model's input size), got {image_size!r}"
+            )
         if eval_batch_size is not None:
             _check_int("eval_batch_size", eval_batch_size, minimum=1, nullable=True)
         if samples_per_class is not None:

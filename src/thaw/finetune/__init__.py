@@ -2,7 +2,7 @@
 
 from thaw.finetune.callback import FreezeUnfreeze
 from thaw.finetune.feature_cache import FeatureCache, wants_cache
-from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
+from thaw.finetune.param_groups import build_param_groups, discriminative_lrs, layer_decay_lrs
 from thaw.finetune.strategies import FinetuneStrategy, Full, Gradual, LinearProbe, TwoPhase
 
 __all__ = [
@@ -15,5 +15,6 @@ __all__ = [
     "TwoPhase",
     "build_param_groups",
     "discriminative_lrs",
+    "layer_decay_lrs",
     "wants_cache",
 ]

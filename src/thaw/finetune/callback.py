@@ -7,17 +7,18 @@ from torch import nn
 
 from thaw.finetune.strategies import FinetuneStrategy
 from thaw.models.backbones import HEAD
+from thaw.models.layer_groups import LayerGroup
 
 
-def set_trainable(modules: list[nn.Module], trainable: bool, bn: str) -> None:
-    """Train `modules`, or freeze them: requires_grad off and grads dropped (so no optimizer step,
-    momentum or weight decay moves them), and in eval mode unless `bn == "train"`, in which case
-    BatchNorm keeps training its statistics and affine weights."""
-    for module in modules:
-        for param in module.parameters():
-            param.requires_grad_(trainable)
-            if not trainable:
-                param.grad = None
+def set_trainable(group: LayerGroup, trainable: bool, bn: str) -> None:
+    """Train `group`, or freeze it: requires_grad off and grads dropped (so no optimizer step,
+    momentum or weight decay moves its parameters), and its modules in eval mode unless
+    `bn == "train"`, in which case BatchNorm keeps training its statistics and affine weights."""
+    for param in group.params:
+        param.requires_grad_(trainable)
+        if not trainable:
+            param.grad = None
+    for module in group.modules:
         if trainable or bn == "train":
             module.train()
         else:
@@ -37,11 +38,11 @@ class FreezeUnfreeze(pl.Callback):
         self.strategy = strategy
 
     def apply(self, pl_module: pl.LightningModule, epoch: int) -> list[str]:
-        groups: dict[str, list[nn.Module]] = pl_module.layer_groups()
+        groups: dict[str, LayerGroup] = pl_module.layer_groups()
         backbone = list(pl_module.backbone_groups)
         trainable = {HEAD, *self.strategy.trainable_groups(epoch, backbone)}
-        for name, modules in groups.items():
-            set_trainable(modules, name in trainable, self.strategy.bn)
+        for name, group in groups.items():
+            set_trainable(group, name in trainable, self.strategy.bn)
         return [g for g in groups if g in trainable]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -10,9 +10,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
-from torch import nn
-
-from thaw.finetune.param_groups import build_param_groups, discriminative_lrs
+from thaw.finetune.param_groups import build_param_groups, discriminative_lrs, layer_decay_lrs
+from thaw.models.layer_groups import LayerGroup
 
 BN_MODES = ("eval", "train")
 
@@ -27,6 +26,10 @@ class FinetuneStrategy(ABC):
     backbone_lr_ratio: the lowest backbone group's learning rate as a fraction of the head's;
         the groups between are spaced geometrically.
     group_lrs: explicit learning rates for named groups (e.g. {stage4: 1e-4}), overriding spacing.
+    layer_decay: per-block learning rates instead of per-group spacing, as BEiT and MAE fine-tune:
+        the backbone's top block at `lr * layer_decay`, each block below one more factor (None:
+        off). Finer than the four groups for timm models (their group_matcher's blocks); a
+        torchvision backbone has one block per group.
     thaw_warmup_epochs: a backbone group's LR ramps up linearly over this many epochs after it
         thaws (0: no ramp), so fresh gradients do not wreck pretrained weights.
     cache_features: while the whole backbone is frozen, train and validate the head on backbone
@@ -37,6 +40,7 @@ class FinetuneStrategy(ABC):
     bn: str = "eval"
     backbone_lr_ratio: float = 0.1
     group_lrs: dict[str, float] | None = None
+    layer_decay: float | None = None
     thaw_warmup_epochs: float = 0.0
     cache_features: bool | str = False
 
@@ -46,6 +50,10 @@ class FinetuneStrategy(ABC):
         if not 0 < self.backbone_lr_ratio <= 1:
             raise ValueError(
                 f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
+            )
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(
+                f"finetune.layer_decay={self.layer_decay} must be in (0, 1], or null for off"
             )
         if not isinstance(self.cache_features, bool) and self.cache_features != "auto":
             raise ValueError(
@@ -59,11 +67,16 @@ class FinetuneStrategy(ABC):
         """The backbone groups (ordered lowest first) that train during `epoch`."""
 
     def param_groups(
-        self, layer_groups: Mapping[str, list[nn.Module]], lr: float, weight_decay: float
+        self, layer_groups: Mapping[str, LayerGroup], lr: float, weight_decay: float
     ) -> list[dict]:
         """The optimizer's parameter groups for `layer_groups` (lowest first, head last): every
-        group from the start, each at its discriminative learning rate (head: `lr`)."""
-        lrs = discriminative_lrs(list(layer_groups), lr, self.backbone_lr_ratio, self.group_lrs)
+        group from the start, each at its discriminative learning rate (head: `lr`), or each
+        block at its layer-decayed one."""
+        if self.layer_decay is None:
+            lrs = discriminative_lrs(list(layer_groups), lr, self.backbone_lr_ratio, self.group_lrs)
+        else:
+            counts = {name: len(group.blocks) for name, group in layer_groups.items()}
+            lrs = layer_decay_lrs(counts, lr, self.layer_decay, self.group_lrs)
         return build_param_groups(layer_groups, lrs, weight_decay)
 
     def thaw_warmup(

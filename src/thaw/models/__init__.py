@@ -1,10 +1,9 @@
 """Models: the backbone registry and the classifier LightningModule."""
 
-from thaw.models.backbones import BACKBONES, Backbone, WeightsError, backbone_spec, create_backbone
+from thaw.models.backbones import Backbone, WeightsError, backbone_spec, create_backbone
 from thaw.models.classifier import Classifier
 
 __all__ = [
-    "BACKBONES",
     "Backbone",
     "Classifier",
     "WeightsError",

@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from thaw.checkpoint import RUN_KEY
 from thaw.models.backbones import HEAD, Backbone
+from thaw.models.layer_groups import LayerGroup, build_layer_groups, single_group
 from thaw.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -56,7 +57,9 @@ class Classifier(pl.LightningModule):
         if num_classes < 2:
             raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
         self.backbone = backbone.model
-        self.backbone_groups = backbone.groups
+        self.backbone_blocks = backbone.blocks
+        self.backbone_groups = backbone.groups  # stage -> parameter names, lowest first
+        self.no_weight_decay = backbone.no_weight_decay
         self.head = nn.Sequential(
             nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes)
         )
@@ -98,13 +101,10 @@ class Classifier(pl.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
 
-    def layer_groups(self) -> dict[str, list[nn.Module]]:
-        """Backbone groups lowest first, then the head: the unit of freezing and of LR."""
-        groups = {
-            name: [self.backbone.get_submodule(path) for path in paths]
-            for name, paths in self.backbone_groups.items()
-        }
-        groups[HEAD] = [self.head]
+    def layer_groups(self) -> dict[str, LayerGroup]:
+        """Backbone stages lowest first, then the head: the unit of freezing and of LR."""
+        groups = build_layer_groups(self.backbone, self.backbone_blocks, self.no_weight_decay)
+        groups[HEAD] = single_group(self.head, HEAD)
         return groups
 
     # -- steps --------------------------------------------------------------------------------
@@ -182,7 +182,7 @@ class Classifier(pl.LightningModule):
             self.trainer.accumulate_grad_batches,
         )
         steps_per_epoch = max(1, math.ceil(batches / accumulate))
-        names = [group["name"] for group in optimizer.param_groups]
+        names = [group["group"] for group in optimizer.param_groups]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs > 0 else total_steps
         thaw = self.finetune.thaw_warmup(
             names, list(self.backbone_groups), steps_per_epoch, max_epochs

@@ -1,24 +1,29 @@
-"""The family-agnostic backbone registry: specs by name, and building one with its weights.
+"""The family-agnostic backbone registry: a spec per (family, name), and building one with weights.
 
-Every backbone is named the same way, `stage1` (lowest) to `stage4` (highest), with the classifier
+Every backbone is cut the same way, `stage1` (lowest) to `stage4` (highest), with the classifier
 head (`HEAD`) after them, so per-group learning rates, logs (`lr/stage4`) and sweeps compare across
-architectures and model families. A family module fills a `BackboneSpec` per model and `register`s
-it; weights files and the fit check are shared here.
+architectures and model families. A family is a module of this package (`torchvision`, `timm`),
+imported when first asked for, with a `backbone_spec(name, weights)` function; weights files, the
+checkpoint-as-weights path and the fit check are shared here.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from thaw.checkpoint import RUN_KEY, read_checkpoint
+from thaw.models.layer_groups import Block
 
 # The name of the classifier head's layer group, which comes after the backbone's stage1..stage4.
 HEAD = "head"
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+FAMILIES = ("torchvision", "timm")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,83 +33,109 @@ class WeightsError(RuntimeError):
     """Pretrained weights that cannot be found, downloaded or fitted to the backbone."""
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    """What a model family tells the registry about one backbone.
-
-    `build` returns the randomly initialised model with its classifier stripped, and its feature
-    dim; `groups` maps stage1..stage4 to submodule paths, lowest first; `named_weights` returns the
-    state_dict of a named pretrained weights value (e.g. "IMAGENET1K_V1") or raises WeightsError.
-    """
-
-    build: Callable[[], tuple[nn.Module, int]]
-    groups: dict[str, list[str]]
-    named_weights: Callable[[str], dict[str, torch.Tensor]]
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-
 @dataclass
 class Backbone:
-    """A feature extractor (images -> (B, feature_dim)) with its layer groups, lowest first."""
+    """A feature extractor (images -> (B, feature_dim) pooled pre-logits features) cut into
+    blocks, lowest first, each in one of the stages stage1..stage4."""
 
     name: str
     model: nn.Module
     feature_dim: int
-    groups: dict[str, list[str]]
+    blocks: list[Block]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    no_weight_decay: frozenset[str] = frozenset()  # names or patterns, e.g. a ViT's pos_embed
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """stage -> its parameter names, lowest stage first."""
+        groups: dict[str, list[str]] = {}
+        for block in self.blocks:
+            groups.setdefault(block.stage, []).extend(block.params)
+        return groups
 
 
-BACKBONES: dict[str, BackboneSpec] = {}
+def identity_filter(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    return state
 
 
-def register(name: str, spec: BackboneSpec) -> None:
-    """Make backbone `name` buildable; names are global across families, so a clash is an error."""
-    if name in BACKBONES:
-        raise ValueError(f"backbone {name!r} is already registered")
-    BACKBONES[name] = spec
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a model family tells the registry about one backbone.
+
+    `build(input_size)` returns the randomly initialised Backbone (a ViT is built for that input
+    size; convolutional models ignore it); `named_weights(weights)` returns the state_dict of a
+    named pretrained weights value or raises WeightsError; `adapt_weights(state, model)` converts
+    a weights file to this model (e.g. resamples a ViT's position embedding to its input size).
+    `input_size` is the side the weights were trained at (`data.image_size=auto`), and
+    `architecture` what a weights file must have been trained as.
+    """
+
+    build: Callable[[int], Backbone]
+    named_weights: Callable[[str], dict[str, torch.Tensor]]
+    architecture: str
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    adapt_weights: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] = field(
+        default=identity_filter
+    )
 
 
-def backbone_spec(name: str) -> BackboneSpec:
-    if name not in BACKBONES:
-        raise ValueError(
-            f"model.name={name!r} is not a known backbone; choose one of {sorted(BACKBONES)}"
-        )
-    return BACKBONES[name]
+def backbone_spec(
+    name: str, weights: str | None = None, family: str = "torchvision"
+) -> BackboneSpec:
+    """The spec of backbone `name` of `family` (its preprocessing may depend on `weights`)."""
+    if family not in FAMILIES:
+        raise ValueError(f"model.family={family!r} is not one of {list(FAMILIES)}")
+    module = importlib.import_module(f"thaw.models.backbones.{family}")
+    return module.backbone_spec(name, None if weights is None else str(weights))
 
 
-def create_backbone(name: str, weights: str | None = "IMAGENET1K_V1") -> Backbone:
-    """Build backbone `name` with `weights`: a named weights value, a local file, or None."""
-    spec = backbone_spec(name)
-    model, feature_dim = spec.build()
+def create_backbone(
+    name: str,
+    weights: str | None = "IMAGENET1K_V1",
+    family: str = "torchvision",
+    input_size: int = 224,
+) -> Backbone:
+    """Build backbone `name` for `input_size` px with `weights`: a named weights value, a local
+    file (a state_dict, .safetensors, or a thaw checkpoint), or None."""
+    spec = backbone_spec(name, weights, family)
+    backbone = spec.build(input_size)
     if weights is not None:
-        state = _load_weights(name, spec, str(weights))
-        _fit_state_dict(model, state, name, str(weights))
-    return Backbone(name, model, feature_dim, spec.groups, spec.mean, spec.std)
+        state = spec.adapt_weights(_load_weights(spec, str(weights)), backbone.model)
+        _fit_state_dict(backbone.model, state, name, str(weights))
+    return backbone
 
 
-def _looks_like_path(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".ckpt", ".bin"))
+def looks_like_path(weights: str) -> bool:
+    """Whether a model.weights value means a file, not a weights name."""
+    suffixes = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
+    return "/" in weights or "\\" in weights or weights.endswith(suffixes)
 
 
-def _load_weights(name: str, spec: BackboneSpec, weights: str) -> dict[str, torch.Tensor]:
+def _load_weights(spec: BackboneSpec, weights: str) -> dict[str, torch.Tensor]:
     """A file wins over a weights name, and a typo'd path says 'no such file', not 'bad name'."""
     if Path(weights).is_file():
-        return _read_weights_file(Path(weights), name)
-    if _looks_like_path(weights):
+        return _read_weights_file(Path(weights), spec.architecture)
+    if looks_like_path(weights):
         raise WeightsError(f"model.weights={weights!r}: no such file")
     return spec.named_weights(weights)
 
 
-def _read_weights_file(path: Path, name: str) -> dict[str, torch.Tensor]:
-    """A plain state_dict, or a thaw checkpoint whose backbone weights sit under `backbone.`."""
+def _read_weights_file(path: Path, architecture: str) -> dict[str, torch.Tensor]:
+    """A plain state_dict (.pth, .safetensors), or a thaw checkpoint whose backbone weights sit
+    under `backbone.`."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
     state = read_checkpoint(path)
     trained_as = state.get(RUN_KEY, {}).get("config", {}).get("model", {}).get("name")
-    if trained_as is not None and trained_as != name:
+    if trained_as is not None and trained_as.partition(".")[0] != architecture:
         raise WeightsError(
             f"model.weights={str(path)!r} is a checkpoint of model.name={trained_as}, "
-            f"but this run has model.name={name}; set model.name={trained_as}"
+            f"but this run's model is {architecture}; set model.name={trained_as}"
         )
     if "state_dict" in state:
         prefix = "backbone."

@@ -1,12 +1,14 @@
 """The torchvision family: torchvision classification models cut into stage1..stage4.
 
-Each model registers a `BackboneSpec` that builds it with `weights=None`, strips its classifier,
-and loads named weights through torchvision's weights enums (downloaded to the torch hub cache).
+Each model's stages are listed by hand, as submodule paths (one block per stage); it is built
+with `weights=None` and its classifier stripped, and named weights come through torchvision's
+weights enums (downloaded to the torch hub cache).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -14,7 +16,14 @@ import torch
 import torchvision
 from torch import nn
 
-from thaw.models.backbones.registry import BackboneSpec, WeightsError, register
+from thaw.models.backbones.registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    BackboneSpec,
+    WeightsError,
+)
+from thaw.models.layer_groups import blocks_from_paths
 
 
 def _resnet_strip(model: nn.Module) -> int:
@@ -62,10 +71,38 @@ _EFFICIENTNET_GROUPS = {
 }
 
 
-def _build(name: str, strip_classifier: Callable[[nn.Module], int]) -> tuple[nn.Module, int]:
+@dataclass(frozen=True)
+class _Model:
+    strip_classifier: Callable[[nn.Module], int]
+    groups: dict[str, list[str]]  # stage -> submodule paths
+
+
+MODELS = {
+    **dict.fromkeys(("resnet18", "resnet34", "resnet50"), _Model(_resnet_strip, _RESNET_GROUPS)),
+    "mobilenet_v3_large": _Model(_mobilenet_v3_strip, _MOBILENET_V3_GROUPS),
+    "efficientnet_b0": _Model(_efficientnet_strip, _EFFICIENTNET_GROUPS),
+}
+
+
+def backbone_spec(name: str, weights: str | None) -> BackboneSpec:
+    if name not in MODELS:
+        raise ValueError(
+            f"model.name={name!r} is not a torchvision backbone thaw knows; choose one of "
+            f"{sorted(MODELS)}, or any timm model with model=timm model.name={name}"
+        )
+    return BackboneSpec(
+        build=partial(_build, name, MODELS[name]),
+        named_weights=partial(_named_weights, name),
+        architecture=name,
+    )
+
+
+def _build(name: str, spec: _Model, input_size: int) -> Backbone:
     """Random init: pretrained weights are loaded afterwards, checked against this model."""
     model = torchvision.models.get_model(name, weights=None)
-    return model, strip_classifier(model)
+    feature_dim = spec.strip_classifier(model)
+    blocks = blocks_from_paths(model, spec.groups)
+    return Backbone(name, model, feature_dim, blocks, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _named_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
@@ -89,22 +126,3 @@ def _named_weights(name: str, weights: str) -> dict[str, torch.Tensor]:
             f"or set model.weights=/path/to/weights.pth (a state_dict or a thaw checkpoint), "
             f"or model.weights=null to train from random init."
         ) from err
-
-
-def _register(
-    name: str, strip_classifier: Callable[[nn.Module], int], groups: dict[str, list[str]]
-) -> None:
-    register(
-        name,
-        BackboneSpec(
-            build=partial(_build, name, strip_classifier),
-            groups=groups,
-            named_weights=partial(_named_weights, name),
-        ),
-    )
-
-
-for _name in ("resnet18", "resnet34", "resnet50"):
-    _register(_name, _resnet_strip, _RESNET_GROUPS)
-_register("mobilenet_v3_large", _mobilenet_v3_strip, _MOBILENET_V3_GROUPS)
-_register("efficientnet_b0", _efficientnet_strip, _EFFICIENTNET_GROUPS)

@@ -1,0 +1,255 @@
+"""timm backbones under thaw's fine-tuning engine: one tiny model of each family (a ConvNeXt with
+LayerNorm, a MobileNetV3 and a ResNet with BatchNorm, a ViT at 32 px), random init or weights
+saved from a model the test built: no download."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants as hub
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+from safetensors.torch import save_file
+from timm.models._manipulate import group_parameters
+from torch.utils.data import DataLoader, TensorDataset
+
+from conftest import PREPROCESSING, TINY, offline_fmnist
+from test_resume import EPOCHS, RecordLR, SigtermAt
+from thaw.build import build_datamodule
+from thaw.config import compose_config
+from thaw.data.resumable import ResumableLoader
+from thaw.export import export_model
+from thaw.finetune import FreezeUnfreeze, Full, LinearProbe, TwoPhase, schedulers
+from thaw.inference.onnx_model import OnnxModel
+from thaw.models import Classifier, WeightsError, create_backbone
+from thaw.models.backbones import HEAD, STAGES, backbone_spec
+from thaw.resume import ResumeState
+from thaw.train import run
+from thaw.trained import load_trained
+
+SIZE = 32
+MODELS = ["convnext_atto", "mobilenetv3_small_050", "resnet10t", "vit_tiny_patch16_224"]
+
+
+def classifier(name: str, strategy, seed: int = 0, weights: str | None = None) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(
+        create_backbone(name, weights, "timm", input_size=SIZE),
+        ["a", "b", "c"],
+        PREPROCESSING,
+        optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.05),
+        finetune=strategy,
+        scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
+    )
+
+
+def images(n: int = 24) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.arange(n) % 3)
+
+
+def stage_tensors(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter and buffer (norm statistics) of each layer group, copied."""
+    groups = model.layer_groups()
+    return {n: {k: v.detach().clone() for k, v in g.tensors().items()} for n, g in groups.items()}
+
+
+def moved(before: dict[str, dict[str, torch.Tensor]], model: Classifier) -> dict[str, list[str]]:
+    """Per group, the tensors that changed."""
+    after = stage_tensors(model)
+    return {g: [k for k, v in before[g].items() if not torch.equal(v, after[g][k])] for g in before}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_freezing_trains_exactly_the_groups_each_strategy_asks_for(name, quiet_trainer):
+    def fit(model: Classifier, epochs: int) -> dict[str, list[str]]:
+        before = stage_tensors(model)
+        trainer = quiet_trainer(
+            max_epochs=epochs,
+            callbacks=[FreezeUnfreeze(model.finetune)],
+            limit_val_batches=0,
+        )
+        trainer.fit(model, DataLoader(images(), batch_size=8))
+        return moved(before, model)
+
+    probe = fit(classifier(name, LinearProbe()), 1)
+    assert all(not probe[stage] for stage in STAGES), probe  # norms and their statistics too
+    assert probe[HEAD]
+
+    two_phase = fit(classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2)), 2)
+    assert [g for g in [*STAGES, HEAD] if two_phase[g]] == ["stage3", "stage4", HEAD]
+
+    model = classifier(name, Full())
+    full = fit(model, 1)
+    for stage in STAGES:
+        params = {n for block in model.layer_groups()[stage].blocks for n in block}
+        assert params <= set(full[stage]), f"{stage}: {sorted(params - set(full[stage]))[:5]}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_groups_are_timms_layers_in_order_with_the_lrs_the_config_says(name):
+    model = classifier(name, TwoPhase(backbone_lr_ratio=0.01))
+    timm_layers = group_parameters(
+        model.backbone, model.backbone.group_matcher(coarse=False), reverse=True
+    )
+    blocks = model.backbone_blocks
+    assert len(blocks) > len(STAGES)  # finer than the four groups
+    assert {n: i for i, b in enumerate(blocks) for n in b.params} == timm_layers
+    assert [b.stage for b in blocks] == sorted(b.stage for b in blocks)
+    assert blocks[0].stage == "stage1" and {b.stage for b in blocks} == set(STAGES)
+
+    groups = model.layer_groups()
+    optimizer_groups = model.finetune.param_groups(groups, lr=1e-2, weight_decay=0.05)
+    assert sorted(id(p) for g in optimizer_groups for p in g["params"]) == sorted(
+        id(p) for p in model.parameters()
+    )
+    ratio = {g["group"]: g["lr"] / 1e-2 for g in optimizer_groups}
+    assert [ratio[g] for g in [*STAGES, HEAD]] == pytest.approx(
+        [0.01 ** (k / 4) for k in range(4, -1, -1)]
+    )
+
+    decay = TwoPhase(layer_decay=0.75, group_lrs={"stage1": 1e-6})
+    per_block = decay.param_groups(groups, lr=1e-2, weight_decay=0.05)
+    lrs = {g["name"]: g["lr"] for g in per_block}
+    top = len(blocks)
+    assert lrs["stage1"] == 1e-6  # group_lrs sets a whole group
+    for i, block in enumerate(blocks):
+        if block.stage != "stage1":
+            assert lrs[f"{block.stage}/block{i:02d}"] == pytest.approx(1e-2 * 0.75 ** (top - i))
+    assert lrs[HEAD] == 1e-2
+    no_decay = {id(p) for g in per_block if g["weight_decay"] == 0 for p in g["params"]}
+    for n, p in model.backbone.named_parameters():
+        assert (id(p) in no_decay) == (p.ndim <= 1 or n in ("cls_token", "pos_embed")), n
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_resume_mid_phase_is_bit_exact(name, quiet_trainer, tmp_path):
+    def fit(out: Path, *callbacks, ckpt_path: str | None = None, seed: int = 0):
+        model = classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2), seed=seed)
+        recorder = RecordLR()
+        trainer = quiet_trainer(
+            max_epochs=EPOCHS,
+            deterministic=True,
+            callbacks=[
+                FreezeUnfreeze(model.finetune),
+                ResumeState(),
+                recorder,
+                *callbacks,
+                ModelCheckpoint(dirpath=out / "checkpoints", save_last=True),
+            ],
+            enable_checkpointing=True,
+            default_root_dir=out,
+            limit_val_batches=0,
+        )
+        torch.manual_seed(1)
+        train = ResumableLoader(images(), seed=5, batch_size=8)
+        trainer.fit(model, train, ckpt_path=ckpt_path, weights_only=True)
+        return model, recorder.lrs
+
+    whole, whole_lrs = fit(tmp_path / "whole")
+    with pytest.raises(SIGTERMException):
+        fit(tmp_path / "stopped", SigtermAt(4))  # epoch 1 of 3 steps: phase 2, mid-epoch
+    last = tmp_path / "stopped/checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    resumed, lrs = fit(tmp_path / "stopped", ckpt_path=str(last), seed=99)
+    for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert lrs == {s: v for s, v in whole_lrs.items() if s >= 4}
+
+
+def test_a_wrong_name_lists_close_matches():
+    with pytest.raises(ValueError, match=r"convnxt_atto.*convnext_atto.*timm.list_models"):
+        backbone_spec("convnxt_atto", None, "timm")
+    with pytest.raises(ValueError, match=r"'nope' is not a pretrained tag.*d2_in1k"):
+        backbone_spec("convnext_atto", "nope", "timm")
+
+
+def test_weights_files_thaw_checkpoints_and_the_hub_cache_load_offline(tmp_path, monkeypatch):
+    torch.manual_seed(3)
+    source = create_backbone("resnet10t", None, "timm", SIZE).model
+    save_file(source.state_dict(), tmp_path / "model.safetensors")
+    torch.save(source.state_dict(), tmp_path / "model.pth")
+    for file in ("model.safetensors", "model.pth"):
+        loaded = create_backbone("resnet10t", str(tmp_path / file), "timm", SIZE).model
+        for key, value in source.state_dict().items():
+            assert torch.equal(value, loaded.state_dict()[key]), key
+
+    broken = dict(source.state_dict(), **{"conv1.0.weight": torch.zeros(24, 3, 5, 5)})
+    broken.pop("layer4.0.bn1.weight")
+    torch.save(broken, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match=r"layer4.0.bn1.weight.*conv1.0.weight: file \(24, 3"):
+        create_backbone("resnet10t", str(tmp_path / "broken.pth"), "timm", SIZE)
+
+    # A pretrained tag resolves through the Hugging Face hub cache, offline.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(WeightsError) as missing:
+        create_backbone("resnet10t", "pretrained", "timm", SIZE)
+    message = str(missing.value)
+    assert "model.safetensors of timm/resnet10t.c3_in1k" in message
+    assert str(tmp_path / "hub") in message and "HF_HOME" in message
+    snapshot = tmp_path / "hub/models--timm--resnet10t.c3_in1k/snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    save_file(source.state_dict(), snapshot / "model.safetensors")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs/main").write_text("a" * 40)
+    cached = create_backbone("resnet10t", "c3_in1k", "timm", SIZE).model
+    assert all(torch.equal(v, cached.state_dict()[k]) for k, v in source.state_dict().items())
+
+
+# A ViT-Tiny at 32 px (2 x 2 patches) with layer decay, random init, on the tiny Fashion-MNIST.
+TINY_VIT = [
+    *TINY,
+    "model=vit_small",
+    "model.name=vit_tiny_patch16_224",
+    "model.weights=null",
+    "finetune.layer_decay=0.75",
+    "data.image_size=32",
+    "logger=none",
+]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory, fmnist_root) -> Path:
+    """A tiny ViT trained at 32 px through the composed config: two_phase, the head first on
+    cached features."""
+    out = tmp_path_factory.mktemp("vit") / "run"
+    overrides = [*TINY_VIT, *offline_fmnist(fmnist_root), "augment=none"]
+    run(compose_config("train", [*overrides, "finetune.cache_features=auto"], out))
+    return out
+
+
+def test_a_vit_checkpoint_carries_its_preprocessing_into_predict_export_and_new_runs(
+    vit_run, tmp_path
+):
+    ckpt = vit_run / "checkpoints/best.ckpt"
+    trained = load_trained(ckpt)
+    assert trained.preprocessing.input_size == SIZE
+    assert trained.preprocessing.mean == (0.5, 0.5, 0.5)  # the weights' pretrained_cfg
+    assert trained.model.backbone.patch_embed.grid_size == (2, 2)
+
+    onnx_path = export_model(trained, "onnx", tmp_path / "onnx", parity_images=32)
+    exported = OnnxModel(onnx_path)
+    batch = torch.randn(4, 3, SIZE, SIZE)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(batch), trained.model(batch), atol=1e-4, rtol=1e-4)
+
+    # The checkpoint as weights of a run at 64 px: the position embedding is resampled.
+    backbone = create_backbone("vit_tiny_patch16_224", str(ckpt), "timm", input_size=64)
+    assert backbone.model.patch_embed.grid_size == (4, 4)
+    blocks = trained.model.backbone.blocks.state_dict()
+    assert all(torch.equal(v, backbone.model.blocks.state_dict()[k]) for k, v in blocks.items())
+    with pytest.raises(WeightsError, match="checkpoint of model.name=vit_tiny_patch16_224"):
+        create_backbone("convnext_atto", str(ckpt), "timm", input_size=SIZE)
+
+
+def test_image_size_auto_takes_the_weights_native_size(fmnist_root, tmp_path):
+    overrides = ["model=timm", "model.name=resnet10t", "data.image_size=auto"]
+    cfg = compose_config("train", [*overrides, *offline_fmnist(fmnist_root)], tmp_path)
+    datamodule = build_datamodule(cfg)
+    datamodule.setup("fit")
+    assert datamodule.preprocessing.input_size == 176  # resnet10t.c3_in1k's pretrained_cfg
+    assert backbone_spec("resnet10t", "pretrained", "timm").input_size == 176
