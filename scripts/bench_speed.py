@@ -490,8 +490,8 @@ def benchmark(argv: list[str], args: argparse.Namespace) -> list[list[str]]:
     table.append(
         [
             f"one-off: computing the cached features ({cached['images']:.0f} train + val images)",
-            f"{cached['setup']:.3g} s",
-            f"{frozen['value']:.3g} s (a frozen epoch)",
+            f"{cached['setup']:.4g} s",
+            f"{frozen['value']:.4g} s (a frozen epoch)",
             f"{cached['setup'] / frozen['value']:.3g}",
             "",
             "",

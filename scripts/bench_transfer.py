@@ -1,11 +1,16 @@
 """What transfer learning buys on real data, offline.
 
-Pretrains resnet18 on five Fashion-MNIST classes (experiment=fmnist_source), then trains on the
-five others with N images per class, once per strategy and seed, and prints test accuracy
-(mean ± std over seeds) and wall time per run:
+Pretrains a model (resnet18, or --model, any option of the model group) from random init on five
+Fashion-MNIST classes (experiment=fmnist_source), then trains on the five others with N images
+per class, once per strategy and seed, and prints test accuracy (mean ± std over seeds) and wall
+time per run:
 
     python scripts/bench_transfer.py                      # N = 10, 100, 1000; 3 seeds; pairs
     python scripts/bench_transfer.py --split halves --n 10 100 --seeds 0 1
+    python scripts/bench_transfer.py --model convnext_tiny --image-size 32
+    python scripts/bench_transfer.py --list-models --image-size 32   # the model group's options
+
+ConvNeXt and ViT need 32 px or more (their stride-32 and patch-16 grids); 28 px is the data's own.
 
 Two ways to split the ten classes (--split): `pairs`, the fmnist experiments' own, puts one of
 each look-alike pair on each side, as ImageNet holds relatives of a shop's products; `halves`
@@ -13,7 +18,7 @@ takes labels 0-4 as the source and 5-9 as the target, so the source never sees f
 
 Every run uses the same optimizer steps budget (about --steps), so small N trains for more
 epochs; two_phase and gradual keep the head alone for the first quarter of the epochs.
-Writes <out>/<split>/transfer.csv and <out>/<split>/transfer.md.
+Writes <out>/<split>/transfer.csv and <out>/<split>/transfer.md (<split>-<model> for --model).
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ import statistics
 import time
 from pathlib import Path
 
-from thaw.config import QUIET, compose_config
+from thaw.analysis.report import model_size
+from thaw.config import QUIET, compose_config, config_dir
 from thaw.data.sources.fashion_mnist import CLASSES
+from thaw.models import create_backbone
 from thaw.report import markdown_table
 from thaw.train import run
+
+DEFAULT_MODEL = "resnet18"
 
 STRATEGIES = ("scratch", "linear_probe", "two_phase", "gradual", "full")
 TARGET_CLASSES = 5
@@ -63,6 +72,32 @@ def classes_override(split: str, experiment: str) -> list[str]:
     return ["data.classes=[" + ",".join(f"'{name}'" for name in side) + "]"]
 
 
+def model_overrides(args: argparse.Namespace) -> list[str]:
+    size = [] if args.image_size is None else [f"data.image_size={args.image_size}"]
+    return [f"model={args.model}", *size]
+
+
+def model_rows(models: list[str], image_size: int, work: Path) -> list[list[str]]:
+    """Each model option: its family, architecture, and its backbone's parameters and FLOPs per
+    image at `image_size` (random init: nothing is downloaded)."""
+    table = [["model=", "family", "architecture", "parameters", f"GFLOPs at {image_size} px"]]
+    for option in models:
+        model = compose_config("train", [f"model={option}"], work / "models").model
+        family = model.get("family", "torchvision")
+        backbone = create_backbone(model.name, None, family, input_size=image_size)
+        size = model_size(backbone.model.eval(), image_size)
+        table.append(
+            [
+                option,
+                family,
+                model.name,
+                f"{size['parameters'] / 1e6:.1f} M",
+                f"{size['flops_per_image'] / 1e9:.3f}",
+            ]
+        )
+    return table
+
+
 def pretrain(work: Path, split: str, extra: list[str]) -> Path:
     overrides = [*QUIET, "experiment=fmnist_source", *classes_override(split, "fmnist_source")]
     cfg = compose_config("train", [*overrides, *extra], work / "source")
@@ -70,8 +105,8 @@ def pretrain(work: Path, split: str, extra: list[str]) -> Path:
 
 
 def benchmark(args: argparse.Namespace) -> list[dict[str, object]]:
-    work = Path(args.out) / args.split / "runs"
-    source = pretrain(work, args.split, args.source_override)
+    work = out_dir(args) / "runs"
+    source = pretrain(work, args.split, [*model_overrides(args), *args.source_override])
     rows = []
     for n in args.n:
         batch_size = min(args.batch_size, n * TARGET_CLASSES // 2)
@@ -88,6 +123,7 @@ def benchmark(args: argparse.Namespace) -> list[dict[str, object]]:
                     f"trainer.max_epochs={epochs}",
                     f"seed={seed}",
                     *strategy_overrides(strategy, epochs),
+                    *model_overrides(args),
                     *args.transfer_override,
                 ]
                 cfg = compose_config("train", overrides, work / f"n{n}-{strategy}-seed{seed}")
@@ -130,6 +166,11 @@ def summarize(rows: list[dict[str, object]]) -> list[list[str]]:
     return table
 
 
+def out_dir(args: argparse.Namespace) -> Path:
+    name = args.split if args.model == DEFAULT_MODEL else f"{args.split}-{args.model}"
+    return Path(args.out) / name
+
+
 def main(argv: list[str] | None = None) -> list[list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[10, 100, 1000])
@@ -139,6 +180,13 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     parser.add_argument("--steps", type=int, default=240, help="optimizer steps per run (about)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--out", default="results/bench_transfer")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="an option of the model group")
+    parser.add_argument("--image-size", type=int, help="data.image_size (default: 28, native)")
+    parser.add_argument(
+        "--list-models",
+        action="store_true",
+        help="print every model option's parameters and FLOPs at --image-size, and stop",
+    )
     parser.add_argument(
         "--source-override",
         nargs="*",
@@ -149,10 +197,15 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
         "--transfer-override", nargs="*", default=[], help="extra overrides for every transfer run"
     )
     args = parser.parse_args(argv)
+    if args.list_models:
+        options = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+        table = model_rows(options, args.image_size or 28, Path(args.out))
+        print(markdown_table(table))
+        return table
 
     rows = benchmark(args)
     table = summarize(rows)
-    out = Path(args.out) / args.split
+    out = out_dir(args)
     with open(out / "transfer.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -9,6 +9,8 @@ import pytest
 from conftest import load_script, offline_fmnist
 from thaw.config import compose_config
 from thaw.data.sources.fashion_mnist import CLASSES
+from thaw.models import create_backbone
+from thaw.trained import load_trained
 
 
 def test_bench_transfer_tiny(fmnist_root, tmp_path):
@@ -24,24 +26,43 @@ def test_bench_transfer_tiny(fmnist_root, tmp_path):
             "4",
             "--out",
             str(tmp_path),
+            *("--model", "timm", "--image-size", "32"),
             "--source-override",
             *data,
+            "model.name=resnet10t",
             "trainer.max_epochs=1",
             "--transfer-override",
             *data,
+            "model.name=resnet10t",
             "data.val_fraction=0.2",
             "data.eval_batch_size=64",
         ]
     )
     assert [row[1] for row in table[1:]] == list(bench.STRATEGIES)
     assert all(row[0] == "2" and row[3] == "1" for row in table[1:])
-    with open(tmp_path / "pairs" / "transfer.csv") as f:
+    runs = tmp_path / "pairs-timm" / "runs"
+    source = load_trained(runs / "source/checkpoints/best.ckpt")
+    assert source.config["model"]["name"] == "resnet10t"
+    assert source.preprocessing.input_size == 32
+    with open(tmp_path / "pairs-timm" / "transfer.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(bench.STRATEGIES)
     for row in table[1:]:  # the summary is the mean of the runs the CSV records
         accs = [float(r["test_acc"]) for r in rows if r["strategy"] == row[1]]
         assert float(row[2].split(" ± ")[0]) == pytest.approx(sum(accs) / len(accs), abs=5e-5)
-    assert (tmp_path / "pairs" / "transfer.md").read_text().startswith("| N/class | strategy")
+    assert (tmp_path / "pairs-timm" / "transfer.md").read_text().startswith("| N/class | strat")
+
+
+def test_bench_transfer_lists_models_with_their_size(tmp_path):
+    bench = load_script("bench_transfer")
+    rows = bench.model_rows(["resnet18", "vit_small"], 32, tmp_path)
+    assert [row[:3] for row in rows[1:]] == [
+        ["resnet18", "torchvision", "resnet18"],
+        ["vit_small", "timm", "vit_small_patch16_224"],
+    ]
+    vit = create_backbone("vit_small_patch16_224", None, "timm", input_size=32).model
+    assert rows[2][3] == f"{sum(p.numel() for p in vit.parameters()) / 1e6:.1f} M"
+    assert 0 < float(rows[1][4]) < float(rows[2][4])  # at 32 px ViT-S costs more than resnet18
 
 
 @pytest.mark.parametrize("split", ["pairs", "halves"])

@@ -34,15 +34,16 @@ SIZE = 32
 MODELS = ["convnext_atto", "mobilenetv3_small_050", "resnet10t", "vit_tiny_patch16_224"]
 
 
-def classifier(name: str, strategy, seed: int = 0, weights: str | None = None) -> Classifier:
+def classifier(name: str, strategy, seed: int = 0, channels_last: bool = False) -> Classifier:
     torch.manual_seed(seed)
     return Classifier(
-        create_backbone(name, weights, "timm", input_size=SIZE),
+        create_backbone(name, None, "timm", input_size=SIZE),
         ["a", "b", "c"],
         PREPROCESSING,
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.05),
         finetune=strategy,
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
+        channels_last=channels_last,
     )
 
 
@@ -158,6 +159,15 @@ def test_resume_mid_phase_is_bit_exact(name, quiet_trainer, tmp_path):
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
     assert lrs == {s: v for s, v in whole_lrs.items() if s >= 4}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_channels_last_gives_the_same_logits(name):
+    batch = images(4).tensors[0]
+    plain = classifier(name, Full()).eval()
+    nhwc = classifier(name, Full(), channels_last=True).eval()
+    with torch.inference_mode():
+        torch.testing.assert_close(nhwc(batch), plain(batch), atol=1e-5, rtol=1e-4)
 
 
 def test_a_wrong_name_lists_close_matches():

@@ -52,7 +52,7 @@ def test_every_config_option_composes_and_instantiates(train_config, group, opti
         cfg.data.root = str(ROOT)  # any existing directory: instantiating reads nothing yet
     datamodule = build_datamodule(cfg)
     assert datamodule.batch_size == cfg.data.batch_size
-    backbone = create_backbone(cfg.model.name, None)
+    backbone = create_backbone(cfg.model.name, None, cfg.model.family, input_size=32)
     assert backbone.feature_dim > 0
     assert callable(instantiate(cfg.optimizer)) and callable(instantiate(cfg.scheduler))
     assert build_strategy(cfg).trainable_groups(0, list(backbone.groups)) is not None
