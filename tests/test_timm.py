@@ -4,7 +4,12 @@ saved from a model the test built: no download."""
 
 from __future__ import annotations
 
+import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -12,7 +17,7 @@ import torch
 from huggingface_hub import constants as hub
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 from timm.models._manipulate import group_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -177,7 +182,7 @@ def test_a_wrong_name_lists_close_matches():
         backbone_spec("convnext_atto", "nope", "timm")
 
 
-def test_weights_files_thaw_checkpoints_and_the_hub_cache_load_offline(tmp_path, monkeypatch):
+def test_weights_come_from_files_and_the_hugging_face_hub_and_its_cache(tmp_path, monkeypatch):
     torch.manual_seed(3)
     source = create_backbone("resnet10t", None, "timm", SIZE).model
     save_file(source.state_dict(), tmp_path / "model.safetensors")
@@ -193,21 +198,58 @@ def test_weights_files_thaw_checkpoints_and_the_hub_cache_load_offline(tmp_path,
     with pytest.raises(WeightsError, match=r"layer4.0.bn1.weight.*conv1.0.weight: file \(24, 3"):
         create_backbone("resnet10t", str(tmp_path / "broken.pth"), "timm", SIZE)
 
-    # A pretrained tag resolves through the Hugging Face hub cache, offline.
-    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    # Named weights: downloaded by huggingface_hub (from a loopback hub) into its cache, then
+    # found there offline; with an empty cache, offline, the error says what to place where.
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with loopback_hub("timm/resnet10t.c3_in1k", save(source.state_dict())) as endpoint:
+        monkeypatch.setattr(hub, "ENDPOINT", endpoint)
+        monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + HUB_URL_PATH)
+        downloaded = create_backbone("resnet10t", "pretrained", "timm", SIZE).model
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    cached = create_backbone("resnet10t", "c3_in1k", "timm", SIZE).model
+    for model in (downloaded, cached):
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in source.state_dict().items())
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(WeightsError) as missing:
         create_backbone("resnet10t", "pretrained", "timm", SIZE)
     message = str(missing.value)
     assert "model.safetensors of timm/resnet10t.c3_in1k" in message
-    assert str(tmp_path / "hub") in message and "HF_HOME" in message
-    snapshot = tmp_path / "hub/models--timm--resnet10t.c3_in1k/snapshots" / ("a" * 40)
-    snapshot.mkdir(parents=True)
-    save_file(source.state_dict(), snapshot / "model.safetensors")
-    (snapshot.parents[1] / "refs").mkdir()
-    (snapshot.parents[1] / "refs/main").write_text("a" * 40)
-    cached = create_backbone("resnet10t", "c3_in1k", "timm", SIZE).model
-    assert all(torch.equal(v, cached.state_dict()[k]) for k, v in source.state_dict().items())
+    assert str(tmp_path / "empty") in message and "HF_HOME" in message
+
+
+HUB_URL_PATH = "/{repo_id}/resolve/{revision}/{filename}"
+
+
+@contextmanager
+def loopback_hub(repo: str, weights: bytes) -> Iterator[str]:
+    """An HTTP server on loopback that answers as the Hugging Face hub does for one file:
+    `<repo>/resolve/main/model.safetensors`, with its commit and ETag headers."""
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            found = self.path == f"/{repo}/resolve/main/model.safetensors"
+            self.send_response(200 if found else 404)
+            self.send_header("X-Repo-Commit", "c" * 40)
+            self.send_header("ETag", f'"{hashlib.sha256(weights).hexdigest()}"')
+            self.send_header("Content-Length", str(len(weights) if found else 0))
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.do_HEAD()
+            if self.path == f"/{repo}/resolve/main/model.safetensors":
+                self.wfile.write(weights)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # A ViT-Tiny at 32 px (2 x 2 patches) with layer decay, random init, on the tiny Fashion-MNIST.

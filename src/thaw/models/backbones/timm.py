@@ -18,6 +18,7 @@ import difflib
 import re
 import sys
 from functools import partial
+from pathlib import Path
 
 import timm
 import torch
@@ -48,7 +49,8 @@ def backbone_spec(name: str, weights: str | None) -> BackboneSpec:
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise ValueError(_unknown_model(arch))
-    if weights not in (None, PRETRAINED) and not looks_like_path(weights):
+    is_file = weights is not None and (Path(weights).is_file() or looks_like_path(weights))
+    if weights not in (None, PRETRAINED) and not is_file:
         tag = weights
     full = f"{arch}.{tag}" if tag else arch
     try:
