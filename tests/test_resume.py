@@ -158,12 +158,18 @@ def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
     assert len(list(loader)) == 3  # a finished epoch's state does not cut the next epoch short
 
 
-@pytest.mark.parametrize("loader", ["device", "dataloader"])
-def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(train_config, loader):
+@pytest.mark.parametrize(
+    ("loader", "callbacks"),
+    [("device", ["callbacks=ema", "callbacks.ema.decay=0.9"]), ("dataloader", [])],
+)
+def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
+    train_config, loader, callbacks
+):
     """The whole stack: the DataModule's loader on either path (batched augmentation on the
-    device, or per image in a DataLoader) and batch mixup."""
+    device, or per image in a DataLoader), batch mixup, and an EMA of the weights."""
     common = [
         f"data.loader={loader}",
+        *callbacks,
         "trainer.max_epochs=2",
         "trainer.deterministic=true",
         "test=false",
@@ -181,7 +187,9 @@ def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(train_con
         path = train_config(run=name).paths.output_dir + "/checkpoints/last.ckpt"
         checkpoint = torch.load(path, weights_only=True)
         assert checkpoint["global_step"] == 10  # last.ckpt is the last step, improved or not
-        return checkpoint["state_dict"]
+        assert ("current_model_state" in checkpoint) == bool(callbacks)  # EMA: the raw weights
+        raw = checkpoint.get("current_model_state", {})
+        return checkpoint["state_dict"] | {f"raw.{k}": v for k, v in raw.items()}
 
     whole, resumed = final("whole"), final("stopped")
     assert whole.keys() == resumed.keys()

@@ -11,11 +11,14 @@ from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
 from thaw.data.datamodule import ImageDataModule
 from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
+from thaw.finetune.distillation import Distillation
 from thaw.hardware import channels_last, instantiate_trainer
 from thaw.models import Classifier, backbone_spec, create_backbone
 from thaw.models.backbones import BackboneSpec
+from thaw.models.loss import resolve_class_weights
 from thaw.preprocess import Preprocessing
 from thaw.resume import ResumeState
+from thaw.trained import load_trained
 
 
 def build_datamodule(
@@ -50,16 +53,18 @@ def build_strategy(cfg: DictConfig) -> FinetuneStrategy:
 
 
 def build_classifier(
-    cfg: DictConfig, classes: list[str], preprocessing: Preprocessing, strategy: FinetuneStrategy
+    cfg: DictConfig, datamodule: ImageDataModule, strategy: FinetuneStrategy
 ) -> Classifier:
-    """The classifier to train: the backbone for the data's input size with `cfg.model.weights`
-    loaded, a new head."""
+    """The classifier to train on `datamodule` (set up): the backbone for the data's input size
+    with `cfg.model.weights` loaded, a new head, the loss weighted for its training classes."""
+    classes, preprocessing = datamodule.classes, datamodule.preprocessing
     run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     backbone = create_backbone(
         cfg.model.name,
         cfg.model.weights,
         cfg.model.get("family", "torchvision"),
         input_size=preprocessing.input_size,
+        stem_stride=cfg.model.get("stem_stride"),
     )
     return Classifier(
         backbone,
@@ -70,9 +75,34 @@ def build_classifier(
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         head_dropout=cfg.model.head_dropout,
         label_smoothing=cfg.model.label_smoothing,
+        class_weights=resolve_class_weights(
+            cfg.model.get("class_weights"), datamodule.train_set.labels, classes
+        ),
+        focal_gamma=cfg.model.get("focal_gamma", 0.0),
         run_config=run_config,
         channels_last=channels_last(cfg.trainer),
         compile=cfg.model.get("compile", False),
+        distillation=build_distillation(cfg, datamodule),
+    )
+
+
+def build_distillation(cfg: DictConfig, datamodule: ImageDataModule) -> Distillation | None:
+    """The teacher of `distill.teacher` (None: no distillation), checked against the data."""
+    settings = cfg.get("distill") or {}
+    if not settings.get("teacher"):
+        return None
+    teacher = load_trained(settings.teacher)
+    if teacher.classes != datamodule.classes:
+        raise ValueError(
+            f"distill.teacher={settings.teacher} was trained on {teacher.classes}, but this run's "
+            f"data has {datamodule.classes}: a teacher needs the same classes in the same order"
+        )
+    return Distillation.of(
+        teacher.model,
+        teacher.preprocessing,
+        datamodule.preprocessing,
+        settings.alpha,
+        settings.temperature,
     )
 
 
@@ -82,7 +112,8 @@ def build_run_callbacks(
     """The callbacks every training run gets, whatever the callbacks group says: the phase of
     the strategy, the resume state, and the feature cache where it applies."""
     callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), ResumeState()]
-    if wants_cache(strategy, datamodule.augment, list(model.backbone_groups)):
+    distilling = model.distillation is not None
+    if wants_cache(strategy, datamodule.augment, list(model.backbone_groups), distilling):
         callbacks.append(FeatureCache(strategy))
     return callbacks
 

@@ -47,7 +47,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     strategy = build_strategy(cfg)
-    model = build_classifier(cfg, datamodule.classes, datamodule.preprocessing, strategy)
+    model = build_classifier(cfg, datamodule, strategy)
     trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, model)])
 
     log.info("Run dir: %s", output_dir)

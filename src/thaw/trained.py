@@ -47,6 +47,7 @@ def load_trained(path: str | Path, channels_last: bool = False) -> TrainedModel:
             weights=None,
             family=model_cfg.get("family", "torchvision"),
             input_size=preprocessing.input_size,
+            stem_stride=model_cfg.get("stem_stride"),
         ),
         record.classes,
         preprocessing,

@@ -18,7 +18,12 @@ from thaw.data.augment.options import AugmentOptions
 from thaw.data.augment.per_image import build_train_transform
 from thaw.data.images import find_unreadable, load_image
 from thaw.data.loader_choice import LOADERS, LoaderChoice, choose_loader
-from thaw.data.resumable import DeviceLoader, PositionedLoader, ResumableLoader
+from thaw.data.resumable import (
+    DeviceLoader,
+    PositionedLoader,
+    ResumableLoader,
+    balanced_weights,
+)
 from thaw.data.sources.base import ImageSet, Source
 from thaw.data.split import fold_split, join, limit_per_class, select_classes, split_imageset
 from thaw.data.stats import NORMALIZE, resolve_preprocessing
@@ -53,6 +58,11 @@ class ImageDataset(Dataset):
         return self.transform(image), int(self.images.labels[index])
 
 
+# data.sampler: `random` visits every training image once an epoch; `balanced` draws as many
+# images with replacement, every class equally often (a catalogue with 10x more of one class).
+SAMPLERS = ("random", "balanced")
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Turns a source's train/test (and maybe val) images into the three loaders.
 
@@ -72,11 +82,12 @@ class ImageDataModule(pl.LightningDataModule):
     `root` is the config's user-facing `data.root`, which the config interpolates into the
     source.
 
-    `loader` asks for a data path (see thaw.data.loader_choice): `device` keeps an in-memory set
-    on the training device as uint8 and augments whole batches there; `dataloader` decodes and
-    augments image by image in workers (image folders, and the per-image policies); `auto` takes
-    `device` where it can. `test_only` (with a given `preprocessing`) reads only the test images
-    where the source has its own test set, so a model can be evaluated where only they exist.
+    `sampler` is how an epoch draws training images (SAMPLERS). `loader` asks for a data path
+    (see thaw.data.loader_choice): `device` keeps an in-memory set on the training device as
+    uint8 and augments whole batches there; `dataloader` decodes and augments image by image in
+    workers (image folders, and the per-image policies); `auto` takes `device` where it can.
+    `test_only` (with a given `preprocessing`) reads only the test images where the source has
+    its own test set, so a model can be evaluated where only they exist.
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class ImageDataModule(pl.LightningDataModule):
         split_seed: int = 0,
         pin_memory: bool = False,
         loader: str = "auto",
+        sampler: str = "random",
         root: str | Path | None = None,
         seed: int | None = None,
         preprocessing: Preprocessing | None = None,
@@ -125,6 +137,8 @@ class ImageDataModule(pl.LightningDataModule):
         _check_folds(folds, fold)
         if normalize not in NORMALIZE:
             raise ValueError(f"data.normalize must be one of {list(NORMALIZE)}, got {normalize!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"data.sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
         if loader not in LOADERS:
             raise ValueError(f"data.loader must be one of {list(LOADERS)}, got {loader!r}")
         if isinstance(classes, str):
@@ -141,6 +155,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.backbone_mean, self.backbone_std = list(mean), list(std)
         self.preprocessing = preprocessing
         self.requested_loader = loader
+        self.sampler = sampler
         self.loader_choice: LoaderChoice | None = None
         self.test_only = test_only
         self.class_filter = [str(name) for name in classes] if classes is not None else None
@@ -328,6 +343,8 @@ class ImageDataModule(pl.LightningDataModule):
         and augment; the others see every image once, in order, on every rank."""
         images = self._require(getattr(self, f"{split}_set"))
         batch_size = self.batch_size if train else self.eval_batch_size
+        balanced = train and self.sampler == "balanced"
+        weights = balanced_weights(images.labels) if balanced else None
         if self.loader == "device":
             device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
             if images.images.device != torch.device(device):  # type: ignore[union-attr]
@@ -345,6 +362,7 @@ class ImageDataModule(pl.LightningDataModule):
                 batch_size=batch_size,
                 shuffle=train,
                 device=device,
+                weights=weights,
             )
         return ResumableLoader(
             ImageDataset(
@@ -353,6 +371,7 @@ class ImageDataModule(pl.LightningDataModule):
             seed=self.seed,
             shuffle=train,
             labels=images.labels,
+            weights=weights,
             batch_size=batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -46,12 +46,19 @@ def _rank_and_world() -> tuple[int, int]:
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields (sample index, augmentation seed): shuffled by (seed, epoch) and sharded across
     distributed ranks (padded so every rank gets as many) when `shuffle`, in order on every rank
-    otherwise (evaluation sees the whole set), starting `skip` samples in."""
+    otherwise (evaluation sees the whole set), starting `skip` samples in.
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True) -> None:
+    With per-sample `weights` an epoch is `size` draws with replacement in proportion to them
+    (class-balanced sampling), still a pure function of (seed, epoch); a sample drawn twice gets
+    two augmentation seeds."""
+
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, weights: torch.Tensor | None = None
+    ) -> None:
         self.size = size
         self.seed = seed
         self.shuffle = shuffle
+        self.weights = weights
         self.epoch = 0
         self.skip = 0
 
@@ -63,7 +70,11 @@ class EpochSampler(Sampler[tuple[int, int]]):
         if not self.shuffle:
             return list(range(self.size))
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            draws = torch.multinomial(self.weights, self.size, True, generator=generator)
+            order = draws.tolist()
         rank, world = _rank_and_world()
         per_rank = -(-self.size // world)
         order += order[: per_rank * world - self.size]
@@ -75,8 +86,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         skip, self.skip = self.skip, 0
-        for index in self._shard()[skip:]:
-            yield index, _mix(self.seed, self.epoch, index)
+        for position, index in enumerate(self._shard()[skip:], start=skip):
+            if self.weights is None:
+                yield index, _mix(self.seed, self.epoch, index)
+            else:
+                yield index, _mix(self.seed, self.epoch, index, position, _rank_and_world()[0])
+
+
+def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample weights that draw every class equally often: 1 / its class's count."""
+    counts = torch.bincount(labels.cpu())
+    return 1.0 / counts[labels.cpu()].double()
 
 
 class PositionedLoader(ABC):
@@ -160,9 +180,10 @@ class ResumableLoader(PositionedLoader, DataLoader):
         seed: int,
         shuffle: bool = True,
         labels: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> None:
-        sampler = EpochSampler(len(dataset), seed, shuffle)  # type: ignore[arg-type]
+        sampler = EpochSampler(len(dataset), seed, shuffle, weights)  # type: ignore[arg-type]
         # Its own generator: otherwise every iter() draws a worker seed from the global RNG,
         # and a resumed run, starting its iterator at another moment, shifts dropout by a draw.
         generator = torch.Generator().manual_seed(seed)
@@ -193,6 +214,7 @@ class DeviceLoader(PositionedLoader):
         batch_size: int,
         shuffle: bool = True,
         device: torch.device | str = "cpu",
+        weights: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.device = torch.device(device)
@@ -200,7 +222,7 @@ class DeviceLoader(PositionedLoader):
         self.labels = labels.to(self.device)
         self.transform = transform
         self.batch_size = batch_size
-        self.sampler = EpochSampler(len(labels), seed, shuffle)
+        self.sampler = EpochSampler(len(labels), seed, shuffle, weights)
         self.generator = torch.Generator(self.device)
 
     def _image_batches(self) -> Iterator[Batch]:

@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def cache_blockers(
-    strategy: FinetuneStrategy, augment: AugmentOptions, backbone_groups: list[str]
+    strategy: FinetuneStrategy,
+    augment: AugmentOptions,
+    backbone_groups: list[str],
+    distilling: bool = False,
 ) -> list[str]:
     """Why the frozen backbone's features cannot be cached (empty: they can)."""
-    reasons = []
+    reasons = ["distillation runs the teacher on the images"] if distilling else []
     if strategy.trainable_groups(0, backbone_groups):
         reasons.append("the backbone trains from the first epoch (no frozen phase)")
     if strategy.bn != "eval":
@@ -39,12 +42,15 @@ def cache_blockers(
 
 
 def wants_cache(
-    strategy: FinetuneStrategy, augment: AugmentOptions, backbone_groups: list[str]
+    strategy: FinetuneStrategy,
+    augment: AugmentOptions,
+    backbone_groups: list[str],
+    distilling: bool = False,
 ) -> bool:
     """Resolve `finetune.cache_features`: true must be possible, auto is where possible."""
     if strategy.cache_features is False:
         return False
-    reasons = cache_blockers(strategy, augment, backbone_groups)
+    reasons = cache_blockers(strategy, augment, backbone_groups, distilling)
     if reasons and strategy.cache_features is True:
         raise ValueError(
             "finetune.cache_features=true, but features cannot be cached: " + "; ".join(reasons)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
@@ -15,10 +15,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from thaw.checkpoint import RUN_KEY
 from thaw.models.backbones import HEAD, Backbone
 from thaw.models.layer_groups import LayerGroup, build_layer_groups, single_group
+from thaw.models.loss import ClassificationLoss
 from thaw.preprocess import Preprocessing
 
 if TYPE_CHECKING:
     from thaw.finetune import FinetuneStrategy
+    from thaw.finetune.distillation import Distillation
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., dict[str, Any]]
@@ -35,7 +37,8 @@ class Classifier(pl.LightningModule):
     `run_config` (the composed config), `classes` and `preprocessing` travel in every checkpoint,
     so evaluation, prediction and export need nothing but the checkpoint (see thaw.trained).
     Training needs an `optimizer` factory and the `finetune` strategy, which gives the layer
-    groups their learning rates; a model loaded for inference has neither.
+    groups their learning rates; a model loaded for inference has neither. With `distillation`,
+    the training loss also follows a teacher's softened outputs.
     """
 
     def __init__(
@@ -48,9 +51,12 @@ class Classifier(pl.LightningModule):
         scheduler: SchedulerFactory | None = None,
         head_dropout: float = 0.0,
         label_smoothing: float = 0.0,
+        class_weights: Sequence[float] | None = None,
+        focal_gamma: float = 0.0,
         run_config: dict[str, Any] | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        distillation: Distillation | None = None,
     ) -> None:
         super().__init__()
         num_classes = len(classes)
@@ -74,7 +80,8 @@ class Classifier(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.finetune = finetune
         self.run_config = run_config or {}
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.distillation = distillation
+        self.criterion = ClassificationLoss(label_smoothing, class_weights, focal_gamma)
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -107,6 +114,10 @@ class Classifier(pl.LightningModule):
         groups[HEAD] = single_group(self.head, HEAD)
         return groups
 
+    def on_fit_start(self) -> None:
+        if self.distillation is not None:  # not a submodule: Lightning does not move it
+            self.distillation.to(self.device)
+
     # -- steps --------------------------------------------------------------------------------
     def _shared_step(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """A batch is (images, labels), or (images, labels, soft targets) when a batch-level
@@ -120,6 +131,8 @@ class Classifier(pl.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         loss, logits, labels = self._shared_step(batch)
+        if self.distillation is not None:
+            loss = self.distillation.loss(loss, logits, batch[0])
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)

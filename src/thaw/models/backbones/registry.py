@@ -19,6 +19,7 @@ from torch import nn
 
 from thaw.checkpoint import RUN_KEY, read_checkpoint
 from thaw.models.layer_groups import Block
+from thaw.models.stem import set_stem_stride
 
 # The name of the classifier head's layer group, which comes after the backbone's stage1..stage4.
 HEAD = "head"
@@ -97,11 +98,15 @@ def create_backbone(
     weights: str | None = "IMAGENET1K_V1",
     family: str = "torchvision",
     input_size: int = 224,
+    stem_stride: int | None = None,
 ) -> Backbone:
     """Build backbone `name` for `input_size` px with `weights`: a named weights value, a local
-    file (a state_dict, .safetensors, or a thaw checkpoint), or None."""
+    file (a state_dict, .safetensors, or a thaw checkpoint), or None; `stem_stride` (1 or 2)
+    shrinks its stem's downsampling (see thaw.models.stem)."""
     spec = backbone_spec(name, weights, family)
     backbone = spec.build(input_size)
+    if stem_stride is not None:
+        set_stem_stride(backbone.model, stem_stride, name)
     if weights is not None:
         state = spec.adapt_weights(_load_weights(spec, str(weights)), backbone.model)
         _fit_state_dict(backbone.model, state, name, str(weights))
