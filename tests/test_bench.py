@@ -177,3 +177,23 @@ def test_bench_serve_tiny(folder_run, photo_folder, tmp_path):
         refused, bad = cells["bad refused (415)"].split("/")
         assert refused == bad == ("0" if cells["bad requests"] == "none" else "8")  # 2 servers
     assert "| clients |" in (tmp_path / "serve-cpu.md").read_text()
+
+
+def test_bench_stem_tiny(fmnist_root, tmp_path):
+    bench = load_script("bench_stem")
+    data = [*offline_fmnist(fmnist_root), "data.num_workers=0", "trainer.accelerator=cpu"]
+    table = bench.main(
+        [
+            *("--strides", "null", "1", "--per-class", "4", "--epochs", "1"),
+            *("--out", str(tmp_path), "--override", *data),
+        ]
+    )
+    assert [row[0] for row in table[1:]] == ["null", "1"]
+    with open(tmp_path / "stem.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row, csv_row in zip(table[1:], rows, strict=True):  # each ratio is its own cells'
+        ratio = float(csv_row["wall_s"]) / float(rows[0]["wall_s"])
+        assert float(row[3]) == pytest.approx(ratio, abs=5e-3)
+        assert float(row[1]) == pytest.approx(float(csv_row["test_acc"]), abs=5e-5)
+    first_block = load_trained(tmp_path / "runs/stride-1/checkpoints/best.ckpt").model.backbone
+    assert first_block.conv1.stride == (1, 1)  # the setting reached the run

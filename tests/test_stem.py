@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
-from torch import nn
 
 from thaw.models import create_backbone
-from thaw.train import run
-from thaw.trained import load_trained
 
 SIZE = 32
 
@@ -48,11 +43,3 @@ def test_a_patchify_stem_is_refused_by_name():
         create_backbone("convnext_atto", None, "timm", SIZE, stem_stride=1)
     with pytest.raises(ValueError, match=r"stem_stride=3 must be 1, 2 or null"):
         create_backbone("resnet18", None, stem_stride=3)
-
-
-def test_a_run_trains_and_reloads_with_its_stem_stride(train_config):
-    cfg = train_config("model.stem_stride=2", "trainer.max_epochs=1")
-    run(cfg)
-    trained = load_trained(Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt")
-    assert isinstance(trained.model.backbone.maxpool, nn.Identity)
-    assert trained.model.backbone.conv1.stride == (2, 2)
