@@ -31,9 +31,11 @@ def classifier(backbone: Backbone, **kwargs: bool) -> Classifier:
 
 def test_auto_settings_follow_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_precision("auto", "cpu") == "32-true"
-    assert resolve_precision("16-mixed", "cpu") == "16-mixed"
+    with pytest.raises(ValueError, match=r"precision=16-mixed needs a CUDA GPU.*bf16-mixed, 32"):
+        resolve_precision("16-mixed", "cpu")
     assert channels_last(OmegaConf.create({"channels_last": "auto", "accelerator": "cpu"})) is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_precision("16-mixed", "auto") == "16-mixed"
     assert channels_last(OmegaConf.create({"channels_last": "auto"})) is True
     assert channels_last(OmegaConf.create({"channels_last": "auto", "accelerator": "cpu"})) is False
     # A GPU with native bf16 (Ampere on), and one that only emulates it (V100, T4).

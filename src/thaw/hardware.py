@@ -24,7 +24,18 @@ def uses_cuda(accelerator: str) -> bool:
     return accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+# float16 autocast: CUDA only. Lightning would quietly run bf16 on a CPU instead.
+FLOAT16 = ("16-mixed", "16", "16-true", "half")
+
+
 def resolve_precision(precision: Any, accelerator: str) -> Any:
+    """`trainer.precision` for this machine: auto resolved, float16 refused where no CUDA GPU
+    will run it."""
+    if str(precision) in FLOAT16 and not uses_cuda(accelerator):
+        raise ValueError(
+            f"trainer.precision={precision} needs a CUDA GPU, and this run has none "
+            f"(trainer.accelerator={accelerator}): use bf16-mixed, 32-true or auto"
+        )
     if precision != AUTO:
         return precision
     # Emulated bf16 (pre-Ampere GPUs) is slower than fp32: only native bf16 counts.
