@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 
 from thaw.report import text_table
 
+# test/acc_top5 is there only for runs of more than 5 classes: a column when any run has it.
 COLUMNS = ("test/acc", "test/acc_top5", "test/f1_macro")
 
 
@@ -21,10 +22,12 @@ def describe(run: Path) -> tuple[str, str]:
 
 
 def table(run_dirs: list[Path]) -> str:
-    rows = [("run", "weights", "finetune", *COLUMNS)]
-    for run in run_dirs:
-        metrics = json.loads((run / "metrics.json").read_text())
-        rows.append((run.name, *describe(run), *(f"{metrics[c]:.4f}" for c in COLUMNS)))
+    metrics = [json.loads((run / "metrics.json").read_text()) for run in run_dirs]
+    columns = [c for c in COLUMNS if any(c in m for m in metrics)]
+    rows = [("run", "weights", "finetune", *columns)]
+    for run, values in zip(run_dirs, metrics, strict=True):
+        cells = (f"{values[c]:.4f}" if c in values else "-" for c in columns)
+        rows.append((run.name, *describe(run), *cells))
     return text_table(rows)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -197,3 +198,22 @@ def test_bench_stem_tiny(fmnist_root, tmp_path):
         assert float(row[1]) == pytest.approx(float(csv_row["test_acc"]), abs=5e-5)
     first_block = load_trained(tmp_path / "runs/stride-1/checkpoints/best.ckpt").model.backbone
     assert first_block.conv1.stride == (1, 1)  # the setting reached the run
+
+
+def test_compare_runs_shows_the_metrics_the_runs_have(tmp_path):
+    compare = load_script("compare_runs")
+    runs = {
+        "ten": {"test/acc": 0.9, "test/acc_top5": 0.99, "test/f1_macro": 0.89},
+        "three": {"test/acc": 0.8, "test/f1_macro": 0.79},  # 3 classes: no top-5
+    }
+    for name, metrics in runs.items():
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        config = {"model": {"weights": None}, "finetune": {"_target_": "thaw.finetune.Full"}}
+        (tmp_path / name / ".hydra" / "config.yaml").write_text(json.dumps(config))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(metrics))
+    header, _, ten, three = compare.table([tmp_path / "ten", tmp_path / "three"]).splitlines()
+    assert header.split()[3:] == ["test/acc", "test/acc_top5", "test/f1_macro"]
+    assert ten.split()[3:] == ["0.9000", "0.9900", "0.8900"]
+    assert three.split()[3:] == ["0.8000", "-", "0.7900"]
+    only_three = compare.table([tmp_path / "three"]).splitlines()[0]
+    assert "test/acc_top5" not in only_three

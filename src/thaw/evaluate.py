@@ -20,6 +20,7 @@ from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
 from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
 from thaw.models import Classifier
+from thaw.models.classifier import TOP5_MIN_CLASSES
 from thaw.preprocess import Preprocessing
 from thaw.report import confusion_matrix_image, write_metrics
 from thaw.trained import TrainedModel, load_trained
@@ -115,14 +116,15 @@ def predictor_metrics(
 
 
 def scores(probabilities: torch.Tensor, target: torch.Tensor, suffix: str) -> dict[str, float]:
-    """test/acc, test/acc_top5 and test/f1_macro (+ `suffix`), computed as the Classifier logs
-    them."""
+    """test/acc, test/acc_top5 (with more than 5 classes) and test/f1_macro (+ `suffix`),
+    computed as the Classifier logs them."""
     n = probabilities.shape[1]
     values = {
         "acc": multiclass_accuracy(probabilities, target, n, average="micro"),
-        "acc_top5": multiclass_accuracy(probabilities, target, n, top_k=min(5, n), average="micro"),
         "f1_macro": multiclass_f1_score(probabilities, target, n, average="macro"),
     }
+    if n > TOP5_MIN_CLASSES:
+        values["acc_top5"] = multiclass_accuracy(probabilities, target, n, top_k=5, average="micro")
     return {f"test/{name}{suffix}": float(value) for name, value in values.items()}
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from thaw.models.classifier import TOP5_MIN_CLASSES
+
 
 @dataclass(frozen=True)
 class Example:
@@ -132,7 +134,7 @@ def headline(logits: torch.Tensor, labels: torch.Tensor, table: list[dict]) -> d
         "acc": float((logits.argmax(dim=-1) == labels).double().mean()),
         "f1_macro": sum(row["f1"] for row in table) / classes,
     }
-    if classes > 5:
+    if classes > TOP5_MIN_CLASSES:
         top5 = logits.topk(5, dim=-1).indices
         values["acc_top5"] = float((top5 == labels[:, None]).any(dim=-1).double().mean())
     return values

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from thaw.finetune import FinetuneStrategy
     from thaw.finetune.distillation import Distillation
 
+# Top-5 accuracy is reported only with more classes than this.
+TOP5_MIN_CLASSES = 5
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., dict[str, Any]]
 
@@ -90,8 +93,11 @@ class Classifier(pl.LightningModule):
         # Every test process sees the whole test set (it is not sharded): no summing over ranks.
         alone = {"sync_on_compute": False}
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", **alone)
-        self.test_acc_top5 = MulticlassAccuracy(
-            num_classes, top_k=min(5, num_classes), average="micro", **alone
+        # Top-5 only where it means something: with 5 classes or fewer it is always 1.
+        self.test_acc_top5 = (
+            MulticlassAccuracy(num_classes, top_k=5, average="micro", **alone)
+            if num_classes > TOP5_MIN_CLASSES
+            else None
         )
         self.test_f1_macro = MulticlassF1Score(num_classes, average="macro", **alone)
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None, **alone)
@@ -158,12 +164,14 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels = self._shared_step(batch)
         for metric in (self.test_acc, self.test_acc_top5, self.test_f1_macro):
-            metric(logits, labels)
+            if metric is not None:
+                metric(logits, labels)
         self.test_acc_per_class.update(logits, labels)
         self.test_confusion.update(logits, labels)
         self.log("test/loss", loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-        self.log("test/acc_top5", self.test_acc_top5, on_step=False, on_epoch=True)
+        if self.test_acc_top5 is not None:
+            self.log("test/acc_top5", self.test_acc_top5, on_step=False, on_epoch=True)
         self.log("test/f1_macro", self.test_f1_macro, on_step=False, on_epoch=True)
 
     def on_test_epoch_end(self) -> None:
