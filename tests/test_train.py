@@ -18,17 +18,19 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from mlflow import MlflowClient
 from omegaconf.errors import InterpolationToMissingValueError
+from pytorch_lightning.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REAL_FMNIST, TINY, offline_fmnist
+from conftest import PREPROCESSING, REAL_FMNIST, TINY, offline_fmnist
 from data_formats import closed_port_url
+from thaw.analysis.report import model_size
 from thaw.build import build_datamodule, build_strategy, build_trainer
 from thaw.checkpoint import CheckpointError
 from thaw.config import compose_config, config_dir
 from thaw.data import DataUnavailableError
 from thaw.data.sources.fashion_mnist import CLASSES, TEST_FILES
 from thaw.evaluate import evaluate
-from thaw.models import WeightsError, create_backbone
+from thaw.models import Classifier, WeightsError, create_backbone
 from thaw.models.backbones import IMAGENET_MEAN
 from thaw.train import optimized_value, run
 from thaw.trained import load_trained
@@ -381,3 +383,15 @@ def test_mlflow_logger_records_params_metrics_per_step_and_the_best_checkpoint(
     copy = client.download_artifacts(found.info.run_id, artifact.path, str(tmp_path))
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     assert Path(copy).read_bytes() == best.read_bytes()  # the calibrated, tested checkpoint
+
+
+def test_debug_fast_runs_end_to_end_and_writes_no_checkpoint(train_config):
+    cfg = train_config("debug=fast")
+    assert "test/loss" in run(cfg)  # trained, then tested on the weights as they ended
+    assert not list(Path(cfg.paths.output_dir).rglob("*.ckpt"))  # not even Lightning's default
+
+
+def test_the_model_summary_counts_the_flops_of_one_image():
+    model = Classifier(create_backbone("resnet18", None), ["a", "b"], PREPROCESSING).eval()
+    summary = ModelSummary(model)
+    assert summary.total_flops == model_size(model, PREPROCESSING.input_size)["flops_per_image"] > 0

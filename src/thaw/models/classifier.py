@@ -79,6 +79,9 @@ class Classifier(pl.LightningModule):
             self.backbone.compile()  # in place: state_dict keys stay those of the eager model
         self.classes = list(classes)
         self.preprocessing = preprocessing
+        # One input of the trained size: the model summary counts its FLOPs per image with it.
+        side = preprocessing.input_size
+        self.example_input_array = torch.zeros(1, 3, side, side)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune
