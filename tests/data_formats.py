@@ -13,7 +13,7 @@ import tarfile
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -146,12 +146,19 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 def serve_directory(directory: Path) -> Iterator[str]:
     """Serve `directory` over HTTP on 127.0.0.1 (an ephemeral port) while the block runs; yields
     the base URL, ending in "/"."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    with serve_handler(functools.partial(_QuietHandler, directory=str(directory))) as base:
+        yield base + "/"
+
+
+@contextmanager
+def serve_handler(handler: Callable[..., http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve requests with `handler` on 127.0.0.1 (an ephemeral port) while the block runs;
+    yields the base URL, without a trailing "/"."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()

@@ -80,8 +80,11 @@ def fit(
     *callbacks: pl.Callback,
     ckpt_path: str | None = None,
     init_seed: int = 0,
+    make_model: Callable[[int], Classifier] = new_model,
 ):
-    model = new_model(init_seed)
+    """Fit `make_model(init_seed)` for EPOCHS epochs of STEPS_PER_EPOCH steps, two-phase,
+    checkpointing into `tmp`; returns the model, the trainer and its per-step LRs."""
+    model = make_model(init_seed)
     recorder = RecordLR()
     trainer = quiet_trainer(
         max_epochs=EPOCHS,

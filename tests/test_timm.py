@@ -5,33 +5,28 @@ saved from a model the test built: no download."""
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 from huggingface_hub import constants as hub
-from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from safetensors.torch import save, save_file
 from timm.models._manipulate import group_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import PREPROCESSING, TINY, offline_fmnist
-from test_resume import EPOCHS, RecordLR, SigtermAt
+from data_formats import serve_handler
+from test_resume import SigtermAt, fit
 from thaw.build import build_datamodule
 from thaw.config import compose_config
-from thaw.data.resumable import ResumableLoader
 from thaw.export import export_model
 from thaw.finetune import FreezeUnfreeze, Full, LinearProbe, TwoPhase, schedulers
 from thaw.inference.onnx_model import OnnxModel
 from thaw.models import Classifier, WeightsError, create_backbone
 from thaw.models.backbones import HEAD, STAGES, backbone_spec
-from thaw.resume import ResumeState
 from thaw.train import run
 from thaw.trained import load_trained
 
@@ -133,37 +128,20 @@ def test_groups_are_timms_layers_in_order_with_the_lrs_the_config_says(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_resume_mid_phase_is_bit_exact(name, quiet_trainer, tmp_path):
-    def fit(out: Path, *callbacks, ckpt_path: str | None = None, seed: int = 0):
-        model = classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2), seed=seed)
-        recorder = RecordLR()
-        trainer = quiet_trainer(
-            max_epochs=EPOCHS,
-            deterministic=True,
-            callbacks=[
-                FreezeUnfreeze(model.finetune),
-                ResumeState(),
-                recorder,
-                *callbacks,
-                ModelCheckpoint(dirpath=out / "checkpoints", save_last=True),
-            ],
-            enable_checkpointing=True,
-            default_root_dir=out,
-            limit_val_batches=0,
-        )
-        torch.manual_seed(1)
-        train = ResumableLoader(images(), seed=5, batch_size=8)
-        trainer.fit(model, train, ckpt_path=ckpt_path, weights_only=True)
-        return model, recorder.lrs
+    def make(seed: int) -> Classifier:
+        return classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2), seed=seed)
 
-    whole, whole_lrs = fit(tmp_path / "whole")
+    whole, _, whole_lrs = fit(quiet_trainer, tmp_path / "whole", make_model=make)
     with pytest.raises(SIGTERMException):
-        fit(tmp_path / "stopped", SigtermAt(4))  # epoch 1 of 3 steps: phase 2, mid-epoch
+        fit(quiet_trainer, tmp_path / "stopped", SigtermAt(4), make_model=make)  # phase 2
     last = tmp_path / "stopped/checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
-    resumed, lrs = fit(tmp_path / "stopped", ckpt_path=str(last), seed=99)
+    resumed, _, lrs = fit(
+        quiet_trainer, tmp_path / "stopped", ckpt_path=str(last), init_seed=99, make_model=make
+    )
     for (key, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
-    assert lrs == {s: v for s, v in whole_lrs.items() if s >= 4}
+    assert lrs.lrs == {s: v for s, v in whole_lrs.lrs.items() if s >= 4}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -201,7 +179,7 @@ def test_weights_come_from_files_and_the_hugging_face_hub_and_its_cache(tmp_path
     # Named weights: downloaded by huggingface_hub (from a loopback hub) into its cache, then
     # found there offline; with an empty cache, offline, the error says what to place where.
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with loopback_hub("timm/resnet10t.c3_in1k", save(source.state_dict())) as endpoint:
+    with serve_handler(hub_for("timm/resnet10t.c3_in1k", save(source.state_dict()))) as endpoint:
         monkeypatch.setattr(hub, "ENDPOINT", endpoint)
         monkeypatch.setattr(hub, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + HUB_URL_PATH)
         downloaded = create_backbone("resnet10t", "pretrained", "timm", SIZE).model
@@ -220,9 +198,8 @@ def test_weights_come_from_files_and_the_hugging_face_hub_and_its_cache(tmp_path
 HUB_URL_PATH = "/{repo_id}/resolve/{revision}/{filename}"
 
 
-@contextmanager
-def loopback_hub(repo: str, weights: bytes) -> Iterator[str]:
-    """An HTTP server on loopback that answers as the Hugging Face hub does for one file:
+def hub_for(repo: str, weights: bytes) -> type[BaseHTTPRequestHandler]:
+    """A handler that answers as the Hugging Face hub does for one file,
     `<repo>/resolve/main/model.safetensors`, with its commit and ETag headers."""
 
     class Hub(BaseHTTPRequestHandler):
@@ -242,14 +219,7 @@ def loopback_hub(repo: str, weights: bytes) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    return Hub
 
 
 # A ViT-Tiny at 32 px (2 x 2 patches) with layer decay, random init, on the tiny Fashion-MNIST.
