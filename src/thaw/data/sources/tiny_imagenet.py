@@ -31,6 +31,8 @@ from thaw.data.sources.base import ArchiveSource, ImageSet, Splits
 log = logging.getLogger(__name__)
 
 SIZE = 64
+# What labels the images, relative to the extracted folder.
+LABEL_FILES = ("wnids.txt", "words.txt", "val/val_annotations.txt")
 # Part of the cache key: bump it when the decoding or the cached arrays change meaning.
 _CACHE_VERSION = "1"
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -67,7 +69,7 @@ class TinyImageNet(ArchiveSource):
     def load_test(self) -> ImageSet:
         """The official val images, decoded directly (no cache: the training images may be
         absent)."""
-        self.extract()
+        self._extract_complete()
         files, labels = _val_files(self.folder / "val", read_wnids(self.folder / "wnids.txt"))
         images = torch.from_numpy(_decode(files))
         return ImageSet(images, torch.tensor(labels, dtype=torch.long), self._classes())
@@ -77,12 +79,19 @@ class TinyImageNet(ArchiveSource):
             read_wnids(self.folder / "wnids.txt"), read_words(self.folder / "words.txt")
         )
 
+    def _extract_complete(self) -> None:
+        """Extract, and check that the files that label the images are there."""
+        self.extract()
+        for name in LABEL_FILES:
+            if not (self.folder / name).is_file():
+                raise FileNotFoundError(incomplete(self.folder, self.folder / name))
+
     def cache_path(self, key: str) -> Path:
         return self.root / f"{self.FOLDER}.cache-{key}.npz"
 
     def _cache(self) -> Path:
         """The cache of the data as it is on disk now, decoded and written first if missing."""
-        self.extract()
+        self._extract_complete()
         wnids = read_wnids(self.folder / "wnids.txt")
         train_files, train_labels = _train_files(self.folder / "train", wnids)
         test_files, test_labels = _val_files(self.folder / "val", wnids)
@@ -112,6 +121,14 @@ class TinyImageNet(ArchiveSource):
             if stale != path:
                 stale.unlink()
         log.info("Cached the decoded Tiny ImageNet images in %s", path)
+
+
+def incomplete(folder: Path, missing: Path) -> str:
+    """The message for a file missing from an extracted folder, and the fix."""
+    return (
+        f"{missing} is missing: {folder} is not a complete Tiny ImageNet folder. Delete it, and "
+        "the next run extracts (or downloads) the archive again"
+    )
 
 
 def read_wnids(path: Path) -> list[str]:
@@ -150,7 +167,9 @@ def _train_files(train_dir: Path, wnids: list[str]) -> tuple[list[Path], list[in
     for label, wnid in enumerate(wnids):
         images_dir = train_dir / wnid / "images"
         if not images_dir.is_dir():
-            raise FileNotFoundError(f"{images_dir} is missing (class {wnid} of wnids.txt)")
+            raise FileNotFoundError(
+                incomplete(train_dir.parent, images_dir) + f" (class {wnid} of wnids.txt)"
+            )
         names = sorted(e.name for e in os.scandir(images_dir) if e.name.lower().endswith(".jpeg"))
         files += [images_dir / name for name in names]
         labels += [label] * len(names)
@@ -172,7 +191,11 @@ def _val_files(val_dir: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
                 f"{annotations}:{number}: expected 'file<TAB>wnid<TAB>box' with a wnid of "
                 f"wnids.txt, got {line!r}"
             )
-        files.append(val_dir / "images" / fields[0])
+        image = val_dir / "images" / fields[0]
+        if not image.is_file():
+            listed = f" (listed in {annotations}:{number})"
+            raise FileNotFoundError(incomplete(val_dir.parent, image) + listed)
+        files.append(image)
         labels.append(index[fields[1]])
     return files, labels
 
