@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 # The key under which a thaw checkpoint carries its RunRecord.
 RUN_KEY = "thaw"
 
@@ -20,17 +18,29 @@ class CheckpointError(RuntimeError):
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint onto the CPU with `weights_only` (no arbitrary code runs on load)."""
+    """Load a checkpoint (or a state_dict) onto the CPU with `weights_only` (no arbitrary code
+    runs on load); anything but a readable dict is a CheckpointError naming the file.
+
+    torch is imported here, not above: Hydra loads the sweep report (which reads run records
+    from this module) before every job, and a config mistake should not wait for torch."""
+    import torch  # noqa: PLC0415
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
         raise CheckpointError(
             f"could not read checkpoint {path}: it is truncated, corrupt, or not a torch "
             f"checkpoint ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} holds a {type(checkpoint).__name__}, not a checkpoint: give a .ckpt that "
+            "thaw wrote (checkpoints/best.ckpt of a run) or a state_dict saved with torch.save"
+        )
+    return checkpoint
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,12 @@ class RunRecord:
 
 def run_record(checkpoint: dict[str, Any], path: str | Path) -> RunRecord:
     """The RunRecord of a thaw checkpoint; a clear error for any other file."""
-    if RUN_KEY not in checkpoint:
+    info = checkpoint.get(RUN_KEY)
+    if not isinstance(info, dict) or not {"config", "classes"} <= info.keys():
         raise CheckpointError(
-            f"{path} is not a thaw checkpoint (it has no {RUN_KEY!r} entry with config and classes)"
+            f"{path} is not a thaw checkpoint (it has no {RUN_KEY!r} entry with config and "
+            "classes): give checkpoints/best.ckpt or last.ckpt of a thaw run"
         )
-    info = checkpoint[RUN_KEY]
     return RunRecord(info["config"], list(info["classes"]), info.get("preprocessing"))
 
 
@@ -88,6 +99,8 @@ def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> None:
     descriptor, temporary = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
+    import torch  # noqa: PLC0415 (see read_checkpoint)
+
     try:
         with os.fdopen(descriptor, "wb") as file:
             torch.save(checkpoint, file)

@@ -56,6 +56,13 @@ def load_trained(path: str | Path, channels_last: bool = False) -> TrainedModel:
         run_config=record.config,
         channels_last=channels_last,
     )
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise CheckpointError(
+            f"the weights in {path} do not fit the {model_cfg['name']} its config describes "
+            f"({str(err).splitlines()[0]}): the file was changed after training; use the run's "
+            "own checkpoint"
+        ) from err
     model.eval()
     return TrainedModel(model, preprocessing, record.classes, record.config, path)

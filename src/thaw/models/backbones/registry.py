@@ -130,21 +130,36 @@ def _load_weights(spec: BackboneSpec, weights: str) -> dict[str, torch.Tensor]:
 
 def _read_weights_file(path: Path, architecture: str) -> dict[str, torch.Tensor]:
     """A plain state_dict (.pth, .safetensors), or a thaw checkpoint whose backbone weights sit
-    under `backbone.`."""
+    under `backbone.`; anything else is a WeightsError naming the file."""
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise WeightsError(
+                f"model.weights={str(path)!r} is not a readable .safetensors file ({err})"
+            ) from err
     state = read_checkpoint(path)
-    trained_as = state.get(RUN_KEY, {}).get("config", {}).get("model", {}).get("name")
+    record = state.get(RUN_KEY)
+    model = record.get("config", {}).get("model", {}) if isinstance(record, dict) else {}
+    trained_as = model.get("name")
     if trained_as is not None and trained_as.partition(".")[0] != architecture:
         raise WeightsError(
             f"model.weights={str(path)!r} is a checkpoint of model.name={trained_as}, "
             f"but this run's model is {architecture}; set model.name={trained_as}"
         )
-    if "state_dict" in state:
+    if isinstance(state.get("state_dict"), dict):
         prefix = "backbone."
-        return {k[len(prefix) :]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        weights = state["state_dict"].items()
+        state = {k[len(prefix) :]: v for k, v in weights if k.startswith(prefix)}
+    not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightsError(
+            f"model.weights={str(path)!r} is not a state_dict: {not_tensors[:3]} hold no "
+            "tensors. Give a file saved with torch.save(model.state_dict()) or a thaw checkpoint"
+        )
     return state
 
 
