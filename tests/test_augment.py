@@ -269,6 +269,7 @@ def test_a_mixed_run_trains_the_classifier_and_previews_its_first_batch(
         "augment.mixup_alpha=0.2",
         "augment.random_erasing=0.25",
         "model.label_smoothing=0.1",
+        "finetune=full",
         "trainer.max_epochs=1",
         "+trainer.limit_train_batches=2",
         "test=false",

@@ -221,7 +221,7 @@ def test_the_predictor_gives_the_softmax_of_the_logits_divided_by_the_temperatur
 def test_training_fits_the_temperature_into_best_ckpt_and_calibrate_false_leaves_it(
     train_config,
 ):
-    cfg = train_config("trainer.max_epochs=1")
+    cfg = train_config("finetune=full", "trainer.max_epochs=1")
     metrics = run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     best = run_dir / "checkpoints" / "best.ckpt"
@@ -242,7 +242,9 @@ def test_training_fits_the_temperature_into_best_ckpt_and_calibrate_false_leaves
     assert last["thaw"]["preprocessing"]["temperature"] == 1.0
     assert saved["thaw"]["config"] == last["thaw"]["config"]
 
-    off = train_config("trainer.max_epochs=1", "calibrate=false", "test=false", run="off")
+    off = train_config(
+        "finetune=full", "trainer.max_epochs=1", "calibrate=false", "test=false", run="off"
+    )
     off_metrics = run(off)
     off_best = Path(off.paths.output_dir) / "checkpoints" / "best.ckpt"
     assert load_trained(off_best).preprocessing.temperature == 1.0

@@ -102,7 +102,8 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_cli_ddp_single_run_and_ddp_spawn_multirun_both_work(fmnist_root, tmp_path):
-    tiny = [*TINY, *offline_fmnist(fmnist_root), "trainer.max_epochs=1", "data.batch_size=8"]
+    tiny = [*TINY, *offline_fmnist(fmnist_root), "finetune=full", "trainer.max_epochs=1"]
+    tiny.append("data.batch_size=8")
     single = cli("trainer=ddp", *tiny, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     report = json.loads((tmp_path / "single" / "metrics.json").read_text())

@@ -64,7 +64,7 @@ def test_channels_last_model_computes_the_same_logits(train_config) -> None:
     images = torch.randn(4, 3, 28, 28)
     torch.testing.assert_close(nhwc(images), plain(images), atol=1e-5, rtol=1e-4)
     # A run trains and tests in that layout, and its checkpoint does not depend on it.
-    cfg = train_config("trainer.channels_last=true", "trainer.max_epochs=1")
+    cfg = train_config("trainer.channels_last=true", "finetune=full", "trainer.max_epochs=1")
     assert "test/acc" in run(cfg)
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     with torch.inference_mode():

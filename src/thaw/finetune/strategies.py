@@ -16,6 +16,22 @@ from thaw.models.layer_groups import LayerGroup
 BN_MODES = ("eval", "train")
 
 
+@dataclass(frozen=True)
+class Phase:
+    """Epochs `first`..`last` (0-based, inclusive) train the head and these backbone groups."""
+
+    first: int
+    last: int
+    groups: list[str]
+
+    def __str__(self) -> str:
+        """`epochs 2-10: head, stage4, stage3`, counting epochs from 1 as the progress does."""
+        first, last = self.first + 1, self.last + 1
+        epochs = f"epoch {first}" if first == last else f"epochs {first}-{last}"
+        trained = ", ".join(["head", *reversed(self.groups)])
+        return f"{epochs}: {trained}"
+
+
 @dataclass(kw_only=True)
 class FinetuneStrategy(ABC):
     """What every strategy shares.
@@ -65,6 +81,29 @@ class FinetuneStrategy(ABC):
     @abstractmethod
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
         """The backbone groups (ordered lowest first) that train during `epoch`."""
+
+    def phases(self, max_epochs: int, backbone_groups: list[str]) -> list[Phase]:
+        """The schedule of a run of `max_epochs`: each run of epochs training the same groups."""
+        phases: list[Phase] = []
+        for epoch in range(max_epochs):
+            groups = self.trainable_groups(epoch, backbone_groups)
+            if phases and phases[-1].groups == groups:
+                phases[-1] = Phase(phases[-1].first, epoch, groups)
+            else:
+                phases.append(Phase(epoch, epoch, groups))
+        return phases
+
+    def check_schedule(self, max_epochs: int, backbone_groups: list[str]) -> None:
+        """A ValueError where the backbone would never train within `max_epochs` (the run
+        would quietly be a linear probe)."""
+        if any(phase.groups for phase in self.phases(max_epochs, backbone_groups)):
+            return
+        freeze = getattr(self, "freeze_epochs", None)
+        raise ValueError(
+            f"finetune.freeze_epochs={freeze} with trainer.max_epochs={max_epochs}: the backbone "
+            f"never thaws, only the head trains. Set trainer.max_epochs above {freeze}, lower "
+            "finetune.freeze_epochs, or choose finetune=linear_probe to train the head alone"
+        )
 
     def param_groups(
         self, layer_groups: Mapping[str, LayerGroup], lr: float, weight_decay: float
@@ -178,3 +217,6 @@ class LinearProbe(FinetuneStrategy):
 
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
         return []
+
+    def check_schedule(self, max_epochs: int, backbone_groups: list[str]) -> None:
+        """Only the head trains, by design."""
