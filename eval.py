@@ -1,6 +1,6 @@
 """python eval.py ckpt_path=path/to/best.ckpt (see conf/eval.yaml)."""
 
-from thaw.evaluate import main
+from thaw.cli import evaluate
 
 if __name__ == "__main__":
-    main()
+    evaluate()

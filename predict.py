@@ -1,6 +1,6 @@
 """python predict.py ckpt_path=path/to/best.ckpt inputs=photos/ (see conf/predict.yaml)."""
 
-from thaw.predict import main
+from thaw.cli import predict
 
 if __name__ == "__main__":
-    main()
+    predict()

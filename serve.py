@@ -1,6 +1,6 @@
 """python serve.py ckpt_path=path/to/best.ckpt (see conf/serve.yaml)."""
 
-from thaw.serve import main
+from thaw.cli import serve
 
 if __name__ == "__main__":
-    main()
+    serve()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +23,8 @@ from thaw.preprocess import Preprocessing
 from thaw.train import run
 
 REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts"
 
 # Small and fast: random init (no downloads), few images, CPU, no progress bars.
 TINY = [
@@ -141,3 +144,16 @@ def load_script(name: str) -> ModuleType:
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_cli(
+    script: str, args: list[str], run_dir: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python <script>.py args` from the repository root, its output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / f"{script}.py"), *args, f"hydra.run.dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )

@@ -20,6 +20,7 @@ from conftest import FOLDER_CLASSES, FOLDER_SPLITS
 from data_formats import write_truncated_jpeg
 from thaw.analysis.gradcam import explain_image
 from thaw.checkpoint import CheckpointError
+from thaw.cli import is_user_error
 from thaw.config import compose_config
 from thaw.data.images import load_image
 from thaw.evaluate import evaluate
@@ -27,7 +28,7 @@ from thaw.export import export_model
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT
 from thaw.inference.predictor import tta_views
-from thaw.predict import _main, predict
+from thaw.predict import predict
 from thaw.preprocess import Preprocessing
 from thaw.trained import load_trained
 
@@ -302,11 +303,9 @@ def test_bad_input_is_refused_before_anything_is_written(
     cfg = compose_config(
         "predict", base + [o.format(**values) for o in overrides], tmp_path / "run"
     )
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as refused:
         predict(cfg)
-    with pytest.raises(SystemExit) as exit_info:  # the command line: one paragraph, status 2
-        _main(cfg)
-    assert exit_info.value.code == 2
+    assert is_user_error(refused.value)  # the command line: one paragraph, status 2
     assert not (tmp_path / "run").exists()
 
 

@@ -25,14 +25,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import FOLDER_CLASSES
+from conftest import FOLDER_CLASSES, run_cli
 from data_formats import write_truncated_jpeg
 from serving import loopback_server
 from thaw.analysis.gradcam import explain
 from thaw.config import compose_config
 from thaw.export import export_model
 from thaw.predict import predict
-from thaw.serve import _main, build_app, settings_from
+from thaw.serve import build_app, settings_from
 from thaw.serving.batcher import DynamicBatcher, Overloaded
 from thaw.serving.uploads import decode_upload
 from thaw.trained import load_trained
@@ -424,11 +424,10 @@ def test_the_command_line_serves_with_two_workers_and_stops_cleanly(ckpt, test_i
     assert output.count("Application startup complete") == 2, output  # one per worker
 
 
-def test_a_missing_model_is_one_line_and_exit_2(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_:
-        _main(serve_config(tmp_path))
-    assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip() == (
+def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
+    answer = run_cli("serve", ["device=cpu"], tmp_path / "run")
+    assert answer.returncode == 2
+    assert answer.stderr.strip().splitlines()[0] == (
         "Error: give either ckpt_path=<file.ckpt> or model_path=<model.onnx>, not neither"
     )
 

@@ -21,6 +21,20 @@ from thaw.resume import ResumeState
 from thaw.trained import load_trained
 
 
+def trained_run_config(config: dict[str, Any], data_root: str | None) -> DictConfig:
+    """The config of the run that trained a checkpoint, its data read from `data_root` when one
+    is given: from there only (no system copy, no download), so a data_root without the data is
+    an error that names it, not a quiet read of another copy."""
+    run_cfg = OmegaConf.create(config)
+    if data_root:
+        # The saved config is resolved: the source holds its own copy of data.root.
+        run_cfg.data.root = run_cfg.data.source.root = data_root
+        for key, value in (("system_dir", None), ("download", False)):
+            if key in run_cfg.data.source:
+                run_cfg.data.source[key] = value
+    return run_cfg
+
+
 def build_datamodule(
     cfg: DictConfig, preprocessing: Preprocessing | None = None, test_only: bool = False
 ) -> ImageDataModule:

@@ -25,7 +25,7 @@ HPARAM_GROUPS = (
 
 # Overrides for runs whose progress nobody watches (tests): no progress bars or model summary.
 SILENT = [
-    "++callbacks.rich_progress_bar=null",
+    "++callbacks.progress=null",
     "+trainer.enable_progress_bar=false",
     "+trainer.enable_model_summary=false",
 ]

@@ -6,22 +6,21 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
 from thaw.analysis.report import write_report
-from thaw.build import build_datamodule
+from thaw.build import build_datamodule, trained_run_config
 from thaw.checkpoint import CheckpointError, read_record, run_dir
-from thaw.config import config_dir
 from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
 from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
 from thaw.models import Classifier
 from thaw.models.classifier import TOP5_MIN_CLASSES
 from thaw.preprocess import Preprocessing
+from thaw.progress import progress_bar
 from thaw.report import confusion_matrix_image, write_metrics
 from thaw.trained import TrainedModel, load_trained
 
@@ -51,7 +50,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         (trained,) = models
         extra = {"tta": tta, **predictor_metrics(cfg, models, data, with_tta)} if with_tta else {}
-        trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=[])
+        shown = [progress_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+        trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=shown)
         metrics = report_test_metrics(
             trainer,
             trained.model,
@@ -76,9 +76,7 @@ def read_test_data(
     cfg: DictConfig, config: dict[str, Any], trained: TrainedModel
 ) -> ImageDataModule:
     """The test images of the run `config` describes, preprocessed as `trained` was trained."""
-    train_cfg = OmegaConf.create(config)
-    if cfg.get("data_root"):
-        train_cfg.data.root = cfg.data_root
+    train_cfg = trained_run_config(config, cfg.get("data_root"))
     datamodule = build_datamodule(train_cfg, trained.preprocessing, test_only=True)
     datamodule.setup("test")
     if datamodule.classes != trained.classes:
@@ -176,12 +174,8 @@ def report_test_metrics(
     return metrics
 
 
-def _main(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> None:
+    """The command line's job (thaw.cli.evaluate)."""
     metrics = evaluate(cfg)
     summary = {k: v for k, v in metrics.items() if isinstance(v, float)}
     print(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
-
-
-def main() -> None:
-    """Console entry point (`thaw-eval`, `python eval.py`)."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="eval")(_main)()

@@ -11,18 +11,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from thaw import __version__
-from thaw.build import build_datamodule
-from thaw.checkpoint import CheckpointError, run_dir
-from thaw.config import config_dir
+from thaw.build import build_datamodule, trained_run_config
+from thaw.checkpoint import run_dir
 from thaw.data.datamodule import ImageDataset
 from thaw.data.sources.base import ImageSet
-from thaw.data.sources.download import DataUnavailableError
 from thaw.data.sources.imagefolder import ImageFolder
 from thaw.data.split import limit_per_class, select_classes
 from thaw.inference.export_formats import (
@@ -36,6 +33,7 @@ from thaw.inference.export_formats import (
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT, ExportMetadata
 from thaw.inference.parity import CheckImages, check_parity
 from thaw.preprocess import Preprocessing
+from thaw.progress import track
 from thaw.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
@@ -121,7 +119,9 @@ def write_gated(
     to a temporary folder first, so a refused export leaves nothing, not even half a file."""
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / FILE_NAMES[format]
+        log.info("Exporting to %s", format)
         write_exported(format, model, metadata, staged, calibration, opset)
+        log.info("Checking it against the checkpoint on %d images", len(check.labels))
         figures = check_parity(reference, load_exported(staged), check, quantized=format == INT8)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.move(staged, out_dir / staged.name))
@@ -162,9 +162,7 @@ def image_pools(
             select_classes(s, trained.classes) for s in (splits.train, splits.val or splits.train)
         ]
         return pools[0], pools[1], str(images)
-    train_cfg = OmegaConf.create(trained.config)
-    if data_root:
-        train_cfg.data.root = data_root
+    train_cfg = trained_run_config(trained.config, data_root)
     datamodule = build_datamodule(train_cfg, trained.preprocessing)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -201,7 +199,8 @@ def load_images(
     dataset = ImageDataset(
         imageset, preprocessing.transform(normalize=normalize), preprocessing.resize_size
     )
-    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+    read = (dataset[i][0] for i in range(len(dataset)))
+    return torch.stack(list(track(read, "Reading images", total=len(dataset))))
 
 
 def check_images(imageset: ImageSet, preprocessing: Preprocessing, layout: str) -> CheckImages:
@@ -211,16 +210,8 @@ def check_images(imageset: ImageSet, preprocessing: Preprocessing, layout: str) 
     return CheckImages(reference, exported, imageset.labels)
 
 
-def _main(cfg: DictConfig) -> None:
-    try:
-        path = export(cfg)
-    except (ExportError, CheckpointError, DataUnavailableError, ImportError) as err:
-        log.error("%s", err)
-        raise SystemExit(2) from None
+def task(cfg: DictConfig) -> None:
+    """The command line's job (thaw.cli.export)."""
+    path = export(cfg)
     record = json.loads((path.parent / RECORD).read_text())[path.name]
     print(OmegaConf.to_yaml({"export": record, "path": str(path)}))
-
-
-def main() -> None:
-    """Console entry point (`thaw-export`, `python export.py`)."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="export")(_main)()

@@ -14,6 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from thaw.noise import silence_known_noise
+
 AUTO = "auto"
 # Keys of the trainer group that thaw reads itself; pl.Trainer never sees them.
 THAW_KEYS = ("channels_last",)
@@ -54,7 +56,9 @@ def channels_last(trainer_cfg: DictConfig) -> bool:
 
 
 def instantiate_trainer(trainer_cfg: DictConfig, **kwargs: Any) -> pl.Trainer:
-    """The pl.Trainer of the trainer group: thaw's own keys left out, `auto` values resolved."""
+    """The pl.Trainer of the trainer group: thaw's own keys left out, `auto` values resolved,
+    Lightning's known noise silenced."""
+    silence_known_noise()
     settings = {k: v for k, v in trainer_cfg.items() if k not in THAW_KEYS}
     accelerator = kwargs.get("accelerator", settings.get("accelerator", "auto"))
     settings["precision"] = resolve_precision(settings.get("precision", 32), accelerator)

@@ -6,19 +6,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
-from rich.console import Console
-from rich.progress import track
 
 from thaw.analysis.gradcam import explain
-from thaw.checkpoint import CheckpointError
-from thaw.config import check_number, config_dir
+from thaw.config import check_number
 from thaw.data.images import load_image
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
@@ -29,13 +24,13 @@ from thaw.inference.predictor import (
     prediction_row,
 )
 from thaw.models.classifier import Classifier
+from thaw.progress import track
 
 log = logging.getLogger(__name__)
 
 OUT_SUFFIXES = (".csv", ".json")
 EXPLAIN_DIR = "explain"  # beside the output file: <index>_<file stem>.png per image
 # What a user can fix: said in one paragraph, exit status 2 (a bug keeps its traceback).
-USER_ERRORS = (CheckpointError, FileNotFoundError, ImportError, ValueError)
 
 
 def predict(cfg: DictConfig) -> Path:
@@ -83,8 +78,7 @@ def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> 
     """Predict `paths` in batches (a progress bar on a terminal) and write the rows to `out`."""
     log.info("Predicting %d images on %s (tta=%s)", len(paths), predictor.device, cfg.tta)
     results = predict_files(predictor, paths, cfg.batch_size)
-    terminal = Console(stderr=True).is_terminal
-    shown = track(results, "Predicting", total=len(paths), disable=not terminal)
+    shown = track(results, "Predicting", total=len(paths))
     rows = [prediction_row(result, predictor, cfg.top_k) for result in shown]
     if cfg.get("explain", False):
         explain_rows(rows, predictor, out.parent / EXPLAIN_DIR, cfg.batch_size)
@@ -109,9 +103,8 @@ def explain_rows(
     folder.mkdir(parents=True, exist_ok=True)
     width = len(str(len(rows) - 1))
     starts = range(0, len(rows), batch_size)
-    terminal = Console(stderr=True).is_terminal
     written = 0
-    for start in track(starts, "Explaining", total=len(starts), disable=not terminal):
+    for start in track(starts, "Explaining", total=len(starts)):
         chunk, images = [], []
         for index, row in enumerate(rows[start : start + batch_size], start):
             row["explanation"] = None
@@ -146,15 +139,6 @@ def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _main(cfg: DictConfig) -> None:
-    try:
-        job = setup(cfg)
-    except USER_ERRORS as err:
-        print(f"Error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-    run(cfg, *job)
-
-
-def main() -> None:
-    """Console entry point (`thaw-predict`, `python predict.py`)."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="predict")(_main)()
+def task(cfg: DictConfig) -> None:
+    """The command line's job (thaw.cli.predict)."""
+    run(cfg, *setup(cfg))

@@ -30,6 +30,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         log.info("ckpt_path=auto: no %s yet, starting fresh", last)
         return None
     path = last if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file() and ckpt_path == "last":
+        raise FileNotFoundError(
+            f"ckpt_path=last: this run dir has no {path}. Each run gets a new dir: to resume "
+            "one, give its dir, hydra.run.dir=<run dir>, or its file, "
+            "ckpt_path=<run dir>/checkpoints/last.ckpt"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
     return str(path)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 
-import hydra
 import torch
 import uvicorn
 from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
-from thaw.checkpoint import CheckpointError
-from thaw.config import check_number, config_dir
+from thaw.config import check_number
 from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.model import load_served
@@ -23,7 +20,6 @@ log = logging.getLogger(__name__)
 
 # The config a worker process of `workers > 1` reads to build its own app.
 CONFIG_ENV = "THAW_SERVE_CONFIG"
-USER_ERRORS = (CheckpointError, FileNotFoundError, ImportError, ValueError)
 WORKER_STARTUP_S = 120
 
 
@@ -88,14 +84,6 @@ def serve(cfg: DictConfig) -> None:
     )
 
 
-def _main(cfg: DictConfig) -> None:
-    try:
-        serve(cfg)
-    except USER_ERRORS as err:
-        print(f"Error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def main() -> None:
-    """Console entry point (`thaw-serve`, `python serve.py`)."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="serve")(_main)()
+def task(cfg: DictConfig) -> None:
+    """The command line's job (thaw.cli.serve)."""
+    serve(cfg)

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
@@ -24,8 +23,9 @@ from thaw.build import (
     trainer_for_testing,
 )
 from thaw.calibrate import calibrate
-from thaw.config import config_dir, flat_hparams
+from thaw.config import flat_hparams
 from thaw.evaluate import report_test_metrics
+from thaw.finetune import FinetuneStrategy
 from thaw.resume import check_resumable, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     strategy = build_strategy(cfg)
     model = build_classifier(cfg, datamodule, strategy)
+    log_phases(strategy, list(model.backbone_groups), cfg.trainer.get("max_epochs"))
     trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, model)])
 
     log.info("Run dir: %s", output_dir)
@@ -82,6 +83,16 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         record_in_loggers(trainer, cfg, metrics, calibration, best)
         log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
+
+
+def log_phases(strategy: FinetuneStrategy, backbone_groups: list[str], max_epochs: Any) -> None:
+    """Say what will train and when, and refuse a schedule whose backbone never thaws. Runs
+    bounded by steps alone (max_epochs -1 or unset) have no epoch schedule to show."""
+    if not isinstance(max_epochs, int) or max_epochs < 1:
+        return
+    strategy.check_schedule(max_epochs, backbone_groups)
+    phases = strategy.phases(max_epochs, backbone_groups)
+    log.info("Phases (%d epochs): %s", max_epochs, "; ".join(map(str, phases)))
 
 
 def fitted_metrics(trainer: pl.Trainer) -> dict[str, Any]:
@@ -137,7 +148,8 @@ def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(metrics[name])
 
 
-def _main(cfg: DictConfig) -> float | None:
+def task(cfg: DictConfig) -> float | None:
+    """The command line's job (thaw.cli.train): the metrics shown, the sweep's value returned."""
     try:
         metrics = run(cfg)
     except SIGTERMException:
@@ -148,8 +160,3 @@ def _main(cfg: DictConfig) -> float | None:
     summary = {k: v for k, v in summary.items() if isinstance(v, float)}
     rank_zero_info(OmegaConf.to_yaml({"metrics": summary, "run_dir": str(cfg.paths.output_dir)}))
     return optimized_value(metrics, cfg.get("optimized_metric"))
-
-
-def main() -> None:
-    """Console entry point (`thaw-train`, `python train.py`)."""
-    hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_main)()

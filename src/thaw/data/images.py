@@ -23,13 +23,17 @@ _CHUNK = 256
 T = TypeVar("T")
 
 
+class ImageDecodeError(OSError):
+    """A file that is not a readable image (corrupt, truncated, or not an image at all)."""
+
+
 def load_image(path: Path | BinaryIO, min_size: int | None = None) -> Image.Image:
     """Decode an image file (or an open binary file: an upload) to RGB, turned upright as its
     EXIF orientation says (phone photos).
 
     `min_size` lets a JPEG decode at a reduced scale that keeps both sides >= min_size, which is
     several times faster for camera photos that are resized down anyway. Any failure, whatever
-    Pillow raises for a corrupt or truncated file, becomes an OSError naming the file.
+    Pillow raises for a corrupt or truncated file, becomes an ImageDecodeError naming the file.
     """
     try:
         with Image.open(path) as image:
@@ -37,8 +41,11 @@ def load_image(path: Path | BinaryIO, min_size: int | None = None) -> Image.Imag
                 image.draft("RGB", (min_size, min_size))
             return to_rgb(ImageOps.exif_transpose(image))
     except Exception as err:  # PIL raises many types for a corrupt or truncated file
-        name = path if isinstance(path, Path) else "upload"
-        raise OSError(f"could not decode image {name}: {err}") from err
+        if not isinstance(path, Path):
+            raise ImageDecodeError(f"could not decode image upload: {err}") from err
+        raise ImageDecodeError(
+            f"could not decode image {path}: {err}. Replace or remove the file"
+        ) from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -1,0 +1,199 @@
+"""Running a Hydra app the way a user (or a cluster log) wants its errors: a mistake in what the
+user gave ends in one paragraph on stderr and exit status 2; a bug keeps its traceback and exit 1.
+
+A *user error* is a Hydra config error (unknown key, option or override syntax), a mandatory value
+left out (`???`), an exception class thaw defines for bad input (an unreadable checkpoint, weights
+that cannot be downloaded, a corrupt image...) or a ValueError/FileNotFoundError/ImportError that
+thaw's own code raised about a value it checked. Anything else is unexpected. `HYDRA_FULL_ERROR=1`
+shows every traceback, as in any Hydra app.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import hydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    InterpolationToMissingValueError,
+    MissingMandatoryValue,
+)
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+USER_ERROR_EXIT = 2
+# Raised by thaw's own checks of a value the user gave (a config value, a path, an input file).
+_CHECKED = (ValueError, FileNotFoundError, ImportError)
+_MISSING = re.compile(r"Missing mandatory value: ?([\w.\[\]/-]+)")
+
+
+def train() -> None:
+    """`python train.py`, `thaw-train`."""
+    run_app("train", "thaw.train:task")
+
+
+def evaluate() -> None:
+    """`python eval.py`, `thaw-eval`."""
+    run_app("eval", "thaw.evaluate:task")
+
+
+def predict() -> None:
+    """`python predict.py`, `thaw-predict`."""
+    run_app("predict", "thaw.predict:task")
+
+
+def export() -> None:
+    """`python export.py`, `thaw-export`."""
+    run_app("export", "thaw.export:task")
+
+
+def serve() -> None:
+    """`python serve.py`, `thaw-serve`."""
+    run_app("serve", "thaw.serve:task")
+
+
+def run_app(config_name: str, task_path: str) -> None:
+    """`hydra.main` for conf/<config_name>.yaml and the task at `task_path` ("module:function"),
+    with user errors as one paragraph. The task's module (torch, Lightning) is imported only once
+    the config has composed, so a config mistake is reported in a second.
+
+    Hydra prints its own (shortened) traceback for anything a task raises, and its config errors
+    span several lines; so while composing, Hydra is told to re-raise (`HYDRA_FULL_ERROR`), and
+    the task reports its own user errors. The user's own setting is restored before the task
+    runs, so processes it starts (DDP ranks, jobs) see what the user set."""
+    from thaw.config import config_dir  # noqa: PLC0415 (light; kept beside its only use)
+
+    users_setting = os.environ.get(FULL_ERROR)
+    show_all = users_setting == "1"
+    os.environ[FULL_ERROR] = "1"
+
+    def job(cfg: DictConfig) -> Any:
+        _restore(users_setting)
+        module, _, name = task_path.partition(":")
+        try:
+            # A value left out (`???`) that another refers to: found now, not after the imports.
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+            task: Callable[[DictConfig], Any] = getattr(importlib.import_module(module), name)
+            return task(cfg)
+        except Exception as err:
+            if show_all or not is_user_error(err):
+                raise
+            exit_with(err)
+
+    try:
+        hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
+            job
+        )()
+    except Exception as err:  # raised while composing, before the task ran
+        if show_all or not is_user_error(err):
+            raise
+        exit_with(err)
+    finally:
+        _restore(users_setting)
+
+
+def _restore(users_setting: str | None) -> None:
+    if users_setting is None:
+        os.environ.pop(FULL_ERROR, None)
+    else:
+        os.environ[FULL_ERROR] = users_setting
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether `err` is about what the user gave (see the module docstring)."""
+    if isinstance(err, HydraException | MissingMandatoryValue | InterpolationToMissingValueError):
+        return True
+    if type(err).__module__.startswith("thaw."):
+        return True
+    return isinstance(err, _CHECKED) and _raised_in_thaw(err)
+
+
+def _raised_in_thaw(err: BaseException) -> bool:
+    """Whether the innermost frame of `err`'s traceback is thaw's code."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("thaw.")
+
+
+def exit_with(err: BaseException) -> NoReturn:
+    """Print `err` as one paragraph on stderr and exit with status 2."""
+    print(f"Error: {describe(err)}", file=sys.stderr)
+    print(f"(Set {FULL_ERROR}=1 to see the traceback.)", file=sys.stderr)
+    raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def describe(err: BaseException) -> str:
+    """The message of a user error, without tracebacks, Hydra's search path or OmegaConf's
+    node details, and with the closest valid names where a name was wrong."""
+    cause = err.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and cause.full_key:
+        return _unknown_key(cause, str(err))
+    if isinstance(err, MissingConfigException) and err.options:
+        return _unknown_option(err)
+    if isinstance(err, OverrideParseException):
+        return _bad_override(str(err))
+    text = str(err)
+    missing = _MISSING.search(text)
+    if isinstance(err, MissingMandatoryValue | InterpolationToMissingValueError) and missing:
+        key = missing.group(1)
+        return f"{key} has no value (??? in the config): give one, e.g. {key}=<value>"
+    return _last_message(text, type(err).__name__)
+
+
+def _unknown_key(cause: ConfigAttributeError | ConfigKeyError, text: str) -> str:
+    key, full_key = str(cause.key), str(cause.full_key)
+    parent = cause.parent_node
+    valid = [str(k) for k in parent.keys() if k != "hydra"] if parent is not None else []
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    prefix = full_key[: -len(key)]
+    hint = f" Did you mean {' or '.join(prefix + c for c in close)}?" if close else ""
+    add = text.split("use ", 1)[1].strip() if "use +" in text else f"+{full_key}=<value>"
+    return (
+        f"{full_key} is not a config key.{hint} (`--cfg job` prints every key; {add} adds a new "
+        "one.)"
+    )
+
+
+def _unknown_option(err: MissingConfigException) -> str:
+    missing = str(err.missing_cfg_file or "")
+    group, _, option = missing.rpartition("/")
+    options = [str(o) for o in err.options or ()]
+    close = difflib.get_close_matches(option, options, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(f'{group}={c}' for c in close)}?" if close else ""
+    return f"{group}={option} is not an option.{hint} The options of {group}: {', '.join(options)}."
+
+
+def _bad_override(text: str) -> str:
+    """Which command-line override Hydra could not parse, with its parser's words."""
+    parser = OverridesParser.create()
+    for arg in sys.argv[1:]:
+        if arg.startswith("-"):
+            continue
+        try:
+            parser.parse_override(arg)
+        except HydraException:
+            reason, _, see = text.partition("\nSee ")
+            return f"cannot read the override {arg!r}: {reason.strip()}. See {see.strip()}"
+    return text
+
+
+def _last_message(text: str, name: str) -> str:
+    """The error's own words: for an error re-raised from a DataLoader worker, whose message
+    holds the worker's traceback, the text after its last `Name: ` (or `module.Name: `)."""
+    if "Original Traceback" in text:
+        found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(name)}: ", text, re.MULTILINE))
+        if found:
+            text = text[found[-1].end() :]
+    return text.split("\nConfig search path:")[0].strip()

@@ -1,0 +1,224 @@
+"""Progress that shows wherever the output goes: Lightning's rich bar on a terminal, and plain
+log lines in a file (a SLURM log, `> run.log`), where a bar shows nothing until the end.
+
+Lines go through the `thaw.progress` logger, so Hydra also writes them to the run's log file.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import RichProgressBar
+from pytorch_lightning.callbacks.progress import ProgressBar
+from rich.progress import track as rich_track
+
+from thaw.models.backbones import HEAD
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def on_terminal() -> bool:
+    """Whether stdout is an interactive terminal (not a file, pipe or cluster log)."""
+    return sys.stdout.isatty()
+
+
+def progress_bar(every_n_steps: int = 100) -> ProgressBar:
+    """The progress callback (conf/callbacks/default.yaml): the rich bar on a terminal, else
+    LogProgress."""
+    return RichProgressBar() if on_terminal() else LogProgress(every_n_steps)
+
+
+def track(items: Iterable[T], description: str, total: int, every: int = 0) -> Iterator[T]:
+    """`items`, with a bar on a terminal, else a log line every `every` items (default: about
+    every tenth of `total`) and one at the end, with the rate."""
+    if on_terminal():
+        yield from rich_track(items, description, total=total)
+        return
+    every = every or max(1, total // 10)
+    started = time.perf_counter()
+    done = 0
+    for item in items:
+        yield item
+        done += 1
+        if done % every == 0 or done == total:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log.info("%s: %d/%d (%.1f/s)", description, done, total, rate)
+
+
+def duration(seconds: float) -> str:
+    """`1h02m`, `4m05s`, `12s`: short enough for a log line."""
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def batch_size(batch: Any) -> int:
+    """Images in a batch: the first tensor's length, in a tensor, tuple/list or dict batch."""
+    if isinstance(batch, torch.Tensor):
+        return len(batch)
+    if isinstance(batch, Sequence) and batch:
+        return batch_size(batch[0])
+    if isinstance(batch, dict) and batch:
+        return batch_size(next(iter(batch.values())))
+    return 0
+
+
+class LogProgress(ProgressBar):
+    """One line per epoch: epoch/max, step, the groups that train, train/loss, val/loss,
+    val/acc, the learning rate of the head and of the lowest thawed group, images per second
+    and the time left; a line every `every_n_steps` steps within an epoch; and one per test
+    (eval) run. Written as the run goes, on the main process only."""
+
+    def __init__(self, every_n_steps: int = 100) -> None:
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"callbacks.progress.every_n_steps={every_n_steps} must be >= 1")
+        self.every_n_steps = every_n_steps
+        self._enabled = True
+        self._epoch_started = 0.0
+        self._images = 0
+        self._epoch_seconds: list[float] = []
+        self._test_started = 0.0
+        self._test_images = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def _shows(self) -> bool:
+        return self._enabled and self.trainer.is_global_zero
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_started = time.perf_counter()
+        self._images = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._images += batch_size(batch)
+        done = batch_idx + 1
+        total = self.total_train_batches
+        if not self._shows or done % self.every_n_steps or done == total:
+            return
+        elapsed = time.perf_counter() - self._epoch_started
+        left = elapsed / done * (total - done) if isinstance(total, int) else 0.0
+        left += self._epochs_left(trainer) * self._epoch_estimate(elapsed / done * total)
+        loss = trainer.callback_metrics.get("train/loss")
+        log.info(
+            "epoch %d/%d step %d/%s%s | %.0f img/s | ETA %s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            done,
+            total,
+            f" | train/loss {float(loss):.4f}" if loss is not None else "",
+            self._images / max(elapsed, 1e-9),
+            duration(left),
+        )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seconds = time.perf_counter() - self._epoch_started
+        self._epoch_seconds.append(seconds)
+        if not self._shows:
+            return
+        metrics = trainer.callback_metrics
+        shown = [
+            f"{key} {float(metrics[key]):.4f}"
+            for key in ("train/loss", "val/loss", "val/acc")
+            if key in metrics
+        ]
+        log.info(
+            "epoch %d/%d | step %d | trains %s | %s | %s | %.0f img/s | %s/epoch | ETA %s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            trainer.global_step,
+            ", ".join(trained_groups(trainer)) or "nothing",
+            " | ".join(shown),
+            learning_rates(trainer),
+            self._images / max(seconds, 1e-9),
+            duration(seconds),
+            duration(self._epochs_left(trainer) * self._epoch_estimate(seconds)),
+        )
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._test_started = time.perf_counter()
+        self._test_images = 0
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._test_images += batch_size(batch)
+        done = batch_idx + 1
+        if self._shows and done % self.every_n_steps == 0:
+            log.info("test: batch %d/%s", done, trainer.num_test_batches[dataloader_idx])
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._shows:
+            return
+        seconds = time.perf_counter() - self._test_started
+        log.info(
+            "test: %d images in %s (%.0f img/s)",
+            self._test_images,
+            duration(seconds),
+            self._test_images / max(seconds, 1e-9),
+        )
+
+    def _epochs_left(self, trainer: pl.Trainer) -> int:
+        return max(0, (trainer.max_epochs or 0) - trainer.current_epoch - 1)
+
+    def _epoch_estimate(self, this_epoch: float) -> float:
+        """Seconds per epoch: the mean of the epochs done, else this one's estimate."""
+        done = self._epoch_seconds
+        return sum(done) / len(done) if done else this_epoch
+
+
+def trained_groups(trainer: pl.Trainer) -> list[str]:
+    """The layer groups with a parameter that trains now, head first, then the backbone top
+    down (the optimizer holds them lowest first, head last)."""
+    groups: list[str] = []
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            name = group.get("group")
+            if name and name not in groups and any(p.requires_grad for p in group["params"]):
+                groups.append(name)
+    return groups[::-1]
+
+
+def learning_rates(trainer: pl.Trainer) -> str:
+    """`lr head 1.0e-03, stage2 1.0e-04`: the head's and the lowest thawed group's rate now."""
+    rates: dict[str, float] = {}
+    for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            name = group.get("group", "all")
+            if any(p.requires_grad for p in group["params"]):
+                rates.setdefault(name, float(group["lr"]))
+    if not rates:
+        return "lr -"
+    names = [HEAD] if HEAD in rates else []
+    lowest = next((name for name in rates if name != HEAD), None)  # groups are lowest first
+    if lowest is not None:
+        names.append(lowest)
+    return "lr " + ", ".join(f"{name} {rates[name]:.1e}" for name in names)

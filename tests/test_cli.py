@@ -1,0 +1,294 @@
+"""The command line as a user (or a cluster log) meets it: each mistake of the table in issue 20
+runs the real CLI in a subprocess and must end in a short paragraph naming the value and the fix,
+with exit status 2, while a bug keeps its traceback (exit 1); a redirected run shows its epochs
+as they happen; SIGTERM ends a run with 143.
+
+The mistakes run once, two at a time (each process spends seconds importing torch), in a module
+fixture; each has its own test that reads its result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY, offline_fmnist, run_cli
+from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
+from thaw.config import SILENT, compose_config
+from thaw.train import run
+
+# The tiny settings of the in-process tests, minus what only silences them.
+# (A tiny epoch has fewer steps than the default logging interval, which Lightning warns of.)
+CLI_TINY = [*(o for o in TINY if o not in SILENT), "trainer.log_every_n_steps=1"]
+MAX_STDERR_LINES = 3  # the paragraph, and the line on HYDRA_FULL_ERROR
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A command line with one mistake, and the words its message must hold."""
+
+    script: str
+    args: list[str]
+    words: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def files(
+    tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, folder_run: Path
+) -> dict[str, Path]:
+    """The files the mistakes point at: a Fashion-MNIST checkpoint (trained here, tiny), files
+    that are no checkpoint, an empty dir, and image folders (one with a corrupt JPEG, one with
+    other classes)."""
+    root = tmp_path_factory.mktemp("cli")
+    overrides = [
+        *TINY,
+        *offline_fmnist(fmnist_root),
+        "finetune=full",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=1",
+        "test=false",
+        "calibrate=false",
+        "logger=none",
+    ]
+    run(compose_config("train", overrides, root / "fmnist_run"))
+    torch.save(torch.zeros(3), root / "tensor.pt")
+    (root / "text.ckpt").write_text("not a checkpoint\n")
+    torch.save({"state_dict": {"weight": torch.zeros(2)}}, root / "foreign.ckpt")
+    (root / "empty").mkdir()
+    corrupt = write_image_folder(root / "corrupt", ["a", "b"], 6, splits=("",), size=(28, 28))
+    write_truncated_jpeg(corrupt / "a" / "broken.jpg", size=(28, 28))
+    write_image_folder(root / "other", ["x", "y"], 2, splits=("test",), size=(28, 28))
+    return {
+        "ckpt": root / "fmnist_run" / "checkpoints" / "last.ckpt",
+        "folder_ckpt": folder_run / "checkpoints" / "best.ckpt",
+        "tensor": root / "tensor.pt",
+        "text": root / "text.ckpt",
+        "foreign": root / "foreign.ckpt",
+        "empty": root / "empty",
+        "corrupt": corrupt,
+        "corrupt_file": corrupt / "a" / "broken.jpg",
+        "other": root / "other",
+        "runs": root / "runs",
+    }
+
+
+def mistakes(f: dict[str, Path], fmnist_root: Path) -> dict[str, Mistake]:
+    """The table: what a new user typed, and the words the answer must hold."""
+    train = [*CLI_TINY, *offline_fmnist(fmnist_root)]
+    return {
+        "unknown key": Mistake(
+            "train",
+            ["trainer.max_epoch=1"],
+            ["trainer.max_epoch", "Did you mean trainer.max_epochs"],
+        ),
+        "unknown option": Mistake("train", ["model=resnet19"], ["Did you mean model=resnet18"]),
+        "override syntax": Mistake(
+            "train", ["trainer.max_epochs=1,"], ["trainer.max_epochs=1,", "override_grammar"]
+        ),
+        "missing data.root": Mistake("train", ["data=imagefolder"], ["data.root", "data.root="]),
+        "never thaws": Mistake(
+            "train",
+            [*train, "finetune.freeze_epochs=5", "trainer.max_epochs=1"],
+            ["finetune.freeze_epochs=5", "trainer.max_epochs=1", "finetune=linear_probe"],
+        ),
+        "16-bit on CPU": Mistake(
+            "train", [*train, "trainer.precision=16-mixed"], ["16-mixed", "bf16-mixed", "32"]
+        ),
+        "offline weights": Mistake(
+            "train",
+            [*[o for o in train if not o.startswith("model.weights")]],
+            ["IMAGENET1K_V1", "model.weights=", "null", str(f["runs"] / "torch")],
+            env={
+                "TORCH_HOME": str(f["runs"] / "torch"),
+                "http_proxy": closed_port_url(),
+                "https_proxy": closed_port_url(),
+                "no_proxy": "",
+            },
+        ),
+        "tensor as ckpt_path": Mistake(
+            "train", [*train, f"ckpt_path={f['tensor']}"], [str(f["tensor"]), "Tensor"]
+        ),
+        "tensor as weights": Mistake(
+            "train", [*train, f"model.weights={f['tensor']}"], [str(f["tensor"]), "Tensor"]
+        ),
+        "ckpt_path=last, new dir": Mistake(
+            "train", [*train, "ckpt_path=last"], ["ckpt_path=last", "hydra.run.dir="]
+        ),
+        "corrupt image in a worker": Mistake(
+            "train",
+            [
+                *[o for o in CLI_TINY if not o.startswith("data.num_workers")],
+                "data=imagefolder",
+                f"data.root={f['corrupt']}",
+                "data.image_size=28",
+                "data.val_fraction=0.2",
+                "data.loader=dataloader",
+                "data.num_workers=2",
+            ],
+            ["could not decode image", str(f["corrupt_file"]), "Replace or remove"],
+        ),
+        "eval: tensor": Mistake("eval", [f"ckpt_path={f['tensor']}"], [str(f["tensor"]), "Tensor"]),
+        "eval: text file": Mistake(
+            "eval", [f"ckpt_path={f['text']}"], [str(f["text"]), "not a torch checkpoint"]
+        ),
+        "eval: not thaw's": Mistake(
+            "eval", [f"ckpt_path={f['foreign']}"], [str(f["foreign"]), "not a thaw checkpoint"]
+        ),
+        "eval: empty data_root": Mistake(
+            "eval",
+            [f"ckpt_path={f['ckpt']}", f"data_root={f['empty']}"],
+            ["Fashion-MNIST is missing from " + str(f["empty"])],
+        ),
+        "eval: other classes": Mistake(
+            "eval",
+            [f"ckpt_path={f['folder_ckpt']}", f"data_root={f['other']}"],
+            ["trained on classes", "['x', 'y']", "data_root"],
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, subprocess.CompletedProcess]:
+    """Every mistake of the table, run through the CLI, two processes at a time."""
+    table = mistakes(files, fmnist_root)
+
+    def attempt(name: str) -> subprocess.CompletedProcess:
+        mistake = table[name]
+        run_dir = files["runs"] / "".join(c if c.isalnum() else "_" for c in name)
+        return run_cli(mistake.script, mistake.args, run_dir, mistake.env)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(table, pool.map(attempt, table), strict=True))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "unknown key",
+        "unknown option",
+        "override syntax",
+        "missing data.root",
+        "never thaws",
+        "16-bit on CPU",
+        "offline weights",
+        "tensor as ckpt_path",
+        "tensor as weights",
+        "ckpt_path=last, new dir",
+        "corrupt image in a worker",
+        "eval: tensor",
+        "eval: text file",
+        "eval: not thaw's",
+        "eval: empty data_root",
+        "eval: other classes",
+    ],
+)
+def test_a_mistake_is_one_paragraph_with_the_value_and_the_fix_and_exit_2(
+    name: str, answers: dict[str, subprocess.CompletedProcess], files, fmnist_root
+) -> None:
+    answer = answers[name]
+    stderr = answer.stderr.strip()
+    assert answer.returncode == 2, stderr[-3000:]
+    lines = stderr.splitlines()
+    assert len(lines) <= MAX_STDERR_LINES and lines[0].startswith("Error: "), stderr[-3000:]
+    for word in mistakes(files, fmnist_root)[name].words:
+        assert word in stderr, f"{word!r} missing from: {stderr}"
+
+
+def test_a_bug_keeps_its_traceback_and_exit_1(tmp_path, fmnist_root) -> None:
+    # nn.Dropout, not thaw, refuses p=2: an error thaw did not check is not dressed up.
+    args = [*CLI_TINY, *offline_fmnist(fmnist_root), "model.head_dropout=2"]
+    answer = run_cli("train", args, tmp_path / "run")
+    assert answer.returncode == 1
+    assert "Traceback" in answer.stderr and "dropout probability" in answer.stderr
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_mistake(tmp_path) -> None:
+    answer = run_cli("train", ["trainer.max_epoch=1"], tmp_path / "run", {"HYDRA_FULL_ERROR": "1"})
+    assert answer.returncode == 1
+    assert "Traceback" in answer.stderr and "max_epoch" in answer.stderr
+
+
+def wait_for(process: subprocess.Popen, log: Path, text: str, seconds: float = 240) -> bool:
+    """Whether `text` appeared in `log` while `process` still ran."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if text in (log.read_text() if log.exists() else ""):
+            return process.poll() is None
+        if process.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def start_train(args: list[str], run_dir: Path, log: Path) -> subprocess.Popen:
+    """A training run with stdout and stderr redirected to `log`, as a cluster job has it."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *args, f"hydra.run.dir={run_dir}"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+
+
+def epoch_lines(log: Path) -> list[str]:
+    return [
+        line
+        for line in log.read_text().splitlines()
+        if "[thaw.progress]" in line and " | step " in line
+    ]
+
+
+def test_a_redirected_run_logs_each_epoch_as_it_ends(tmp_path, fmnist_root) -> None:
+    log = tmp_path / "run.log"
+    args = [
+        *CLI_TINY,
+        *offline_fmnist(fmnist_root),
+        "trainer.max_epochs=3",
+        "callbacks.progress.every_n_steps=2",
+        "test=false",
+        "calibrate=false",
+    ]
+    process = start_train(args, tmp_path / "run", log)
+    try:
+        assert wait_for(process, log, "epoch 1/3 | step"), log.read_text()[-3000:]
+        assert process.wait(timeout=240) == 0, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    lines = epoch_lines(log)
+    assert [line.split(" - ")[1].split(" |")[0] for line in lines] == [
+        "epoch 1/3",
+        "epoch 2/3",
+        "epoch 3/3",
+    ]
+    # The first epoch trains the head alone (two_phase), the next ones the backbone too.
+    assert "trains head |" in lines[0] and "trains head, stage4, stage3" in lines[1]
+    for line in lines:
+        assert all(key in line for key in ("train/loss", "val/loss", "val/acc", "img/s", "ETA"))
+    assert "lr head" in lines[0] and "stage1" in lines[1]  # the lowest thawed group's rate
+    steps = [line for line in log.read_text().splitlines() if "step 2/" in line]
+    assert steps, "no line within the epochs (every_n_steps=2)"
+    assert "Phases (3 epochs): epoch 1: head; epochs 2-3: head, stage4" in log.read_text()
+    assert "Tip:" not in log.read_text() and "LeafSpec" not in log.read_text()
+
+
+def test_sigterm_ends_the_run_with_143_and_a_checkpoint_to_resume(tmp_path, fmnist_root) -> None:
+    log = tmp_path / "run.log"
+    args = [*CLI_TINY, *offline_fmnist(fmnist_root), "trainer.max_epochs=50"]
+    process = start_train(args, tmp_path / "run", log)
+    try:
+        assert wait_for(process, log, "epoch 1/50 | step"), log.read_text()[-3000:]
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        process.kill()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
