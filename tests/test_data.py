@@ -420,7 +420,8 @@ def test_tiny_imagenet_broken_folder_names_the_file(tmp_path: Path, case: str) -
     assert str(folder / names) in message, message
     for text in says:
         assert text in message, message
-    assert list(tmp_path.glob("*.npz")) == []
+    if not names.startswith("words.txt:"):  # its lines are read for the class names only
+        assert list(tmp_path.glob("*.npz")) == []
 
 
 def test_tiny_imagenet_unreadable_cache_names_it_and_deleting_it_rebuilds(tmp_path: Path) -> None:

@@ -36,7 +36,7 @@ def search(fmnist_root: Path, sweep_dir: Path, n_trials: int, *overrides: str) -
         "data.val_fraction=0.25",
         "trainer.max_epochs=1",
         # One epoch only thaws with freeze_epochs=0 (the preset samples 0, 1, 2 or 4).
-        "hydra.sweeper.params.finetune.freeze_epochs='choice(0)'",
+        "hydra.sweeper.params={finetune.freeze_epochs:'choice(0)'}",
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra.sweeper.n_trials={n_trials}",
         *overrides,

@@ -56,7 +56,8 @@ def test_every_config_option_composes_and_instantiates(train_config, group, opti
     assert datamodule.batch_size == cfg.data.batch_size
     backbone = create_backbone(cfg.model.name, None, cfg.model.family, input_size=32)
     with torch.no_grad():
-        assert backbone.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, backbone.feature_dim)
+        features = backbone.model.eval()(torch.zeros(1, 3, 32, 32))
+    assert features.shape == (1, backbone.feature_dim)
     assert callable(instantiate(cfg.optimizer)) and callable(instantiate(cfg.scheduler))
     build_strategy(cfg).check_schedule(cfg.trainer.max_epochs, list(backbone.groups))  # thaws
     assert build_trainer(cfg, []).max_epochs == cfg.trainer.max_epochs

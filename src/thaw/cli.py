@@ -76,9 +76,10 @@ def run_app(config_name: str, task_path: str) -> None:
     show_all = users_setting == "1"
     os.environ[FULL_ERROR] = "1"
 
+    module, _, name = task_path.partition(":")
+
     def job(cfg: DictConfig) -> Any:
         _restore(users_setting)
-        module, _, name = task_path.partition(":")
         try:
             # A value left out (`???`) that another refers to: found now, not after the imports.
             OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
@@ -88,6 +89,8 @@ def run_app(config_name: str, task_path: str) -> None:
             if show_all or not is_user_error(err):
                 raise
             exit_with(err)
+
+    job.__module__ = module  # Hydra names the job (its log file, train.log) after it
 
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=config_name)(
