@@ -19,9 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 
 from conftest import REPO, TINY, offline_fmnist, run_cli
 from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
+from thaw.cli import describe, is_user_error
 from thaw.config import SILENT, compose_config
 from thaw.train import run
 
@@ -209,6 +212,16 @@ def test_a_bug_keeps_its_traceback_and_exit_1(tmp_path, fmnist_root) -> None:
     answer = run_cli("train", args, tmp_path / "run")
     assert answer.returncode == 1
     assert "Traceback" in answer.stderr and "dropout probability" in answer.stderr
+
+
+def test_an_instantiation_error_is_the_users_only_when_its_cause_is() -> None:
+    param = torch.zeros(1, requires_grad=True)
+    with pytest.raises(InstantiationException) as bad_value:  # torch's own check of lr
+        instantiate({"_target_": "torch.optim.SGD", "params": [param], "lr": -1.0})
+    with pytest.raises(InstantiationException) as bug:
+        instantiate({"_target_": "builtins.getattr", "_args_": [object(), "missing"]})
+    assert is_user_error(bad_value.value) and "Invalid learning rate" in describe(bad_value.value)
+    assert not is_user_error(bug.value)
 
 
 def test_hydra_full_error_shows_the_traceback_of_a_mistake(tmp_path) -> None:

@@ -20,7 +20,12 @@ from typing import Any, NoReturn
 
 import hydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -113,6 +118,11 @@ def _restore(users_setting: str | None) -> None:
 
 def is_user_error(err: BaseException) -> bool:
     """Whether `err` is about what the user gave (see the module docstring)."""
+    if isinstance(err, InstantiationException):
+        # A config's _target_ refused its arguments (a bad value, an unknown keyword) or raised a
+        # user error of its own; anything else it raised is a bug, with its traceback.
+        cause = err.__cause__
+        return cause is None or isinstance(cause, ValueError | TypeError) or is_user_error(cause)
     if isinstance(err, HydraException | MissingMandatoryValue | InterpolationToMissingValueError):
         return True
     if type(err).__module__.startswith("thaw."):
