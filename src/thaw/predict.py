@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 
 OUT_SUFFIXES = (".csv", ".json")
 EXPLAIN_DIR = "explain"  # beside the output file: <index>_<file stem>.png per image
-# What a user can fix: said in one paragraph, exit status 2 (a bug keeps its traceback).
 
 
 def predict(cfg: DictConfig) -> Path:
