@@ -8,6 +8,7 @@ fixture; each has its own test that reads its result."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from conftest import REPO, TINY, offline_fmnist, run_cli
 from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
 from thaw.cli import describe, is_user_error
 from thaw.config import SILENT, compose_config
+from thaw.progress import track
 from thaw.train import run
 
 # The tiny settings of the in-process tests, minus what only silences them.
@@ -268,7 +270,6 @@ def test_a_redirected_run_logs_each_epoch_as_it_ends(tmp_path, fmnist_root) -> N
         *offline_fmnist(fmnist_root),
         "trainer.max_epochs=3",
         "callbacks.progress.every_n_steps=2",
-        "test=false",
         "calibrate=false",
     ]
     process = start_train(args, tmp_path / "run", log)
@@ -291,7 +292,15 @@ def test_a_redirected_run_logs_each_epoch_as_it_ends(tmp_path, fmnist_root) -> N
     steps = [line for line in log.read_text().splitlines() if "step 2/" in line]
     assert steps, "no line within the epochs (every_n_steps=2)"
     assert "Phases (3 epochs): epoch 1: head; epochs 2-3: head, stage4" in log.read_text()
+    assert "test: 40 images in" in log.read_text()  # the test run (and eval) log theirs
     assert "Tip:" not in log.read_text() and "LeafSpec" not in log.read_text()
+
+
+def test_track_logs_a_line_every_tenth_and_at_the_end_when_not_on_a_terminal(caplog) -> None:
+    with caplog.at_level(logging.INFO, logger="thaw.progress"):
+        assert list(track(range(25), "Predicting", total=25)) == list(range(25))
+    done = [m.split(" (")[0] for m in caplog.messages]
+    assert done == [f"Predicting: {n}/25" for n in (2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 25)]
 
 
 def test_sigterm_ends_the_run_with_143_and_a_checkpoint_to_resume(tmp_path, fmnist_root) -> None:
