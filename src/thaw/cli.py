@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import linecache
 import os
 import re
 import sys
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import hydra
+from hydra._internal.utils import get_args_parser
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import (
     HydraException,
@@ -26,6 +29,7 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -38,6 +42,7 @@ FULL_ERROR = "HYDRA_FULL_ERROR"
 USER_ERROR_EXIT = 2
 # Raised by thaw's own checks of a value the user gave (a config value, a path, an input file).
 _CHECKED = (ValueError, FileNotFoundError, ImportError)
+_FULL_KEY = re.compile(r"full_key: (\S+)")
 _MISSING = re.compile(r"Missing mandatory value: ?([\w.\[\]/-]+)")
 
 
@@ -93,6 +98,11 @@ def run_app(config_name: str, task_path: str) -> None:
         except Exception as err:
             if show_all or not is_user_error(err):
                 raise
+            if HydraConfig.get().mode == RunMode.MULTIRUN:
+                # One job of a sweep: said as one paragraph, then left to the launcher, which
+                # records the job as failed (the Optuna search goes on to the next trial).
+                print(f"Error: {describe(err)}", file=sys.stderr)
+                raise
             exit_with(err)
 
     job.__module__ = module  # Hydra names the job (its log file, train.log) after it
@@ -119,25 +129,41 @@ def _restore(users_setting: str | None) -> None:
 def is_user_error(err: BaseException) -> bool:
     """Whether `err` is about what the user gave (see the module docstring)."""
     if isinstance(err, InstantiationException):
-        # A config's _target_ refused its arguments (a bad value, an unknown keyword) or raised a
-        # user error of its own; anything else it raised is a bug, with its traceback.
+        # A config's _target_ refused its arguments: a value it checked, keywords that do not
+        # bind, or a user error of thaw's. Anything else it raised is a bug, with its traceback.
         cause = err.__cause__
-        return cause is None or isinstance(cause, ValueError | TypeError) or is_user_error(cause)
+        return cause is None or is_user_error(cause) or _refused_arguments(cause)
     if isinstance(err, HydraException | MissingMandatoryValue | InterpolationToMissingValueError):
         return True
     if type(err).__module__.startswith("thaw."):
         return True
-    return isinstance(err, _CHECKED) and _raised_in_thaw(err)
+    return isinstance(err, _CHECKED) and _raised_by(err, "thaw.")
 
 
-def _raised_in_thaw(err: BaseException) -> bool:
-    """Whether the innermost frame of `err`'s traceback is thaw's code."""
+def _refused_arguments(cause: BaseException) -> bool:
+    """A ValueError a constructor raised on purpose (torch's `Invalid learning rate`), or a
+    TypeError from binding the config's keywords at Hydra's call."""
+    if isinstance(cause, ValueError):
+        return _raised_by(cause, "")
+    return isinstance(cause, TypeError) and _raised_by(cause, "hydra._internal.instantiate")
+
+
+def _raised_by(err: BaseException, module_prefix: str) -> bool:
+    """Whether `err` was raised on purpose (a `raise` statement, not an operation that failed,
+    like zip(strict=True) or unpacking) by code of a module under `module_prefix`; a TypeError
+    from a call that did not bind is raised at the caller's line, which is no `raise`."""
     tb = err.__traceback__
     if tb is None:
         return False
     while tb.tb_next is not None:
         tb = tb.tb_next
-    return str(tb.tb_frame.f_globals.get("__name__", "")).startswith("thaw.")
+    frame = tb.tb_frame
+    if not str(frame.f_globals.get("__name__", "")).startswith(module_prefix):
+        return False
+    if isinstance(err, TypeError) and module_prefix.startswith("hydra"):
+        return True
+    line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
+    return line.startswith("raise")
 
 
 def exit_with(err: BaseException) -> NoReturn:
@@ -157,6 +183,10 @@ def describe(err: BaseException) -> str:
         return _unknown_option(err)
     if isinstance(err, OverrideParseException):
         return _bad_override(str(err))
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        found = _FULL_KEY.search(str(err))
+        where = f"{found.group(1)}: " if found else ""
+        return where + describe(err.__cause__)
     text = str(err)
     missing = _MISSING.search(text)
     if isinstance(err, MissingMandatoryValue | InterpolationToMissingValueError) and missing:
@@ -191,9 +221,7 @@ def _unknown_option(err: MissingConfigException) -> str:
 def _bad_override(text: str) -> str:
     """Which command-line override Hydra could not parse, with its parser's words."""
     parser = OverridesParser.create()
-    for arg in sys.argv[1:]:
-        if arg.startswith("-"):
-            continue
+    for arg in get_args_parser().parse_known_args()[0].overrides:
         try:
             parser.parse_override(arg)
         except HydraException:
