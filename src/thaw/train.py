@@ -26,6 +26,7 @@ from thaw.calibrate import calibrate
 from thaw.config import flat_hparams
 from thaw.evaluate import report_test_metrics
 from thaw.finetune import FinetuneStrategy
+from thaw.models.backbones import STAGES
 from thaw.resume import check_resumable, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
@@ -40,15 +41,16 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    # Before any data is read or weights downloaded: a schedule mistake answers at once.
+    strategy = build_strategy(cfg)
+    log_phases(strategy, list(STAGES), cfg.trainer.get("max_epochs"))
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
-    strategy = build_strategy(cfg)
     model = build_classifier(cfg, datamodule, strategy)
-    log_phases(strategy, list(model.backbone_groups), cfg.trainer.get("max_epochs"))
     trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, model)])
 
     log.info("Run dir: %s", output_dir)
