@@ -85,9 +85,8 @@ def phases(strategy: FinetuneStrategy, groups: list[str], max_epochs: int) -> di
     """The first epoch of each phase: `head` (the backbone frozen) and `thawed` (the first epoch
     that trains backbone groups), where the strategy has them within `max_epochs`."""
     found: dict[str, int] = {}
-    for epoch in range(max(1, max_epochs)):
-        name = "thawed" if strategy.trainable_groups(epoch, groups) else "head"
-        found.setdefault(name, epoch)
+    for phase in strategy.phases(max(1, max_epochs), groups):
+        found.setdefault("thawed" if phase.groups else "head", phase.first)
     return found
 
 

@@ -27,6 +27,9 @@ from conftest import REPO, TINY, offline_fmnist, run_cli
 from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
 from thaw.cli import describe, is_user_error
 from thaw.config import SILENT, compose_config
+from thaw.finetune import TwoPhase
+from thaw.finetune.param_groups import build_param_groups
+from thaw.models.layer_groups import LayerGroup
 from thaw.progress import track
 from thaw.train import run
 
@@ -153,6 +156,14 @@ def mistakes(f: dict[str, Path], fmnist_root: Path) -> dict[str, Mistake]:
             [f"ckpt_path={f['ckpt']}", f"data_root={f['empty']}"],
             ["Fashion-MNIST is missing from " + str(f["empty"])],
         ),
+        "predict: tensor": Mistake(
+            "predict",
+            [f"ckpt_path={f['tensor']}", f"inputs={f['corrupt']}"],
+            [str(f["tensor"]), "Tensor"],
+        ),
+        "export: text file": Mistake(
+            "export", [f"ckpt_path={f['text']}"], [str(f["text"]), "not a torch checkpoint"]
+        ),
         "eval: other classes": Mistake(
             "eval",
             [f"ckpt_path={f['folder_ckpt']}", f"data_root={f['other']}"],
@@ -194,6 +205,8 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, subprocess.C
         "eval: not thaw's",
         "eval: empty data_root",
         "eval: other classes",
+        "predict: tensor",
+        "export: text file",
     ],
 )
 def test_a_mistake_is_one_paragraph_with_the_value_and_the_fix_and_exit_2(
@@ -226,6 +239,16 @@ def test_an_instantiation_error_is_the_users_only_when_its_cause_is() -> None:
     assert not is_user_error(bug.value)
 
 
+def test_a_check_of_thaw_is_a_user_error_and_a_failed_operation_in_thaw_a_bug() -> None:
+    one_block = LayerGroup(blocks=[{}], no_decay=frozenset(), modules=[])
+    with pytest.raises(ValueError) as failed:  # zip(strict=True) inside thaw: a bug
+        build_param_groups({"stage1": one_block}, {"stage1": [0.1, 0.2]}, 0.0)
+    with pytest.raises(ValueError) as checked:  # thaw's `raise` about a value
+        TwoPhase(freeze_epochs=-1)
+    assert not is_user_error(failed.value)
+    assert is_user_error(checked.value) and "finetune.freeze_epochs=-1" in describe(checked.value)
+
+
 def test_hydra_full_error_shows_the_traceback_of_a_mistake(tmp_path) -> None:
     answer = run_cli("train", ["trainer.max_epoch=1"], tmp_path / "run", {"HYDRA_FULL_ERROR": "1"})
     assert answer.returncode == 1
@@ -240,7 +263,7 @@ def wait_for(process: subprocess.Popen, log: Path, text: str, seconds: float = 2
             return process.poll() is None
         if process.poll() is not None:
             return False
-        time.sleep(0.2)
+        time.sleep(0.05)
     return False
 
 
@@ -296,7 +319,10 @@ def test_a_redirected_run_logs_each_epoch_as_it_ends(tmp_path, fmnist_root) -> N
     assert "Tip:" not in log.read_text() and "LeafSpec" not in log.read_text()
 
 
-def test_track_logs_a_line_every_tenth_and_at_the_end_when_not_on_a_terminal(caplog) -> None:
+def test_track_logs_a_line_every_tenth_and_at_the_end_when_not_on_a_terminal(
+    caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr("thaw.progress.on_terminal", lambda: False)  # also under pytest -s
     with caplog.at_level(logging.INFO, logger="thaw.progress"):
         assert list(track(range(25), "Predicting", total=25)) == list(range(25))
     done = [m.split(" (")[0] for m in caplog.messages]

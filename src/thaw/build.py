@@ -17,6 +17,7 @@ from thaw.models import Classifier, backbone_spec, create_backbone
 from thaw.models.backbones import BackboneSpec
 from thaw.models.loss import resolve_class_weights
 from thaw.preprocess import Preprocessing
+from thaw.progress import with_progress
 from thaw.resume import ResumeState
 from thaw.trained import load_trained
 
@@ -137,7 +138,9 @@ def build_trainer(cfg: DictConfig, extra_callbacks: list[pl.Callback]) -> pl.Tra
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     return instantiate_trainer(
-        cfg.trainer, callbacks=callbacks + extra_callbacks, logger=loggers or False
+        cfg.trainer,
+        callbacks=with_progress(callbacks + extra_callbacks, cfg.trainer),
+        logger=loggers or False,
     )
 
 
@@ -148,5 +151,9 @@ def trainer_for_testing(cfg: DictConfig, trainer: pl.Trainer) -> pl.Trainer:
     if not isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
         return trainer
     return instantiate_trainer(
-        cfg.trainer, devices=1, strategy="auto", callbacks=[], logger=trainer.loggers or False
+        cfg.trainer,
+        devices=1,
+        strategy="auto",
+        callbacks=with_progress([], cfg.trainer),
+        logger=trainer.loggers or False,
     )

@@ -20,7 +20,7 @@ from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
 from thaw.models import Classifier
 from thaw.models.classifier import TOP5_MIN_CLASSES
 from thaw.preprocess import Preprocessing
-from thaw.progress import progress_bar
+from thaw.progress import with_progress
 from thaw.report import confusion_matrix_image, write_metrics
 from thaw.trained import TrainedModel, load_trained
 
@@ -50,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         (trained,) = models
         extra = {"tta": tta, **predictor_metrics(cfg, models, data, with_tta)} if with_tta else {}
-        shown = [progress_bar()] if cfg.trainer.get("enable_progress_bar", True) else []
+        shown = with_progress([], cfg.trainer)
         trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=shown)
         metrics = report_test_metrics(
             trainer,

@@ -7,6 +7,7 @@ Lines go through the `thaw.progress` logger, so Hydra also writes them to the ru
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -35,6 +36,17 @@ def progress_bar(every_n_steps: int = 100) -> ProgressBar:
     return RichProgressBar() if on_terminal() else LogProgress(every_n_steps)
 
 
+def with_progress(callbacks: list[pl.Callback], trainer_cfg: Any) -> list[pl.Callback]:
+    """`callbacks`, plus `progress_bar()` where the trainer shows progress but none of them is a
+    progress bar (callbacks=none, the test trainer of a spawned DDP run, eval): Lightning would
+    add its tqdm bar, which writes carriage returns into a log file."""
+    if not trainer_cfg.get("enable_progress_bar", True):
+        return callbacks
+    if any(isinstance(c, ProgressBar) for c in callbacks):
+        return callbacks
+    return [*callbacks, progress_bar()]
+
+
 def track(items: Iterable[T], description: str, total: int, every: int = 0) -> Iterator[T]:
     """`items`, with a bar on a terminal, else a log line every `every` items (default: about
     every tenth of `total`) and one at the end, with the rate."""
@@ -52,8 +64,16 @@ def track(items: Iterable[T], description: str, total: int, every: int = 0) -> I
             log.info("%s: %d/%d (%.1f/s)", description, done, total, rate)
 
 
+def epoch_of(trainer: pl.Trainer) -> str:
+    """`3/10`, counting from 1; `3` for a run bounded by steps alone (max_epochs -1)."""
+    epoch = trainer.current_epoch + 1
+    return f"{epoch}/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else str(epoch)
+
+
 def duration(seconds: float) -> str:
-    """`1h02m`, `4m05s`, `12s`: short enough for a log line."""
+    """`1h02m`, `4m05s`, `12s`: short enough for a log line; `?` when not known."""
+    if not math.isfinite(seconds):
+        return "?"
     seconds = max(0, round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -87,6 +107,8 @@ class LogProgress(ProgressBar):
         self._enabled = True
         self._epoch_started = 0.0
         self._images = 0
+        self._batches = 0  # this epoch's, since it (or a resumed run) started
+        self._whole_epoch: bool | None = None  # False when the run resumed mid-epoch
         self._epoch_seconds: list[float] = []
         self._test_started = 0.0
         self._test_images = 0
@@ -104,6 +126,8 @@ class LogProgress(ProgressBar):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
         self._images = 0
+        self._batches = 0
+        self._whole_epoch = None
 
     def on_train_batch_end(
         self,
@@ -114,18 +138,22 @@ class LogProgress(ProgressBar):
         batch_idx: int,
     ) -> None:
         self._images += batch_size(batch)
+        self._batches += 1
+        if self._whole_epoch is None:  # the first batch of this process's epoch
+            self._whole_epoch = batch_idx == 0
         done = batch_idx + 1
         total = self.total_train_batches
         if not self._shows or done % self.every_n_steps or done == total:
             return
         elapsed = time.perf_counter() - self._epoch_started
-        left = elapsed / done * (total - done) if isinstance(total, int) else 0.0
-        left += self._epochs_left(trainer) * self._epoch_estimate(elapsed / done * total)
+        per_batch = elapsed / self._batches
+        finite = isinstance(total, int)
+        left = per_batch * (total - done) if finite else math.nan
+        left += self._epochs_left(trainer) * self._epoch_estimate(per_batch * total)
         loss = trainer.callback_metrics.get("train/loss")
         log.info(
-            "epoch %d/%d step %d/%s%s | %.0f img/s | ETA %s",
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
+            "epoch %s step %d/%s%s | %.0f img/s | ETA %s",
+            epoch_of(trainer),
             done,
             total,
             f" | train/loss {float(loss):.4f}" if loss is not None else "",
@@ -135,7 +163,8 @@ class LogProgress(ProgressBar):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         seconds = time.perf_counter() - self._epoch_started
-        self._epoch_seconds.append(seconds)
+        if self._whole_epoch:  # a resumed epoch's time is only part of one
+            self._epoch_seconds.append(seconds)
         if not self._shows:
             return
         metrics = trainer.callback_metrics
@@ -145,9 +174,8 @@ class LogProgress(ProgressBar):
             if key in metrics
         ]
         log.info(
-            "epoch %d/%d | step %d | trains %s | %s | %s | %.0f img/s | %s/epoch | ETA %s",
-            trainer.current_epoch + 1,
-            trainer.max_epochs,
+            "epoch %s | step %d | trains %s | %s | %s | %.0f img/s | %s/epoch | ETA %s",
+            epoch_of(trainer),
             trainer.global_step,
             ", ".join(trained_groups(trainer)) or "nothing",
             " | ".join(shown),
@@ -187,6 +215,7 @@ class LogProgress(ProgressBar):
         )
 
     def _epochs_left(self, trainer: pl.Trainer) -> int:
+        """Epochs after this one (0 for a run bounded by steps alone, max_epochs -1)."""
         return max(0, (trainer.max_epochs or 0) - trainer.current_epoch - 1)
 
     def _epoch_estimate(self, this_epoch: float) -> float:
