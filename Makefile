@@ -40,7 +40,7 @@ train: install
 	$(PY) train.py $(ARGS)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py serve.py
