@@ -59,14 +59,14 @@ def report_rows(sweep_dir: Path) -> dict[str, dict[str, str]]:
 @pytest.fixture(scope="module")
 def first_search(fmnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     sweep_dir = tmp_path_factory.mktemp("search") / "fmnist_transfer"
-    search(fmnist_root, sweep_dir, 4)
+    search(fmnist_root, sweep_dir, 3)
     return sweep_dir
 
 
 def test_a_search_keeps_its_trials_in_sqlite_and_reports_them(first_search):
     found = trials(first_search)
-    assert [t.state for t in found] == [TrialState.COMPLETE] * 4
-    assert len({tuple(sorted(t.params.items())) for t in found}) == 4
+    assert [t.state for t in found] == [TrialState.COMPLETE] * 3
+    assert len({tuple(sorted(t.params.items())) for t in found}) == 3
     rows = report_rows(first_search)
     assert list(rows) == sorted(rows, key=lambda job: -float(rows[job]["value"]))  # best first
     for trial in found:
@@ -88,36 +88,36 @@ def test_a_rerun_resumes_the_study_prunes_and_survives_failures(first_search, fm
     storage = f"sqlite:///{first_search / 'optuna.db'}"
     study = optuna.load_study(study_name="fmnist_transfer", storage=storage)
     lr = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)
-    cut_off = study.ask({"optimizer.lr": lr})  # trial 4 stays RUNNING, as a killed search leaves it
-    study.enqueue_trial({"model.head_dropout": 2.0})  # trial 5 will fail: not a probability
+    cut_off = study.ask({"optimizer.lr": lr})  # trial 3 stays RUNNING, as a killed search leaves it
+    study.enqueue_trial({"model.head_dropout": 2.0})  # trial 4 will fail: not a probability
 
     output = search(
         fmnist_root,
         first_search,
-        7,
+        6,
         "+hydra.sweeper.params.model.head_dropout='interval(0.0, 0.5)'",  # quoted: a string
         *THRESHOLD_PRUNER,
     )
     found = trials(first_search)
-    assert [t.state for t in found] == [TrialState.COMPLETE] * 4 + [
+    assert [t.state for t in found] == [TrialState.COMPLETE] * 3 + [
         TrialState.FAIL,
         TrialState.FAIL,
         TrialState.PRUNED,
         TrialState.PRUNED,
     ]
-    assert found[4].user_attrs["interrupted"] and "interrupted" in found[4].user_attrs["error"]
-    assert "dropout" in found[5].user_attrs["error"] and "Trial 5 FAIL" in output
-    assert found[6].params["optimizer.lr"] == cut_off.params["optimizer.lr"]  # run again
-    assert len(found[7].intermediate_values) == 1  # stopped after its first epoch
-    assert not (first_search / "trial_7" / "metrics.json").exists()
+    assert found[3].user_attrs["interrupted"] and "interrupted" in found[3].user_attrs["error"]
+    assert "dropout" in found[4].user_attrs["error"] and "Trial 4 FAIL" in output
+    assert found[5].params["optimizer.lr"] == cut_off.params["optimizer.lr"]  # run again
+    assert len(found[6].intermediate_values) == 1  # stopped after its first epoch
+    assert not (first_search / "trial_6" / "metrics.json").exists()
     assert (first_search / "trial_0" / "metrics.json").read_bytes() == first_metrics
 
     rows = report_rows(first_search)
-    assert [rows[f"trial {n}"]["state"] for n in range(8)] == [
-        "COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "FAIL", "PRUNED", "PRUNED"
+    assert [rows[f"trial {n}"]["state"] for n in range(7)] == [
+        "COMPLETE", "COMPLETE", "COMPLETE", "FAIL", "FAIL", "PRUNED", "PRUNED"
     ]  # fmt: skip
-    assert "dropout" in rows["trial 5"]["error"] and rows["trial 5"]["value"] == ""
-    assert list(rows)[:4] == sorted(list(rows)[:4], key=lambda j: -float(rows[j]["value"]))
+    assert "dropout" in rows["trial 4"]["error"] and rows["trial 4"]["value"] == ""
+    assert list(rows)[:3] == sorted(list(rows)[:3], key=lambda j: -float(rows[j]["value"]))
 
 
 @pytest.mark.parametrize("value", [float("nan"), None])
