@@ -39,8 +39,9 @@ quickstart: install
 train: install
 	$(PY) train.py $(ARGS)
 
+# Two workers, each test file on one of them (its module fixtures built once), one thread each.
 test: install
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py serve.py
