@@ -3,11 +3,14 @@ one never stopped: weights, per-group learning rates and metrics."""
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 import signal
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import pytorch_lightning as pl
@@ -16,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
+import thaw.progress
 from conftest import PREPROCESSING
 from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
@@ -198,3 +202,26 @@ def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_the_epoch_a_run_resumes_in_is_timed_from_the_resume(train_config, monkeypatch, caplog):
+    """Lightning skips on_train_epoch_start for the epoch it resumes in the middle of. Its log line
+    once timed it from the clock's zero (the machine's uptime): `0 img/s | 15h28m/epoch`."""
+    ticks = itertools.count(start=1_000_000.0, step=0.01)  # a clock far from zero, as uptime is
+    monkeypatch.setattr(thaw.progress, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    log_progress = [
+        "++callbacks.progress={_target_:thaw.progress.LogProgress}",
+        "++trainer.enable_progress_bar=true",
+        "trainer.max_epochs=2",
+        "test=false",
+        "calibrate=false",
+    ]
+    sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=7"]
+    with pytest.raises(SIGTERMException):
+        run(train_config(*log_progress, *sigterm))  # 5 steps an epoch: in the second
+    with caplog.at_level(logging.INFO, logger="thaw.progress"):
+        run(train_config(*log_progress, "ckpt_path=last"))
+    (line,) = [m for m in caplog.messages if m.startswith("epoch 2/2 | step 10")]
+    per_epoch = line.split(" | ")[-2]
+    assert per_epoch.endswith("/epoch") and "h" not in per_epoch.removesuffix("/epoch"), line
+    assert " | 0 img/s | " not in line, line

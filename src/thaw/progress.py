@@ -123,6 +123,11 @@ class LogProgress(ProgressBar):
     def _shows(self) -> bool:
         return self._enabled and self.trainer.is_global_zero
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Lightning skips `on_train_epoch_start` for the epoch a run resumes in the middle of:
+        time that epoch's part from here."""
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_started = time.perf_counter()
         self._images = 0
