@@ -56,13 +56,7 @@ def options(**values: object) -> AugmentOptions:
             "dataloader",
             "data.loader=auto: policy=randaugment only per image",
         ),
-        (
-            "auto",
-            True,
-            {**BASIC, "random_erasing": 0.25},
-            "dataloader",
-            "data.loader=auto: random_erasing=0.25 only per image",
-        ),
+        ("auto", True, {**BASIC, "random_erasing": 0.25}, "device", AUTO_DEVICE),
         ("dataloader", True, BASIC, "dataloader", "data.loader=dataloader"),
         ("dataloader", False, {"policy": "randaugment"}, "dataloader", "data.loader=dataloader"),
         ("device", True, BASIC, "device", "data.loader=device"),
@@ -83,8 +77,8 @@ def test_choose_loader_refuses_an_explicit_device_path_naming_the_fix() -> None:
         choose_loader("device", False, options(**BASIC))
     with pytest.raises(ValueError, match=r"policy=randaugment .*data\.loader=dataloader"):
         choose_loader("device", True, options(**BASIC, policy="randaugment"))
-    with pytest.raises(ValueError, match=r"random_erasing=0\.5 .*data\.loader=dataloader"):
-        choose_loader("device", True, options(random_erasing=0.5))
+    with pytest.raises(ValueError, match=r"policy=trivialaugment only runs per image.*dataloader"):
+        choose_loader("device", True, options(policy="trivialaugment", random_erasing=0.5))
 
 
 def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path) -> None:

@@ -3,23 +3,27 @@ per-image pipeline of thaw.data.augment.per_image, with no loader workers and no
 
 It draws the same distribution of images as `build_train_transform` (and gives exactly what
 `Preprocessing.transform` gives), except that colour jitter stays in float where the per-image path
-truncates to uint8 after each adjustment. Every draw is per sample and comes from the generator
+truncates to uint8 after each adjustment. The automatic policies (RandAugment & co.) exist only per
+image. Every draw is per sample and comes from the generator
 passed in, so a batch is reproducible from its seed alone.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torchvision.transforms.v2 import functional as F
 
-from thaw.data.augment.options import AugmentOptions
+from thaw.data.augment.options import ERASE_RATIO, ERASE_SCALE, AugmentOptions
 from thaw.preprocess import Preprocessing
 
-# The keys whose transforms only exist per image (RandAugment & co., RandomErasing).
-_PER_IMAGE_KEYS = ("policy", "random_erasing")
+# The keys whose transforms only exist per image (RandAugment & co.).
+_PER_IMAGE_KEYS = ("policy",)
+# RandomErasing's tries at a rectangle that fits before it leaves the image be (torchvision's).
+ERASE_ATTEMPTS = 10
 
 
 def unsupported(options: AugmentOptions | Mapping[str, Any] | None) -> list[str]:
@@ -54,10 +58,35 @@ def jitter_colors(images: torch.Tensor, factors: torch.Tensor, order: torch.Tens
     return images
 
 
+def erase_rectangles(
+    images: torch.Tensor, probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    """torchvision's RandomErasing(probability) with value 0 for a normalised batch, drawn per
+    sample: all its attempts at once, each sample taking its first rectangle that fits."""
+    batch, _, height, width = images.shape
+    draw = {"generator": generator, "device": images.device}
+    low, high = ERASE_SCALE
+    area = height * width * (torch.rand(batch, ERASE_ATTEMPTS, **draw) * (high - low) + low)
+    log_low, log_high = (math.log(bound) for bound in ERASE_RATIO)
+    aspect = torch.exp(torch.rand(batch, ERASE_ATTEMPTS, **draw) * (log_high - log_low) + log_low)
+    heights, widths = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (heights < height) & (widths < width)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first fitting attempt
+    rect_h, rect_w = heights.gather(1, first), widths.gather(1, first)
+    erase = (torch.rand(batch, 1, **draw) < probability) & fits.any(1, keepdim=True)
+    top = (torch.rand(batch, 1, **draw) * (height - rect_h + 1)).floor()
+    left = (torch.rand(batch, 1, **draw) * (width - rect_w + 1)).floor()
+    rows = torch.arange(height, device=images.device)
+    columns = torch.arange(width, device=images.device)
+    in_rows = (rows >= top) & (rows < top + rect_h) & erase
+    in_columns = (columns >= left) & (columns < left + rect_w)
+    return images.masked_fill((in_rows[:, :, None] & in_columns[:, None, :])[:, None], 0.0)
+
+
 class BatchAugment:
     """`build_train_transform` (train=True) or `Preprocessing.transform` (train=False) for a
     batch: resize and centre crop, then in training the padded random crop, the flip and the
-    colour jitter, each drawn per sample, then normalisation."""
+    colour jitter, each drawn per sample, then normalisation, then random erasing."""
 
     def __init__(
         self,
@@ -98,7 +127,10 @@ class BatchAugment:
             order = torch.rand(batch, 3, **draw).argsort(dim=1)
             images = jitter_colors(images, factors, order)
         mean, std = self.mean.to(images.device), self.std.to(images.device)
-        return images.sub(mean).div_(std)
+        images = images.sub(mean).div_(std)
+        if self.train and options.random_erasing > 0:
+            images = erase_rectangles(images, options.random_erasing, generator)
+        return images
 
     def _shift_and_flip(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """RandomPadCrop then the flip as one gather: each sample's window of the zero-padded

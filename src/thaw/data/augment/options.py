@@ -11,6 +11,9 @@ from typing import Any
 
 POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
 AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
+# Random erasing's rectangle, on both paths (torchvision's defaults): its share of the image's area
+# and its aspect ratio, each drawn uniformly (the ratio on a log scale).
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)
 
 # Numeric keys: (lowest, highest, must be an integer).
 _RANGES: dict[str, tuple[float, float, bool]] = {

@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from thaw.data.augment.options import AugmentOptions
+from thaw.data.augment.options import ERASE_RATIO, ERASE_SCALE, AugmentOptions
 from thaw.preprocess import Preprocessing
 
 
@@ -52,7 +52,9 @@ def build_train_transform(
     strength = options.color_jitter
     if strength > 0:
         steps.append(v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength))
-    after = [v2.RandomErasing(options.random_erasing)] if options.random_erasing > 0 else []
+    after = []
+    if options.random_erasing > 0:
+        after.append(v2.RandomErasing(options.random_erasing, ERASE_SCALE, ERASE_RATIO))
     return preprocessing.transform(steps, after)
 
 
