@@ -4,8 +4,8 @@ per-image pipeline of thaw.data.augment.per_image, with no loader workers and no
 It draws the same distribution of images as `build_train_transform` (and gives exactly what
 `Preprocessing.transform` gives), except that colour jitter stays in float where the per-image path
 truncates to uint8 after each adjustment. The automatic policies (RandAugment & co.) exist only per
-image. Every draw is per sample and comes from the generator
-passed in, so a batch is reproducible from its seed alone.
+image. Every draw is per sample and comes from the generator passed in, so a batch is reproducible
+from its seed alone.
 """
 
 from __future__ import annotations
