@@ -1,31 +1,45 @@
-"""callbacks=ema: Lightning's EMAWeightAveraging, so validation, best.ckpt and export see the
-average of the weights."""
+"""callbacks=ema: Lightning's EMAWeightAveraging (thaw's EMA), so validation, test, best.ckpt and
+export see the average of the weights."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import EMAWeightAveraging
+from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import PREPROCESSING
 from thaw.finetune import FreezeUnfreeze, Full
+from thaw.finetune.ema import EMA
 from thaw.models import Classifier, create_backbone
 
 
 class RecordWeights(pl.Callback):
-    """The model's own (not averaged) parameters after every optimizer step."""
+    """The model's own (not averaged) parameters after every optimizer step, and those the test
+    ran with."""
 
     def __init__(self) -> None:
         self.steps: list[dict[str, torch.Tensor]] = []
+        self.tested: dict[str, torch.Tensor] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+        self.steps.append(snapshot(pl_module))
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.tested = snapshot(pl_module)
 
 
-def test_the_checkpoint_holds_the_hand_computed_average(quiet_trainer, tmp_path):
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """Three SGD steps of resnet18 with EMA(decay=0.6), a checkpoint saved at the epoch's end
+    (the average and the raw weights), then `trainer.test` of that checkpoint."""
     torch.manual_seed(0)
     model = Classifier(
         create_backbone("resnet18", weights=None),
@@ -35,23 +49,50 @@ def test_the_checkpoint_holds_the_hand_computed_average(quiet_trainer, tmp_path)
         finetune=Full(),
     )
     recorder = RecordWeights()
-    trainer = quiet_trainer(
+    directory = tmp_path_factory.mktemp("ema")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         max_epochs=1,
         limit_val_batches=0,
-        callbacks=[FreezeUnfreeze(model.finetune), recorder, EMAWeightAveraging(decay=0.6)],
+        callbacks=[
+            FreezeUnfreeze(model.finetune),
+            recorder,
+            EMA(decay=0.6),
+            ModelCheckpoint(dirpath=directory, filename="epoch"),
+        ],
     )
-    images = TensorDataset(torch.randn(24, 3, 28, 28), torch.arange(24) % 3)
-    trainer.fit(model, DataLoader(images, batch_size=8))
-    trainer.save_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    images = DataLoader(
+        TensorDataset(torch.randn(24, 3, 28, 28), torch.arange(24) % 3), batch_size=8
+    )
+    trainer.fit(model, images)
+    checkpoint = directory / "epoch.ckpt"
+    trainer.test(model, images, ckpt_path=checkpoint, weights_only=True)
+    return model, recorder, checkpoint
 
+
+def test_the_checkpoint_holds_the_hand_computed_average_and_the_raw_weights(fitted: tuple) -> None:
+    _, recorder, path = fitted
     first, second, third = recorder.steps
     expected = {}
     for name, weight in first.items():  # the average starts at the weights after step 1
         average = 0.6 * weight + 0.4 * second[name]
         expected[name] = 0.6 * average + 0.4 * third[name]
-    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
-    trained = dict(model.named_parameters())  # what test and export see after the fit
+    checkpoint = torch.load(path, weights_only=True)
     for name, value in expected.items():
         torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=1e-5, atol=1e-6)
-        assert torch.equal(trained[name], checkpoint["state_dict"][name])
+        assert torch.equal(checkpoint["current_model_state"][name], third[name])
     assert not torch.equal(expected["head.1.weight"], third["head.1.weight"])
+
+
+def test_testing_the_checkpoint_after_fit_tests_the_average(fitted: tuple) -> None:
+    """Lightning's own callback loads `current_model_state` here, so the test would score the
+    raw weights that no exported or served model has."""
+    model, recorder, path = fitted
+    average = torch.load(path, weights_only=True)["state_dict"]
+    for name, value in recorder.tested.items():
+        assert torch.equal(value, average[name]), name
+    for name, value in model.named_parameters():  # what export sees after the run
+        assert torch.equal(value, average[name]), name

@@ -73,10 +73,15 @@ def logged_tags(run_dir: Path) -> set[str]:
     )
 
 
+@pytest.mark.parametrize(
+    "averaging", [[], ["callbacks=ema", "callbacks.ema.decay=0.5"]], ids=["plain", "ema"]
+)
 def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(
-    train_config, tmp_path, fmnist_root
+    train_config, tmp_path, fmnist_root, averaging
 ):
-    cfg = train_config("finetune.freeze_epochs=1", "data.normalize=dataset")
+    """With callbacks=ema the run's test must score the checkpoint's averaged weights, which eval,
+    export and serving load, not the raw ones."""
+    cfg = train_config("finetune.freeze_epochs=1", "data.normalize=dataset", *averaging)
     metrics = run(cfg)
     run_dir = Path(cfg.paths.output_dir)
 
