@@ -96,3 +96,34 @@ def test_testing_the_checkpoint_after_fit_tests_the_average(fitted: tuple) -> No
         assert torch.equal(value, average[name]), name
     for name, value in model.named_parameters():  # what export sees after the run
         assert torch.equal(value, average[name]), name
+
+
+class StopAtStart(pl.Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.should_stop = True
+
+
+@pytest.mark.parametrize(("decay", "warned"), [(0.999, True), (0.9, False)])
+def test_a_decay_that_spans_too_much_of_the_run_is_named_with_one_that_fits(
+    quiet_trainer, caplog, decay, warned
+):
+    """40 steps: 0.9 spans about 10, a quarter of the run; 0.999 would keep the early weights."""
+    model = Classifier(
+        create_backbone("resnet18", weights=None),
+        ["a", "b"],
+        PREPROCESSING,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        finetune=Full(),
+    )
+    trainer = quiet_trainer(
+        max_epochs=10, limit_val_batches=0, callbacks=[StopAtStart(), EMA(decay=decay)]
+    )
+    images = TensorDataset(torch.randn(16, 3, 28, 28), torch.arange(16) % 2)
+    with caplog.at_level("WARNING", logger="thaw.finetune.ema"):
+        trainer.fit(model, DataLoader(images, batch_size=4))
+    assert ("Set callbacks.ema.decay=0.900 or less" in caplog.text) == warned, caplog.text
+
+
+def test_a_decay_outside_0_and_1_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="callbacks.ema.decay must be between 0 and 1, got 1.5"):
+        EMA(decay=1.5)

@@ -3,11 +3,20 @@ loaded to evaluate it."""
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
+
+log = logging.getLogger(__name__)
+
+# The average spans about 1 / (1 - decay) steps. Spanning more than this share of the steps it
+# averages, it keeps the early weights: on the quickstart's 128-step transfer run, decay 0.99
+# gave 0.72 test accuracy and 0.999 gave 0.13, against 0.84 without EMA (results/ema_short/).
+MAX_SPAN_SHARE = 0.25
 
 
 class EMA(EMAWeightAveraging):
@@ -19,6 +28,31 @@ class EMA(EMAWeightAveraging):
     weights while best.ckpt, export and serving carry the average. Here the raw weights are
     restored only to resume fitting, and validation swaps the weights only while fitting (outside
     it the loaded weights already are the average)."""
+
+    def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(
+                f"callbacks.ema.decay must be between 0 and 1, got {decay}: each step the average "
+                "keeps that share of itself (0.999 spans about 1,000 steps)"
+            )
+        super().__init__(decay=decay, **kwargs)
+        self.decay = decay
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Warn, naming a decay that fits, when the average would span too much of the run."""
+        steps = trainer.estimated_stepping_batches - (self.update_starting_at_step or 0)
+        span = round(1 / (1 - self.decay), 6)  # 0.9 spans 10 steps, not 10.000000000000002
+        if math.isfinite(steps) and span > MAX_SPAN_SHARE * steps:
+            fits = max(0.5, 1 - 1 / (MAX_SPAN_SHARE * steps))
+            log.warning(
+                "callbacks.ema.decay=%s averages over about %.0f steps, but this run averages %d: "
+                "the average will stay near the early weights. Set callbacks.ema.decay=%.3f or "
+                "less (about a quarter of the run).",
+                self.decay,
+                span,
+                steps,
+                math.floor(fits * 1000) / 1000,
+            )
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
