@@ -37,7 +37,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+def fitted(quiet_trainer, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """Three SGD steps of resnet18 with EMA(decay=0.6), a checkpoint saved at the epoch's end
     (the average and the raw weights), then `trainer.test` of that checkpoint."""
     torch.manual_seed(0)
@@ -50,11 +50,8 @@ def fitted(tmp_path_factory: pytest.TempPathFactory) -> tuple:
     )
     recorder = RecordWeights()
     directory = tmp_path_factory.mktemp("ema")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    trainer = quiet_trainer(
+        enable_checkpointing=True,
         max_epochs=1,
         limit_val_batches=0,
         callbacks=[
