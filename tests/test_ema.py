@@ -122,5 +122,5 @@ def test_a_decay_that_spans_too_much_of_the_run_is_named_with_one_that_fits(
 
 
 def test_a_decay_outside_0_and_1_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="callbacks.ema.decay must be between 0 and 1, got 1.5"):
+    with pytest.raises(ValueError, match="decay must be between 0 and 1, got 1.5"):
         EMA(decay=1.5)

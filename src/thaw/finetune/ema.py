@@ -32,8 +32,8 @@ class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, **kwargs: Any) -> None:
         if not 0 < decay < 1:
             raise ValueError(
-                f"callbacks.ema.decay must be between 0 and 1, got {decay}: each step the average "
-                "keeps that share of itself (0.999 spans about 1,000 steps)"
+                f"decay must be between 0 and 1, got {decay}: each step the average keeps that "
+                "share of itself (0.999 spans about 1,000 steps)"
             )
         super().__init__(decay=decay, **kwargs)
         self.decay = decay
