@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 
 from thaw.build import build_datamodule
 from thaw.config import config_dir
+from thaw.errors import UserError
 from thaw.visualize import datamodule_batch_grid
 
 OWN = {"out": "batch.png", "n": "32", "columns": "8"}
@@ -54,7 +55,7 @@ def main(argv: list[str]) -> Path:
 
 def _positive(key: str, value: str) -> int:
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        raise UserError(f"{key} must be a positive integer, got {value!r}")
     return int(value)
 
 

@@ -8,9 +8,11 @@ fixture; each has its own test that reads its result."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,8 +29,10 @@ from hydra.utils import instantiate
 
 from conftest import REPO, TINY, offline_fmnist, run_cli
 from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
+from thaw import cli
 from thaw.cli import describe, is_user_error
 from thaw.config import SILENT, compose_config
+from thaw.errors import UserError
 from thaw.finetune import TwoPhase
 from thaw.finetune.param_groups import build_param_groups
 from thaw.models.layer_groups import LayerGroup
@@ -49,6 +53,7 @@ class Mistake:
     args: list[str]
     words: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    task: str | None = None  # "module:function" run in place of the script's own task
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,12 @@ def mistakes(f: dict[str, Path], fmnist_root: Path) -> dict[str, Mistake]:
         "a bug": Mistake(  # not a mistake of the user's: see test_a_bug_keeps_its_traceback
             "train", [*train, "model.head_dropout=2"], ["dropout probability"]
         ),
+        "a user error in a task": Mistake(
+            "train", [], ["seed=42 is refused", "seed=<another>"], task="cli_batch:refusing_task"
+        ),
+        "a failed operation in a task": Mistake(  # a bug too
+            "train", [], ["invalid literal for int()", "'x'"], task="cli_batch:failing_task"
+        ),
         "predict: tensor": Mistake(
             "predict",
             [f"ckpt_path={f['tensor']}", f"inputs={f['corrupt']}"],
@@ -198,7 +209,11 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, SimpleNamesp
 
     def shared(names: list[str]) -> dict[str, SimpleNamespace]:
         commands = {
-            n: {"script": table[n].script, "args": [*table[n].args, f"hydra.run.dir={run_dir(n)}"]}
+            n: {
+                "script": table[n].script,
+                "args": [*table[n].args, f"hydra.run.dir={run_dir(n)}"],
+                "task": table[n].task,
+            }
             for n in names
         }
         given, taken = files["runs"] / "commands.json", files["runs"] / "answers.json"
@@ -245,6 +260,7 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, SimpleNamesp
         "eval: other classes",
         "predict: tensor",
         "export: text file",
+        "a user error in a task",
     ],
 )
 def test_a_mistake_is_one_paragraph_with_the_value_and_the_fix_and_exit_2(
@@ -259,31 +275,103 @@ def test_a_mistake_is_one_paragraph_with_the_value_and_the_fix_and_exit_2(
         assert word in stderr, f"{word!r} missing from: {stderr}"
 
 
-def test_a_bug_keeps_its_traceback_and_exit_1(answers: dict[str, SimpleNamespace]) -> None:
-    # nn.Dropout, not thaw, refuses p=2: an error thaw did not check is not dressed up.
-    answer = answers["a bug"]
-    assert answer.returncode == 1
-    assert "Traceback" in answer.stderr and "dropout probability" in answer.stderr
+@pytest.mark.parametrize(
+    "name",
+    [
+        # nn.Dropout, not thaw, refuses p=2: an error thaw did not check is not dressed up.
+        "a bug",
+        # int("x") in a task: a plain ValueError from an operation, not a UserError.
+        "a failed operation in a task",
+    ],
+)
+def test_a_bug_keeps_its_traceback_and_exit_1(
+    name: str, answers: dict[str, SimpleNamespace], files, fmnist_root
+) -> None:
+    answer = answers[name]
+    assert answer.returncode == 1, answer.stderr[-3000:]
+    assert "Traceback" in answer.stderr, answer.stderr[-3000:]
+    for word in mistakes(files, fmnist_root)[name].words:
+        assert word in answer.stderr, f"{word!r} missing from: {answer.stderr[-3000:]}"
 
 
 def test_an_instantiation_error_is_the_users_only_when_its_cause_is() -> None:
     param = torch.zeros(1, requires_grad=True)
     with pytest.raises(InstantiationException) as bad_value:  # torch's own check of lr
         instantiate({"_target_": "torch.optim.SGD", "params": [param], "lr": -1.0})
+    with pytest.raises(InstantiationException) as unbound:  # a keyword SGD does not take
+        instantiate({"_target_": "torch.optim.SGD", "params": [param], "lrr": 0.1})
+    with pytest.raises(InstantiationException) as checked:  # thaw's UserError, with its key
+        instantiate({"_target_": "thaw.finetune.TwoPhase", "freeze_epochs": -1}, _recursive_=False)
     with pytest.raises(InstantiationException) as bug:
         instantiate({"_target_": "builtins.getattr", "_args_": [object(), "missing"]})
+    with pytest.raises(InstantiationException) as runtime_error:  # not an argument refusal
+        instantiate({"_target_": "torch.zeros", "_args_": [-1]})
     assert is_user_error(bad_value.value) and "Invalid learning rate" in describe(bad_value.value)
+    assert is_user_error(unbound.value) and "lrr" in describe(unbound.value)
+    assert is_user_error(checked.value) and "finetune.freeze_epochs=-1" in describe(checked.value)
     assert not is_user_error(bug.value)
+    assert not is_user_error(runtime_error.value)
 
 
 def test_a_check_of_thaw_is_a_user_error_and_a_failed_operation_in_thaw_a_bug() -> None:
     one_block = LayerGroup(blocks=[{}], no_decay=frozenset(), modules=[])
     with pytest.raises(ValueError) as failed:  # zip(strict=True) inside thaw: a bug
         build_param_groups({"stage1": one_block}, {"stage1": [0.1, 0.2]}, 0.0)
-    with pytest.raises(ValueError) as checked:  # thaw's `raise` about a value
+    with pytest.raises(UserError) as checked:  # thaw's check of a value
         TwoPhase(freeze_epochs=-1)
+    with pytest.raises(ValueError) as operation:
+        int("x")
     assert not is_user_error(failed.value)
+    assert not is_user_error(operation.value)
+    assert not is_user_error(ValueError("a plain ValueError raised on purpose is still a bug"))
+    assert not is_user_error(KeyError("missing"))
     assert is_user_error(checked.value) and "finetune.freeze_epochs=-1" in describe(checked.value)
+
+
+# The exception classes thaw defines for bad input: each is a UserError (a user error by its type).
+INPUT_ERRORS = [
+    ("thaw.data.images", "ImageDecodeError"),
+    ("thaw.data.sources.download", "DataUnavailableError"),
+    ("thaw.data.sources.download", "ChecksumError"),
+    ("thaw.inference.export_formats", "ExportError"),
+    ("thaw.inference.parity", "ParityError"),
+    ("thaw.checkpoint", "CheckpointError"),
+    ("thaw.models.backbones.registry", "WeightsError"),
+]
+# Those that never reach the command line: the server answers them over HTTP (4xx, 503).
+NOT_INPUT_ERRORS = {"UploadError", "Overloaded"}
+
+
+@pytest.mark.parametrize(("module", "name"), INPUT_ERRORS)
+def test_each_exception_class_thaw_defines_for_bad_input_is_a_user_error(
+    module: str, name: str
+) -> None:
+    error = getattr(importlib.import_module(module), name)
+    assert issubclass(error, UserError), f"{module}.{name} bases {error.__bases__}"
+    assert is_user_error(error("a message"))
+
+
+def test_every_exception_class_of_thaw_is_listed_as_for_bad_input_or_not() -> None:
+    """A new exception class is a user error (subclass UserError, list it in INPUT_ERRORS) or
+    is kept from the command line (NOT_INPUT_ERRORS): the CLI tells them apart by type alone."""
+    listed = {name for _, name in INPUT_ERRORS}
+    defined = {
+        found.group(1)
+        for source in (REPO / "src" / "thaw").rglob("*.py")
+        for found in re.finditer(
+            r"^class (\w+)\(([^)]*(?:Error|Exception)[^)]*)\):",
+            source.read_text(),
+            re.MULTILINE,
+        )
+    }
+    assert defined - {"UserError"} <= listed | NOT_INPUT_ERRORS, defined - listed
+
+
+def test_the_cli_tells_user_errors_by_type_not_by_reading_source_lines() -> None:
+    source = Path(cli.__file__).read_text()
+    assert "linecache" not in source
+    for inspection in ("import inspect", "tb_frame", "f_globals", "tb_lineno", "_getframe"):
+        assert inspection not in source, inspection
 
 
 def test_hydra_full_error_shows_the_traceback_of_a_mistake(tmp_path) -> None:

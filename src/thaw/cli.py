@@ -1,18 +1,19 @@
 """Running a Hydra app the way a user (or a cluster log) wants its errors: a mistake in what the
 user gave ends in one paragraph on stderr and exit status 2; a bug keeps its traceback and exit 1.
 
-A *user error* is a Hydra config error (unknown key, option or override syntax), a mandatory value
-left out (`???`), an exception class thaw defines for bad input (an unreadable checkpoint, weights
-that cannot be downloaded, a corrupt image...) or a ValueError/FileNotFoundError/ImportError that
-thaw's own code raised about a value it checked. Anything else is unexpected. `HYDRA_FULL_ERROR=1`
-shows every traceback, as in any Hydra app.
+Which is which is told by the exception's type alone (`is_user_error`): a *user error* is a
+`thaw.errors.UserError` (what thaw's own checks raise about a config value, a path, an input
+file, a missing optional extra; every exception class thaw defines for bad input subclasses it),
+one of the library errors named in `LIBRARY_USER_ERRORS` (Hydra's config errors, a mandatory
+value left out), or a config's `_target_` that refused the arguments the config gave it (see
+`is_user_error`). Anything else, even a ValueError that thaw or torch raised, is unexpected.
+`HYDRA_FULL_ERROR=1` shows every traceback, as in any Hydra app.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
-import linecache
 import os
 import re
 import sys
@@ -38,10 +39,25 @@ from omegaconf.errors import (
     MissingMandatoryValue,
 )
 
+from thaw.errors import UserError
+
 FULL_ERROR = "HYDRA_FULL_ERROR"
 USER_ERROR_EXIT = 2
-# Raised by thaw's own checks of a value the user gave (a config value, a path, an input file).
-_CHECKED = (ValueError, FileNotFoundError, ImportError)
+# The errors of libraries that are always about what the user gave, never a bug of thaw's:
+LIBRARY_USER_ERRORS: tuple[type[BaseException], ...] = (
+    # Hydra's config errors: a config key or option that does not exist, an override it cannot
+    # parse, a config that does not compose (OverrideParseException, MissingConfigException,
+    # ConfigCompositionException, ...). InstantiationException is one too, but it is the user's
+    # only as `is_user_error` says.
+    HydraException,
+    # A value left out (`???`) that the run reads, and an interpolation `${...}` to one.
+    MissingMandatoryValue,
+    InterpolationToMissingValueError,
+)
+# What a `_target_` raises when it refuses the arguments the config gave it: Python's own
+# TypeError where keywords do not bind (`optimizer.lrr=0.1`) or a value has the wrong type, and
+# the ValueError of a constructor's check of a value (torch's `Invalid learning rate: -1.0`).
+ARGUMENT_REFUSALS: tuple[type[BaseException], ...] = (ValueError, TypeError)
 _FULL_KEY = re.compile(r"full_key: (\S+)")
 _MISSING = re.compile(r"Missing mandatory value: ?([\w.\[\]/-]+)")
 
@@ -127,43 +143,25 @@ def _restore(users_setting: str | None) -> None:
 
 
 def is_user_error(err: BaseException) -> bool:
-    """Whether `err` is about what the user gave (see the module docstring)."""
+    """Whether `err` is about what the user gave, by its type: a UserError (thaw's checks, and
+    every exception class thaw defines for bad input), one of LIBRARY_USER_ERRORS, or an
+    InstantiationException that is the user's.
+
+    Hydra raises an InstantiationException for a config node it cannot instantiate: with no
+    cause where Hydra refused the node itself (a `_target_` that is not callable, `_args_` that
+    are no list), and otherwise from what locating the `_target_` or calling it with the
+    config's arguments raised. That is the user's when the cause is a user error, or one of
+    ARGUMENT_REFUSALS: those are how a constructor (or Python, binding the keywords) refuses its
+    arguments, and the arguments are the config's values. So a ValueError that an operation
+    deep inside a target's constructor raised is taken for the user's too: the message still
+    names the config key, and HYDRA_FULL_ERROR=1 shows the traceback. Any other cause (an
+    AttributeError, a KeyError, a RuntimeError, an ImportError of a `_target_` that does not
+    import) is a bug, with its traceback.
+    """
     if isinstance(err, InstantiationException):
-        # A config's _target_ refused its arguments: a value it checked, keywords that do not
-        # bind, or a user error of thaw's. Anything else it raised is a bug, with its traceback.
         cause = err.__cause__
-        return cause is None or is_user_error(cause) or _refused_arguments(cause)
-    if isinstance(err, HydraException | MissingMandatoryValue | InterpolationToMissingValueError):
-        return True
-    if type(err).__module__.startswith("thaw."):
-        return True
-    return isinstance(err, _CHECKED) and _raised_by(err, "thaw.")
-
-
-def _refused_arguments(cause: BaseException) -> bool:
-    """A ValueError a constructor raised on purpose (torch's `Invalid learning rate`), or a
-    TypeError from binding the config's keywords at Hydra's call."""
-    if isinstance(cause, ValueError):
-        return _raised_by(cause, "")
-    return isinstance(cause, TypeError) and _raised_by(cause, "hydra._internal.instantiate")
-
-
-def _raised_by(err: BaseException, module_prefix: str) -> bool:
-    """Whether `err` was raised on purpose (a `raise` statement, not an operation that failed,
-    like zip(strict=True) or unpacking) by code of a module under `module_prefix`; a TypeError
-    from a call that did not bind is raised at the caller's line, which is no `raise`."""
-    tb = err.__traceback__
-    if tb is None:
-        return False
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    frame = tb.tb_frame
-    if not str(frame.f_globals.get("__name__", "")).startswith(module_prefix):
-        return False
-    if isinstance(err, TypeError) and module_prefix.startswith("hydra"):
-        return True
-    line = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
-    return line.startswith("raise")
+        return cause is None or isinstance(cause, ARGUMENT_REFUSALS) or is_user_error(cause)
+    return isinstance(err, (UserError, *LIBRARY_USER_ERRORS))
 
 
 def exit_with(err: BaseException) -> NoReturn:

@@ -14,6 +14,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from thaw.errors import UserError
 from thaw.noise import silence_known_noise
 
 AUTO = "auto"
@@ -34,7 +35,7 @@ def resolve_precision(precision: Any, accelerator: str) -> Any:
     """`trainer.precision` for this machine: auto resolved, float16 refused where no CUDA GPU
     will run it."""
     if str(precision) in FLOAT16 and not uses_cuda(accelerator):
-        raise ValueError(
+        raise UserError(
             f"trainer.precision={precision} needs a CUDA GPU, and this run has none "
             f"(trainer.accelerator={accelerator}): use bf16-mixed, 32-true or auto"
         )
@@ -51,7 +52,7 @@ def channels_last(trainer_cfg: DictConfig) -> bool:
     if value == AUTO:
         return uses_cuda(trainer_cfg.get("accelerator", "auto"))
     if not isinstance(value, bool):
-        raise ValueError(f"trainer.channels_last must be true, false or auto, got {value!r}")
+        raise UserError(f"trainer.channels_last must be true, false or auto, got {value!r}")
     return value
 
 

@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from thaw.checkpoint import CheckpointError, read_checkpoint, run_record
+from thaw.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,13 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
         return None
     path = last if ckpt_path == "last" else Path(ckpt_path)
     if not path.is_file() and ckpt_path == "last":
-        raise FileNotFoundError(
+        raise UserError(
             f"ckpt_path=last: this run dir has no {path}. Each run gets a new dir: to resume "
             "one, give its dir, hydra.run.dir=<run dir>, or its file, "
             "ckpt_path=<run dir>/checkpoints/last.ckpt"
         )
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
+        raise UserError(f"ckpt_path={ckpt_path!r}: {path} does not exist")
     return str(path)
 
 

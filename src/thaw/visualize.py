@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from thaw.data.datamodule import ImageDataModule
+from thaw.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class BatchPreview(pl.Callback):
 
     def __init__(self, max_images: int = 32, columns: int = 8) -> None:
         if max_images < 1 or columns < 1:
-            raise ValueError(
+            raise UserError(
                 f"BatchPreview needs max_images >= 1 and columns >= 1, got {max_images}, {columns}"
             )
         self.max_images = max_images

@@ -13,6 +13,8 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from thaw.errors import UserError
+
 
 class OptunaSweeper(Sweeper):
     """Optuna ≥ 4 behind Hydra's sweeper interface, with LHT's keys (see conf/hydra/sweeper)."""
@@ -44,7 +46,7 @@ class OptunaSweeper(Sweeper):
         known = [field.name for field in dataclasses.fields(SearchSettings)]
         unknown = sorted(set(plain) - set(known))
         if unknown:
-            raise ValueError(
+            raise UserError(
                 f"unknown hydra.sweeper keys {unknown}; the Optuna sweeper's are {known}"
             )
         search(self.launcher, SearchSettings(**plain), sweep_dir, arguments)

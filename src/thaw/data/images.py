@@ -15,6 +15,8 @@ from typing import BinaryIO, TypeVar
 import numpy as np
 from PIL import Image, ImageOps
 
+from thaw.errors import UserError
+
 # Modes holding more than 8 bits per pixel; Pillow's own convert("RGB") would clip them to 255.
 _WIDE_INT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 _WHITE = (255, 255, 255, 255)
@@ -23,8 +25,9 @@ _CHUNK = 256
 T = TypeVar("T")
 
 
-class ImageDecodeError(OSError):
-    """A file that is not a readable image (corrupt, truncated, or not an image at all)."""
+class ImageDecodeError(UserError, OSError):
+    """A file that is not a readable image (corrupt, truncated, or not an image at all). An
+    OSError too, as PIL's own errors for such a file are."""
 
 
 def load_image(path: Path | BinaryIO, min_size: int | None = None) -> Image.Image:

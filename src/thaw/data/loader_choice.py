@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 from thaw.data.augment.batch import check_batchable, unsupported
 from thaw.data.augment.options import AugmentOptions
+from thaw.errors import UserError
 
 LOADERS = ("auto", "device", "dataloader")
 
@@ -24,7 +25,7 @@ def choose_loader(requested: str, in_memory: bool, augment: AugmentOptions) -> L
     on batches; an explicit `device` that cannot be honoured raises, naming the fix."""
     if requested == "device":
         if not in_memory:
-            raise ValueError(
+            raise UserError(
                 "data.loader=device needs a data set held in memory (cifar10, fashion_mnist, "
                 "tiny_imagenet); image files stream from disk: use data.loader=dataloader"
             )

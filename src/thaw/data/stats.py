@@ -12,6 +12,7 @@ from torchvision.transforms.v2 import functional as F
 
 from thaw.data.images import load_image, map_files
 from thaw.data.sources.base import ImageSet
+from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 
 NORMALIZE = ("backbone", "dataset")
@@ -32,7 +33,7 @@ def channel_stats(batches: Iterable[torch.Tensor]) -> tuple[list[float], list[fl
         squares += pixels.square().sum(1)
         count += pixels.shape[1]
     if count == 0:
-        raise ValueError("cannot compute image statistics of an empty training set")
+        raise UserError("cannot compute image statistics of an empty training set")
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(0).sqrt()
     return mean.tolist(), std.clamp_min(1e-3).tolist()
@@ -76,13 +77,13 @@ def resolve_preprocessing(
 def _native_size(images: ImageSet) -> int:
     """The side of square in-memory images: what `data.image_size=null` keeps."""
     if not images.in_memory:
-        raise ValueError(
+        raise UserError(
             "data.image_size=null keeps the images' own size, but image files differ in size: "
             "set data.image_size (e.g. 224)"
         )
     height, width = images.images.shape[-2:]  # type: ignore[union-attr]
     if height != width:
-        raise ValueError(
+        raise UserError(
             f"data.image_size=null keeps the images' own size, but they are {height}x{width}, "
             "not square: set data.image_size"
         )

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 
 
@@ -38,11 +39,11 @@ class Distillation:
         temperature: float,
     ) -> Distillation:
         if not 0 <= alpha <= 1:
-            raise ValueError(f"distill.alpha={alpha} must be in [0, 1]")
+            raise UserError(f"distill.alpha={alpha} must be in [0, 1]")
         if temperature <= 0:
-            raise ValueError(f"distill.temperature={temperature} must be > 0")
+            raise UserError(f"distill.temperature={temperature} must be > 0")
         if teacher_sees.input_size != student_sees.input_size:
-            raise ValueError(
+            raise UserError(
                 f"distill.teacher sees {teacher_sees.input_size} px images, the student "
                 f"{student_sees.input_size} px: set data.image_size={teacher_sees.input_size}"
             )

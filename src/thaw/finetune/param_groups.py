@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from thaw.errors import UserError
 from thaw.models.backbones import HEAD
 from thaw.models.layer_groups import LayerGroup
 
@@ -55,7 +56,7 @@ def _with_group_lrs(
 ) -> dict[str, Rates]:
     for name, value in (group_lrs or {}).items():
         if name not in lrs:
-            raise ValueError(f"finetune.group_lrs names {name!r}; the groups are {list(lrs)}")
+            raise UserError(f"finetune.group_lrs names {name!r}; the groups are {list(lrs)}")
         lrs[name] = float(value)
     return lrs
 

@@ -15,6 +15,8 @@ from typing import Any
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, OneCycleLR, ReduceLROnPlateau
 
+from thaw.errors import UserError
+
 GroupFactors = list[Callable[[int], float]] | None
 
 
@@ -43,7 +45,7 @@ def _warmed_up(
 
 def _no_group_factors(name: str, group_factors: GroupFactors) -> None:
     if group_factors is not None:
-        raise ValueError(
+        raise UserError(
             f"scheduler={name} cannot combine with finetune.thaw_warmup_epochs; "
             "use scheduler=cosine, step or constant, or finetune.thaw_warmup_epochs=0"
         )

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
+from thaw.errors import UserError
 from thaw.finetune.param_groups import build_param_groups, discriminative_lrs, layer_decay_lrs
 from thaw.models.layer_groups import LayerGroup
 
@@ -62,21 +63,21 @@ class FinetuneStrategy(ABC):
 
     def __post_init__(self) -> None:
         if self.bn not in BN_MODES:
-            raise ValueError(f"finetune.bn={self.bn!r} is not one of {list(BN_MODES)}")
+            raise UserError(f"finetune.bn={self.bn!r} is not one of {list(BN_MODES)}")
         if not 0 < self.backbone_lr_ratio <= 1:
-            raise ValueError(
+            raise UserError(
                 f"finetune.backbone_lr_ratio={self.backbone_lr_ratio} must be in (0, 1]"
             )
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise ValueError(
+            raise UserError(
                 f"finetune.layer_decay={self.layer_decay} must be in (0, 1], or null for off"
             )
         if not isinstance(self.cache_features, bool) and self.cache_features != "auto":
-            raise ValueError(
+            raise UserError(
                 f"finetune.cache_features={self.cache_features!r} must be true, false or auto"
             )
         if self.thaw_warmup_epochs < 0:
-            raise ValueError(f"finetune.thaw_warmup_epochs={self.thaw_warmup_epochs} must be >= 0")
+            raise UserError(f"finetune.thaw_warmup_epochs={self.thaw_warmup_epochs} must be >= 0")
 
     @abstractmethod
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
@@ -99,7 +100,7 @@ class FinetuneStrategy(ABC):
         if any(phase.groups for phase in self.phases(max_epochs, backbone_groups)):
             return
         freeze = getattr(self, "freeze_epochs", None)
-        raise ValueError(
+        raise UserError(
             f"finetune.freeze_epochs={freeze} with trainer.max_epochs={max_epochs}: the backbone "
             f"never thaws, only the head trains. Set trainer.max_epochs above {freeze}, lower "
             "finetune.freeze_epochs, or choose finetune=linear_probe to train the head alone"
@@ -163,9 +164,9 @@ class TwoPhase(FinetuneStrategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.freeze_epochs < 0:
-            raise ValueError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
+            raise UserError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
         if self.unfreeze_groups is not None and self.unfreeze_groups < 1:
-            raise ValueError(
+            raise UserError(
                 f"finetune.unfreeze_groups={self.unfreeze_groups} must be >= 1, or null for all"
             )
 
@@ -175,7 +176,7 @@ class TwoPhase(FinetuneStrategy):
         n = len(backbone_groups)
         k = n if self.unfreeze_groups is None else self.unfreeze_groups
         if k > n:
-            raise ValueError(
+            raise UserError(
                 f"finetune.unfreeze_groups={k} but the backbone has {n} groups {backbone_groups}"
             )
         return backbone_groups[n - k :]
@@ -192,9 +193,9 @@ class Gradual(FinetuneStrategy):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.freeze_epochs < 0:
-            raise ValueError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
+            raise UserError(f"finetune.freeze_epochs={self.freeze_epochs} must be >= 0")
         if self.every_epochs < 1:
-            raise ValueError(f"finetune.every_epochs={self.every_epochs} must be >= 1")
+            raise UserError(f"finetune.every_epochs={self.every_epochs} must be >= 1")
 
     def trainable_groups(self, epoch: int, backbone_groups: list[str]) -> list[str]:
         if epoch < self.freeze_epochs:

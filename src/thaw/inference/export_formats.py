@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.transforms.v2 import functional as F
 
+from thaw.errors import UserError
 from thaw.inference.metadata import UINT8_INPUT, ExportMetadata
 from thaw.inference.onnx_model import EXTRA, OnnxModel, import_onnxruntime
 
@@ -28,7 +29,7 @@ OUTPUT_NAME = "logits"
 _CALIBRATION_BATCH = 32
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot go ahead as asked: the message says what and how to fix it."""
 
 
@@ -42,7 +43,7 @@ def check_format(format: str) -> None:
         import_onnxruntime()
         for module in ("onnx", "onnxscript"):  # the writer's tools, from the same extra
             if importlib.util.find_spec(module) is None:
-                raise ImportError(
+                raise UserError(
                     f"this needs {module}, which is not installed: "
                     f"pip install 'thaw-vision[{EXTRA}]'"
                 )
@@ -105,11 +106,11 @@ def _write_onnx(
     """fp32 ONNX with a dynamic batch axis, one self-contained file.
 
     dynamo=True, the torch.export-based exporter, over the legacy TorchScript-based one (which
-    torch deprecates): on resnet18 both give the same numbers (1e-6) and the same ONNX Runtime
-    latency, but this one writes a clean graph (the legacy one adds 16 Identity nodes over
-    initializers), traces the way the .pt2 format does, and is where torch's ONNX support is
-    going; it only exports slower (about 6 s against 1 s). `external_data=False` keeps the
-    weights inside the file (fine below ONNX's 2 GB protobuf limit)."""
+    torch deprecates): both give the same numbers and ONNX Runtime latency (README, Export),
+    but this one writes a clean graph (no Identity nodes over initializers), traces the way the
+    .pt2 format does, and is where torch's ONNX support is going; it only exports slower.
+    `external_data=False` keeps the weights inside the file (fine below ONNX's 2 GB protobuf
+    limit)."""
     for name in ("onnx_ir", "onnxscript"):  # its optimiser logs every pass at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     torch.onnx.export(
@@ -130,10 +131,9 @@ def _quantize(fp32: Path, path: Path, calibration: torch.Tensor) -> None:
     """Static INT8 (QDQ, per-channel weights), calibrated with min/max on `calibration`.
 
     ONNX Runtime's pre-processing (shape inference, graph optimisation) runs first, as its
-    documentation asks: issue 14 measured INT8 without it 3x slower than fp32 on a graph from the
-    legacy exporter (on this dynamo graph it made no difference here). Activations are uint8,
-    weights int8 (U8S8): on an AVX2 CPU without VNNI, int8 activations (S8S8) ran 3x slower than
-    fp32, at the same accuracy. U8S8 can saturate there; the parity gate would catch the loss."""
+    documentation asks. Activations are uint8, weights int8 (U8S8): int8 activations (S8S8) are
+    slow on a CPU without VNNI (README, Export). U8S8 can saturate there; the parity gate would
+    catch the loss."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,

@@ -12,6 +12,7 @@ import glob
 from pathlib import Path
 
 from thaw.data.sources.imagefolder import IMAGE_SUFFIXES
+from thaw.errors import UserError
 
 LIST_SUFFIX = ".txt"
 _GLOB_CHARS = frozenset("*?[")
@@ -36,7 +37,7 @@ def resolve_inputs(value: str | Path) -> list[Path]:
     else:
         files = []
     if not files:
-        raise ValueError(
+        raise UserError(
             f"inputs={text!r} matches no image file. Give a folder (searched recursively), a glob "
             f"in quotes such as 'photos/**/*.jpg', one image file, or a {LIST_SUFFIX} file with "
             f"one image path per line; image files end in {', '.join(sorted(IMAGE_SUFFIXES))}"

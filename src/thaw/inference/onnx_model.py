@@ -9,6 +9,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from thaw.errors import UserError
 from thaw.inference.metadata import UINT8_INPUT, ExportMetadata
 
 EXTRA = "export"  # pip install "thaw-vision[export]" brings onnx, onnxruntime and onnxscript
@@ -19,7 +20,7 @@ def import_onnxruntime() -> ModuleType:
     try:
         import onnxruntime
     except ImportError as err:
-        raise ImportError(
+        raise UserError(
             f"this needs onnxruntime, which is not installed: pip install 'thaw-vision[{EXTRA}]'"
         ) from err
     return onnxruntime
@@ -30,15 +31,14 @@ class OnnxModel:
     `metadata.input_layout` says (a torch tensor or numpy array).
 
     `threads` defaults to every core this process may use: ONNX Runtime's own default counts
-    physical cores, and on the 2-vCPU development machine that made resnet18 at 28 px take
-    1.9 ms a single image instead of 1.4 ms.
+    physical cores, which is slower on a machine with hyper-threads (README, Inference speed).
     """
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         ort = import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"model_path={self.path} does not exist")
+            raise UserError(f"model_path={self.path} does not exist")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         self.session = ort.InferenceSession(

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from thaw.errors import UserError
+
 BALANCED = "balanced"
 
 
@@ -28,10 +30,10 @@ def resolve_class_weights(
         counts = torch.bincount(labels.cpu(), minlength=len(classes)).double()
         if (counts == 0).any():
             empty = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
-            raise ValueError(f"model.class_weights=balanced: no training images of {empty}")
+            raise UserError(f"model.class_weights=balanced: no training images of {empty}")
         return (counts.sum() / (len(classes) * counts)).tolist()
     if isinstance(value, str) or len(value) != len(classes) or min(value) <= 0:
-        raise ValueError(
+        raise UserError(
             f"model.class_weights={value!r} must be null, {BALANCED}, or {len(classes)} positive "
             f"numbers in class order {classes}"
         )
@@ -49,7 +51,7 @@ class ClassificationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if focal_gamma < 0:
-            raise ValueError(f"model.focal_gamma={focal_gamma} must be >= 0 (0: cross-entropy)")
+            raise UserError(f"model.focal_gamma={focal_gamma} must be >= 0 (0: cross-entropy)")
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         weight = None if class_weights is None else torch.tensor(class_weights)

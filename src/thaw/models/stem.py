@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from torch import nn
 
+from thaw.errors import UserError
+
 STEM_STRIDES = (1, 2)
 
 
 def set_stem_stride(model: nn.Module, stride: int, name: str) -> None:
     """Make `model`'s stem downsample by `stride` (1 or 2) instead of its own factor."""
     if stride not in STEM_STRIDES:
-        raise ValueError(f"model.stem_stride={stride!r} must be 1, 2 or null (the model's own)")
+        raise UserError(f"model.stem_stride={stride!r} must be 1, 2 or null (the model's own)")
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if conv is None or conv.stride[0] != 2 or conv.kernel_size[0] <= conv.stride[0]:
         what = "no convolution" if conv is None else f"a {_describe(conv)} first convolution"
-        raise ValueError(
+        raise UserError(
             f"model.stem_stride={stride} does not apply to {name}: its stem has {what}, not a "
             "stride-2 conv (ResNet, RegNet, EfficientNet, MobileNet stems are); use "
             "model.stem_stride=null"
@@ -30,7 +32,7 @@ def set_stem_stride(model: nn.Module, stride: int, name: str) -> None:
     if isinstance(pool, nn.MaxPool2d):
         model.maxpool = nn.Identity()
     elif pool is not None and not isinstance(pool, nn.Identity):
-        raise ValueError(
+        raise UserError(
             f"model.stem_stride={stride} does not apply to {name}: its stem pools with a "
             f"{type(pool).__name__}, not a max-pool; use model.stem_stride=null"
         )

@@ -17,6 +17,8 @@ from hydra.plugins.launcher import Launcher
 from hydra.utils import instantiate
 from optuna.trial import TrialState
 
+from thaw import checks
+from thaw.errors import UserError
 from thaw.search import STUDY_FILE
 from thaw.search.space import as_overrides, search_space
 
@@ -52,11 +54,10 @@ def search(
     time through the launcher. Job k of the launch is trial k: its run dir is named by the trial
     number, so a resumed search never writes into an earlier trial's dir."""
     for name, value in (("n_trials", settings.n_trials), ("n_jobs", settings.n_jobs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"hydra.sweeper.{name} must be an integer >= 1, got {value!r}")
+        checks.integer(f"hydra.sweeper.{name}", value, minimum=1)
     space, fixed = search_space(settings.params, arguments)
     if not space:
-        raise ValueError(
+        raise UserError(
             "the Optuna search has nothing to search: give hydra.sweeper.params ranges, e.g. "
             "\"hydra.sweeper.params.optimizer.lr='tag(log, interval(1e-4, 1e-2))'\""
         )

@@ -18,6 +18,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from thaw.data.augment.options import ERASE_RATIO, ERASE_SCALE, AugmentOptions
+from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 
 # The keys whose transforms only exist per image (RandAugment & co.).
@@ -36,7 +37,7 @@ def unsupported(options: AugmentOptions | Mapping[str, Any] | None) -> list[str]
 def check_batchable(options: AugmentOptions | Mapping[str, Any] | None) -> None:
     """Raise, naming the keys and the fix, when `options` holds per-image-only augmentations."""
     if keys := unsupported(options):
-        raise ValueError(
+        raise UserError(
             f"augment {', '.join(keys)} only runs per image, not on batches: switch it off "
             "or use data.loader=dataloader (the per-image path)"
         )
@@ -145,7 +146,7 @@ class BatchAugment:
         rows = top + torch.arange(height, device=images.device)
         columns = torch.arange(width, device=images.device)
         columns = left + torch.where(flip, columns.flip(0), columns)
-        # Into the flattened padded planes: one gather (advanced indexing is 4x slower on CPU).
+        # Into the flattened padded planes: one gather (advanced indexing is slower on CPU).
         index = rows[:, :, None] * (width + 2 * pad_w) + columns[:, None, :]
         index = index.view(batch, 1, height * width).expand(-1, channels, -1)
         return planes.gather(2, index).view(batch, channels, height, width)

@@ -9,6 +9,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from thaw import checks
+from thaw.errors import UserError
+
 POLICIES = ("none", "randaugment", "trivialaugment", "autoaugment")
 AUTOAUGMENT_POLICIES = ("imagenet", "cifar10", "svhn")
 # Random erasing's rectangle, on both paths (torchvision's defaults): its share of the image's area
@@ -86,7 +89,7 @@ class AugmentOptions:
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise ValueError(f"unknown augment keys {unknown}; known keys: {known}")
+            raise UserError(f"unknown augment keys {unknown}; known keys: {known}")
         if given.get("policy") is None:
             given.pop("policy", None)
         values = {key: _check(key, value) for key, value in given.items()}
@@ -94,14 +97,15 @@ class AugmentOptions:
 
 
 def _check(key: str, value: Any) -> Any:
+    """`value` of augment key `key`, checked against its choices or range (a float where the key
+    is a number)."""
     if key in _CHOICES:
-        if value not in _CHOICES[key]:
-            raise ValueError(f"augment.{key} must be one of {list(_CHOICES[key])}, got {value!r}")
+        checks.choice(f"augment.{key}", value, _CHOICES[key])
         return value
     low, high, integer = _RANGES[key]
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
-        what = "an integer" if integer else "a number"
-        allowed = f"in [{low:g}, {high:g}]" if high < math.inf else f">= {low:g}"
-        raise ValueError(f"augment.{key} must be {what} {allowed}, got {value!r}")
-    return value if integer else float(value)
+    maximum = None if high == math.inf else high
+    if integer:
+        checks.integer(f"augment.{key}", value, int(low), maximum=maximum and int(maximum))
+        return value
+    checks.number(f"augment.{key}", value, low, maximum=maximum)
+    return float(value)

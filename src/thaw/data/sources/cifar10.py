@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from thaw.data.sources.base import ArchiveSource, ImageSet, Splits
+from thaw.errors import UserError
 
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
@@ -41,7 +42,7 @@ class CIFAR10(ArchiveSource):
 def _unpickle(path: Path) -> dict[bytes, object]:
     """The batches were pickled by Python 2: keys are bytes, hence encoding="bytes"."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UserError(
             f"CIFAR-10 file {path} is missing; delete {path.parent} to extract it again"
         )
     with open(path, "rb") as f:
@@ -56,12 +57,12 @@ def _read_batches(paths: list[Path], classes: list[str]) -> ImageSet:
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         batch_labels = np.asarray(batch[b"labels"], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
-            raise ValueError(
+            raise UserError(
                 f"{path}: expected data (N, 3072) and N labels, "
                 f"got data {data.shape} and {len(batch_labels)} labels"
             )
         if len(batch_labels) and not 0 <= batch_labels.min() <= batch_labels.max() < len(classes):
-            raise ValueError(f"{path}: labels outside 0..{len(classes) - 1}")
+            raise UserError(f"{path}: labels outside 0..{len(classes) - 1}")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32)))
         labels.append(torch.from_numpy(batch_labels))
     return ImageSet(torch.cat(images), torch.cat(labels), classes)

@@ -17,17 +17,21 @@ import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
+from thaw.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
 
 
-class DataUnavailableError(RuntimeError):
-    """The dataset is neither on disk nor downloadable; the message says what to place where."""
+class DataUnavailableError(UserError, RuntimeError):
+    """The dataset is neither on disk nor downloadable; the message says what to place where.
+    (A RuntimeError too, as it was before UserError.)"""
 
 
-class ChecksumError(RuntimeError):
-    """A file's md5 is not the published one (a corrupt or substituted download)."""
+class ChecksumError(UserError, RuntimeError):
+    """A file's md5 is not the published one (a corrupt or substituted download). (A
+    RuntimeError too, as it was before UserError.)"""
 
 
 def md5sum(path: Path) -> str:

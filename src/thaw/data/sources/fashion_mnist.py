@@ -15,6 +15,7 @@ import torch
 
 from thaw.data.sources.base import ImageSet, Splits
 from thaw.data.sources.download import DataUnavailableError, download
+from thaw.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     expected = _IDX_UBYTE << 8 | ndim
     magic = int.from_bytes(raw[:4], "big")
     if magic != expected:
-        raise ValueError(
+        raise UserError(
             f"{path}: magic number {magic:#010x}, expected {expected:#010x} "
             f"(an idx file of {ndim}-d unsigned bytes)"
         )
@@ -151,7 +152,7 @@ def read_idx(path: Path, ndim: int) -> torch.Tensor:
     for dim in shape:
         size *= dim
     if len(raw) != header + size:
-        raise ValueError(
+        raise UserError(
             f"{path}: header says shape {shape} ({size} bytes) but {len(raw) - header} bytes follow"
         )
     return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).reshape(shape)
@@ -161,9 +162,9 @@ def _read_split(images_path: Path, labels_path: Path) -> ImageSet:
     images = read_idx(images_path, 3)
     labels = read_idx(labels_path, 1).long()
     if len(images) != len(labels):
-        raise ValueError(
+        raise UserError(
             f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
         )
     if len(labels) and int(labels.max()) >= len(CLASSES):
-        raise ValueError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
+        raise UserError(f"{labels_path}: labels outside 0..{len(CLASSES) - 1}")
     return ImageSet(images.unsqueeze(1), labels, list(CLASSES))

@@ -15,6 +15,7 @@ import torch
 
 from thaw.data.sources.base import ImageSet, Splits
 from thaw.data.sources.download import DataUnavailableError
+from thaw.errors import UserError
 
 # What cameras, scanners and web shops write and Pillow reads; any other file is not an image.
 IMAGE_SUFFIXES = frozenset(
@@ -47,18 +48,18 @@ class ImageFolder:
         if not train_dir.is_dir():
             stray = [name for name in ("val", "test") if (self.root / name).is_dir()]
             if stray:
-                raise ValueError(
+                raise UserError(
                     f"{self.root} has {'/ and '.join(stray)}/ but no train/ folder; put the "
                     "training class folders in train/"
                 )
             train_dir = self.root
         classes = _class_folders(train_dir)
         if not classes:
-            raise ValueError(f"{train_dir} has no class folders (one folder of images per class)")
+            raise UserError(f"{train_dir} has no class folders (one folder of images per class)")
         train = _scan(train_dir, classes)
         empty = [name for name in classes if not (train.labels == classes.index(name)).any()]
         if empty:
-            raise ValueError(f"class folders without images in {train_dir}: {empty}")
+            raise UserError(f"class folders without images in {train_dir}: {empty}")
         val = _scan_split(self.root / "val", classes, train_dir)
         test = _scan_split(self.root / "test", classes, train_dir)
         return Splits(train=train, test=test, val=val)
@@ -104,7 +105,7 @@ def _scan_split(directory: Path, classes: list[str], train_dir: Path) -> ImageSe
     if found != classes:
         missing = sorted(set(classes) - set(found))
         extra = sorted(set(found) - set(classes))
-        raise ValueError(
+        raise UserError(
             f"class folders in {directory} differ from {train_dir}: "
             f"missing {missing}, not in train {extra}"
         )

@@ -8,9 +8,9 @@
     tiny-imagenet-200/test/images/*.JPEG        unlabelled, so never read
 
 The official val split serves as the test set; the DataModule splits validation off train.
-Decoding the 110000 JPEGs takes about half a minute on two cores, so `prepare` caches the decoded
-arrays next to the data (1.3 GB, read back in seconds) under a key made from the file list with
-sizes and modification times: a changed, added or removed file rebuilds it.
+Decoding the 110000 JPEGs takes a while, so `prepare` caches the decoded arrays next to the data
+under a key made from the file list with sizes and modification times: a changed, added or
+removed file rebuilds it.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 
 from thaw.data.images import load_image, map_files
 from thaw.data.sources.base import ArchiveSource, ImageSet, Splits
+from thaw.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class TinyImageNet(ArchiveSource):
         self.extract()
         for name in LABEL_FILES:
             if not (self.folder / name).is_file():
-                raise FileNotFoundError(incomplete(self.folder, self.folder / name))
+                raise UserError(incomplete(self.folder, self.folder / name))
 
     def cache_path(self, key: str) -> Path:
         return self.root / f"{self.FOLDER}.cache-{key}.npz"
@@ -135,7 +136,7 @@ def read_wnids(path: Path) -> list[str]:
     """The class ids, sorted so that class indices never depend on the file's order."""
     wnids = sorted({line.strip() for line in path.read_text().splitlines() if line.strip()})
     if not wnids:
-        raise ValueError(f"{path} lists no class ids")
+        raise UserError(f"{path} lists no class ids")
     return wnids
 
 
@@ -147,7 +148,7 @@ def read_words(path: Path) -> dict[str, str]:
             continue
         wnid, sep, words = line.partition("\t")
         if not sep:
-            raise ValueError(f"{path}:{number}: expected 'wnid<TAB>names', got {line!r}")
+            raise UserError(f"{path}:{number}: expected 'wnid<TAB>names', got {line!r}")
         names[wnid.strip()] = words.split(",")[0].strip()
     return names
 
@@ -167,7 +168,7 @@ def _train_files(train_dir: Path, wnids: list[str]) -> tuple[list[Path], list[in
     for label, wnid in enumerate(wnids):
         images_dir = train_dir / wnid / "images"
         if not images_dir.is_dir():
-            raise FileNotFoundError(
+            raise UserError(
                 incomplete(train_dir.parent, images_dir) + f" (class {wnid} of wnids.txt)"
             )
         names = sorted(e.name for e in os.scandir(images_dir) if e.name.lower().endswith(".jpeg"))
@@ -187,14 +188,14 @@ def _val_files(val_dir: Path, wnids: list[str]) -> tuple[list[Path], list[int]]:
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in index:
-            raise ValueError(
+            raise UserError(
                 f"{annotations}:{number}: expected 'file<TAB>wnid<TAB>box' with a wnid of "
                 f"wnids.txt, got {line!r}"
             )
         image = val_dir / "images" / fields[0]
         if not image.is_file():
             listed = f" (listed in {annotations}:{number})"
-            raise FileNotFoundError(incomplete(val_dir.parent, image) + listed)
+            raise UserError(incomplete(val_dir.parent, image) + listed)
         files.append(image)
         labels.append(index[fields[1]])
     return files, labels
@@ -217,6 +218,6 @@ def _decode(files: list[Path]) -> np.ndarray:
     array = np.empty((len(files), 3, SIZE, SIZE), dtype=np.uint8)
     for i, (path, image) in enumerate(zip(files, map_files(load_image, files), strict=True)):
         if image.size != (SIZE, SIZE):
-            raise ValueError(f"{path} is {image.size[0]}x{image.size[1]}, expected {SIZE}x{SIZE}")
+            raise UserError(f"{path} is {image.size[0]}x{image.size[1]}, expected {SIZE}x{SIZE}")
         array[i] = np.asarray(image).transpose(2, 0, 1)
     return array

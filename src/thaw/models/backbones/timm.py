@@ -26,6 +26,7 @@ from huggingface_hub import constants as hub
 from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch import nn
 
+from thaw.errors import UserError
 from thaw.models.backbones.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -48,7 +49,7 @@ def backbone_spec(name: str, weights: str | None) -> BackboneSpec:
     name's, so the preprocessing is that of the weights loaded."""
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch):
-        raise ValueError(_unknown_model(arch))
+        raise UserError(_unknown_model(arch))
     is_file = weights is not None and (Path(weights).is_file() or looks_like_path(weights))
     if weights not in (None, PRETRAINED) and not is_file:
         tag = weights
@@ -57,7 +58,7 @@ def backbone_spec(name: str, weights: str | None) -> BackboneSpec:
         cfg = get_pretrained_cfg(full)
     except RuntimeError:  # timm: "Invalid pretrained tag"
         tags = timm.list_pretrained(f"{arch}.*")
-        raise ValueError(
+        raise UserError(
             f"{tag!r} is not a pretrained tag of timm model {arch}; its tags: {tags}. Set "
             f"model.weights to one of them, {PRETRAINED}, a weights file, or null"
         ) from None
@@ -95,7 +96,7 @@ def _create(full: str, fixed_size: bool, input_size: int | None, pretrained: boo
 def _build(full: str, fixed_size: bool, mean: Triple, std: Triple, input_size: int) -> Backbone:
     model = _create(full, fixed_size, input_size, pretrained=False)
     if not hasattr(model, "group_matcher"):
-        raise ValueError(
+        raise UserError(
             f"timm model {full} has no group_matcher(): thaw cannot cut it into layer groups"
         )
     nwd = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
@@ -115,7 +116,7 @@ def derive_blocks(model: nn.Module) -> list[Block]:
         coarse = fine
         body = sorted({fine[n] for n in names if n in matched and n not in stem})
     if len(body) < len(STAGES):
-        raise ValueError(f"timm model has {len(body)} blocks, fewer than {len(STAGES)} stages")
+        raise UserError(f"timm model has {len(body)} blocks, fewer than {len(STAGES)} stages")
     chunks = _split(body, len(STAGES))
     stage_of_layer = {layer: STAGES[i] for i, chunk in enumerate(chunks) for layer in chunk}
 

@@ -16,6 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
+from thaw.errors import UserError
 from thaw.models.backbones.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -86,7 +87,7 @@ MODELS = {
 
 def backbone_spec(name: str, weights: str | None) -> BackboneSpec:
     if name not in MODELS:
-        raise ValueError(
+        raise UserError(
             f"model.name={name!r} is not a torchvision backbone thaw knows; choose one of "
             f"{sorted(MODELS)}, or any timm model with model=timm model.name={name}"
         )
