@@ -32,17 +32,15 @@ from omegaconf import OmegaConf
 from thaw.build import build_datamodule
 from thaw.export import export_model
 from thaw.inference.onnx_model import OnnxModel
-from thaw.report import markdown_table
-from thaw.trained import TrainedModel, load_trained
+from thaw.models import ImageClassifier, load_trained
+from thaw.renderings import markdown_table
 
 Runtime = Callable[[torch.Tensor], torch.Tensor]  # a normalised float batch -> logits
 THROUGHPUT_BATCH = 64
 
 
-def eager(trained: TrainedModel, channels_last: bool) -> Runtime:
-    model = trained.model
-    if channels_last:
-        model = load_trained(trained.path, channels_last=True).model
+def eager(checkpoint: Path, channels_last: bool) -> Runtime:
+    model = load_trained(checkpoint, channels_last=channels_last)
 
     @torch.inference_mode()
     def run(batch: torch.Tensor) -> torch.Tensor:
@@ -61,10 +59,10 @@ def exported_program(path: Path) -> Runtime:
     return run
 
 
-def weights_bytes(trained: TrainedModel) -> int:
+def weights_bytes(trained: ImageClassifier) -> int:
     """What an eager deployment ships: the model's state_dict as torch.save writes it."""
     buffer = io.BytesIO()
-    torch.save(trained.model.state_dict(), buffer)
+    torch.save(trained.state_dict(), buffer)
     return buffer.getbuffer().nbytes
 
 
@@ -93,7 +91,7 @@ def accuracy(runtime: Runtime, batches: list[tuple[torch.Tensor, torch.Tensor]])
     return correct / sum(len(labels) for _, labels in batches)
 
 
-def test_batches(trained: TrainedModel, data_root: str | None) -> list[tuple[torch.Tensor, ...]]:
+def test_batches(trained: ImageClassifier, data_root: str | None) -> list[tuple[torch.Tensor, ...]]:
     """The run's test images, preprocessed as the checkpoint says, in batches of 64."""
     cfg = OmegaConf.create(trained.config)
     if data_root:
@@ -110,15 +108,15 @@ def p(values: list[float], q: float) -> float:
 
 def measure(args: argparse.Namespace) -> list[list[str]]:
     torch.manual_seed(0)
-    trained = load_trained(args.ckpt)
+    checkpoint = Path(args.ckpt)
+    trained = load_trained(checkpoint)
     out = Path(args.out)
     models = out / "runs"  # the exported files (not committed)
-    files = {
-        fmt: export_model(trained, fmt, models) for fmt in ("onnx", "onnx_int8", "torch_export")
-    }
+    formats = ("onnx", "onnx_int8", "torch_export")
+    files = {fmt: export_model(trained, checkpoint, fmt, models) for fmt in formats}
     runtimes: dict[str, tuple[Runtime, int]] = {
-        "eager fp32": (eager(trained, channels_last=False), weights_bytes(trained)),
-        "eager channels_last": (eager(trained, channels_last=True), weights_bytes(trained)),
+        "eager fp32": (eager(checkpoint, channels_last=False), weights_bytes(trained)),
+        "eager channels_last": (eager(checkpoint, channels_last=True), weights_bytes(trained)),
         "ONNX Runtime fp32": (OnnxModel(files["onnx"]), files["onnx"].stat().st_size),
         "ONNX Runtime INT8": (OnnxModel(files["onnx_int8"]), files["onnx_int8"].stat().st_size),
         "torch.export": (

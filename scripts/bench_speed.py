@@ -48,14 +48,16 @@ from torch.utils.data import DataLoader, Dataset
 from thaw.config import QUIET, compose_config
 from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.per_image import build_train_transform
-from thaw.data.datamodule import ImageDataset
+from thaw.data.dataset import ImageDataset
 from thaw.data.resumable import DeviceLoader, ResumableLoader
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.fashion_mnist import FashionMNIST
 from thaw.finetune import FreezeUnfreeze, Full, schedulers
-from thaw.models import Classifier, backbone_spec, create_backbone
+from thaw.models import ImageClassifier, backbone_spec, create_backbone
+from thaw.models.task import ClassificationTask
+from thaw.postprocess import Postprocessing
 from thaw.preprocess import Preprocessing
-from thaw.report import markdown_table
+from thaw.renderings import markdown_table
 from thaw.train import run
 
 BASIC = {"crop_padding": 0.125, "hflip": 0.5, "color_jitter": 0.2}
@@ -102,16 +104,24 @@ def preprocessing(args: argparse.Namespace) -> Preprocessing:
     return Preprocessing(args.image_size or 28, spec.mean, spec.std, grayscale=True)
 
 
-def new_classifier(args: argparse.Namespace, num_classes: int = 10) -> Classifier:
+def new_classifier(args: argparse.Namespace, num_classes: int = 10) -> ClassificationTask:
     torch.manual_seed(0)
-    return Classifier(
+    model = ImageClassifier(
         create_backbone(args.model, weights=None),
         [str(c) for c in range(num_classes)],
         preprocessing(args),
+        Postprocessing(),
+        head_dropout=0.0,
+        config={},
+    )
+    return ClassificationTask(
+        model,
         optimizer=partial(torch.optim.AdamW, lr=LR, weight_decay=WEIGHT_DECAY, fused=True),
         finetune=Full(),
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
         label_smoothing=LABEL_SMOOTHING,
+        class_weights=None,
+        focal_gamma=0.0,
     )
 
 
@@ -191,7 +201,7 @@ def plain_steps(args: argparse.Namespace, batches: list | None = None) -> list[f
     device = device_of(args)
     batches = batches or prepared_batches(args, device)
     model = new_classifier(args).to(device).train()
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     optimizer = torch.optim.AdamW(model.finetune.param_groups(groups, LR, WEIGHT_DECAY), fused=True)
     scheduler = schedulers.cosine(optimizer, len(batches), len(batches), warmup_epochs=0.5)
     schedule = scheduler["scheduler"]

@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.tuner import Tuner
 
-from thaw.build import build_classifier, build_datamodule, build_strategy
+from thaw.build import build_datamodule, build_strategy, build_task
 from thaw.config import compose_config
 from thaw.finetune import FinetuneStrategy, FreezeUnfreeze
 from thaw.hardware import instantiate_trainer
@@ -97,7 +97,7 @@ def find(cfg: Any, epoch: int, args: argparse.Namespace) -> tuple[float | None, 
     datamodule.prepare_data()
     datamodule.setup("fit")
     strategy = build_strategy(cfg)
-    model = build_classifier(cfg, datamodule, strategy)
+    model = build_task(cfg, datamodule, strategy)
     model.optimizer_factory = keep_group_ratios(model.optimizer_factory)
     trainer = instantiate_trainer(
         cfg.trainer,
@@ -118,7 +118,7 @@ def find(cfg: Any, epoch: int, args: argparse.Namespace) -> tuple[float | None, 
         num_training=args.steps,
         update_attr=False,
     )
-    trained = strategy.trainable_groups(epoch, list(model.backbone_groups))
+    trained = strategy.trainable_groups(epoch, list(model.model.backbone_groups))
     return finder.suggestion(), finder, trained
 
 

@@ -25,8 +25,7 @@ from thaw.train import run
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers on this 2-core machine: one thread each, and the
-    # same for the processes the tests start. Two workers of 2 threads each took 12 min 49 s,
-    # against 9 min 44 s for one worker and 8 min 40 s for two of one thread.
+    # same for the processes the tests start (the README has the timings that chose this).
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -121,26 +120,28 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+# `folder_run`'s training, on the photos of `photo_folder` (data.root).
+FOLDER_RUN = [
+    *TINY,
+    "data=imagefolder",
+    "data.image_size=28",
+    "augment=none",
+    "finetune=full",
+    "finetune.backbone_lr_ratio=1.0",
+    "optimizer.lr=3e-3",
+    "trainer.max_epochs=4",
+    "logger=none",
+    "++callbacks.batch_preview=null",
+    "report=true",
+]
+
+
 @pytest.fixture(scope="session")
 def folder_run(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The run dir of a tiny model trained on `photo_folder` (checkpoints/best.ckpt,
     metrics.json, .hydra/), shared by the tests of what comes after training."""
     run_dir = tmp_path_factory.mktemp("folder_run") / "run"
-    overrides = [
-        *TINY,
-        "data=imagefolder",
-        f"data.root={photo_folder}",
-        "data.image_size=28",
-        "augment=none",
-        "finetune=full",
-        "finetune.backbone_lr_ratio=1.0",
-        "optimizer.lr=3e-3",
-        "trainer.max_epochs=4",
-        "logger=none",
-        "++callbacks.batch_preview=null",
-        "report=true",
-    ]
-    run(compose_config("train", overrides, run_dir))
+    run(compose_config("train", [*FOLDER_RUN, f"data.root={photo_folder}"], run_dir))
     return run_dir
 
 

@@ -1,5 +1,5 @@
 """Augmentation and normalisation: every preset's per-image pipeline, random erasing, MixUp/CutMix
-from the DataModule into the Classifier, dataset statistics, and the pictures of a batch
+from the DataModule into the training task, dataset statistics, and the pictures of a batch
 (scripts/show_batch.py and the TensorBoard preview)."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import load_script, offline_fmnist
 from data_formats import write_cifar10
+from datamodules import make_datamodule
 from thaw.config import config_dir
 from thaw.data import ImageSet, Splits
 from thaw.data.augment.batch import unsupported
@@ -98,7 +99,7 @@ def test_evaluation_stays_deterministic_under_every_preset(
     tmp_path: Path, name: str, loader: str
 ) -> None:
     write_cifar10(tmp_path, n_per_class=2)
-    dm = ImageDataModule(
+    dm = make_datamodule(
         CIFAR10(tmp_path, download=False),
         augment_conf(name),
         MEAN,
@@ -186,7 +187,7 @@ def test_random_erasing_fills_a_rectangle_with_the_mean_colour() -> None:
 )
 def test_augment_config_errors_name_key_value_and_allowed(augment: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ImageDataModule(CIFAR10("unused"), augment, MEAN, STD)
+        make_datamodule(CIFAR10("unused"), augment, MEAN, STD)
 
 
 # ---------------------------------------------------------------- MixUp / CutMix
@@ -234,7 +235,7 @@ def test_mix_prob_and_both_mixes() -> None:
 
 def test_datamodule_mixes_training_batches_only(tmp_path: Path) -> None:
     write_cifar10(tmp_path, n_per_class=2)
-    dm = ImageDataModule(
+    dm = make_datamodule(
         CIFAR10(tmp_path, download=False), {"mixup_alpha": 0.4}, MEAN, STD, batch_size=8
     )
     dm.setup()
@@ -246,7 +247,7 @@ def test_datamodule_mixes_training_batches_only(tmp_path: Path) -> None:
     images, labels, soft = dm.on_after_batch_transfer(batch, 0)
     assert images.shape == batch[0].shape and torch.equal(labels, batch[1])
     assert soft.shape == (8, 10) and torch.allclose(soft.sum(1), torch.ones(8))
-    plain = ImageDataModule(CIFAR10(tmp_path, download=False), augment_conf("basic"), MEAN, STD)
+    plain = make_datamodule(CIFAR10(tmp_path, download=False), augment_conf("basic"), MEAN, STD)
     plain.setup()
     plain.trainer = SimpleNamespace(training=True)
     assert plain.on_after_batch_transfer(batch, 0) is batch
@@ -319,7 +320,7 @@ def tinted_folder(root: Path) -> ImageFolder:
 def test_dataset_normalisation_gives_zero_mean_unit_std(tmp_path: Path, kind: str) -> None:
     # The in-memory images keep their own size (8); files need theirs given.
     source, size = (InMemory(), None) if kind == "in_memory" else (tinted_folder(tmp_path), 12)
-    dm = ImageDataModule(
+    dm = make_datamodule(
         source, None, MEAN, STD, image_size=size, normalize="dataset", batch_size=64
     )
     dm.setup()
@@ -331,7 +332,7 @@ def test_dataset_normalisation_gives_zero_mean_unit_std(tmp_path: Path, kind: st
     used = dm.preprocessing
     assert list(used.mean) != MEAN and len(used.mean) == len(used.std) == 3
     assert dm.backbone_mean == MEAN and dm.backbone_std == STD
-    backbone = ImageDataModule(source, None, MEAN, STD, image_size=size, batch_size=64)
+    backbone = make_datamodule(source, None, MEAN, STD, image_size=size, batch_size=64)
     backbone.setup()
     assert list(backbone.preprocessing.mean) == MEAN and list(backbone.preprocessing.std) == STD
     images = torch.cat([batch[0] for batch in backbone.train_dataloader()])

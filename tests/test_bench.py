@@ -10,8 +10,7 @@ import pytest
 from conftest import load_script, offline_fmnist
 from thaw.config import compose_config
 from thaw.data.sources.fashion_mnist import CLASSES
-from thaw.models import create_backbone
-from thaw.trained import load_trained
+from thaw.models import create_backbone, load_trained
 
 
 def test_bench_transfer_tiny(fmnist_root, tmp_path):
@@ -196,7 +195,7 @@ def test_bench_stem_tiny(fmnist_root, tmp_path):
         ratio = float(csv_row["wall_s"]) / float(rows[0]["wall_s"])
         assert float(row[3]) == pytest.approx(ratio, abs=5e-3)
         assert float(row[1]) == pytest.approx(float(csv_row["test_acc"]), abs=5e-5)
-    first_block = load_trained(tmp_path / "runs/stride-1/checkpoints/best.ckpt").model.backbone
+    first_block = load_trained(tmp_path / "runs/stride-1/checkpoints/best.ckpt").backbone
     assert first_block.conv1.stride == (1, 1)  # the setting reached the run
 
 

@@ -20,12 +20,13 @@ from thaw.analysis.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from thaw.checkpoint import update_run_record
+from thaw.checkpoint import FORMAT, update_run_record
 from thaw.inference.metadata import FLOAT_INPUT, ExportMetadata
 from thaw.inference.predictor import Member, Predictor
+from thaw.models import load_trained
+from thaw.postprocess import Postprocessing, split_legacy_preprocessing
 from thaw.preprocess import Preprocessing
 from thaw.train import run
-from thaw.trained import load_trained
 
 # 8 samples, 3 classes: (probabilities, label). Top-1 confidence, right or wrong, in the comment.
 SAMPLES = [
@@ -147,37 +148,44 @@ def test_negative_log_likelihood_is_the_mean_cross_entropy_at_the_temperature():
     assert negative_log_likelihood(logits, labels, 2.0) == pytest.approx(sum(by_hand) / 2)
 
 
-# ---------------------------------------------------------------------------- preprocessing
+# ---------------------------------------------------------------------------- postprocessing
 BASE = {"input_size": 4, "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)}
 
 
 def test_temperature_round_trips_and_defaults_to_one():
-    warm = Preprocessing(**BASE, temperature=1.7)
+    warm = Postprocessing(temperature=1.7)
     assert warm.to_dict()["temperature"] == 1.7
-    assert Preprocessing.from_dict(warm.to_dict()) == warm
-    assert Preprocessing.from_dict(json.loads(json.dumps(warm.to_dict()))) == warm
+    assert Postprocessing.from_dict(warm.to_dict()) == warm
+    assert Postprocessing.from_dict(json.loads(json.dumps(warm.to_dict()))) == warm
+    # A checkpoint or exported file from before the temperature: a preprocessing record alone.
     older = Preprocessing(**BASE).to_dict()
-    del older["temperature"]  # a checkpoint or exported file from before the temperature
-    assert Preprocessing.from_dict(older).temperature == 1.0
-    assert Preprocessing(**BASE, temperature=2).temperature == 2.0  # an int is a number
+    preprocessing, postprocessing = split_legacy_preprocessing(older)
+    assert preprocessing == older and Postprocessing.from_dict(postprocessing).temperature == 1.0
+    assert Postprocessing().temperature == 1.0
+    assert Postprocessing(temperature=2).temperature == 2.0  # an int is a number
 
 
 @pytest.mark.parametrize("bad", [0, 0.0, -1.5, float("nan"), float("inf"), "2.0", None, True])
 def test_a_temperature_that_is_not_a_positive_finite_number_is_refused(bad):
     with pytest.raises(ValueError, match="temperature"):
-        Preprocessing(**BASE, temperature=bad)
+        Postprocessing(temperature=bad)
     with pytest.raises(ValueError, match="temperature"):
-        Preprocessing.from_dict({**Preprocessing(**BASE).to_dict(), "temperature": bad})
+        Postprocessing.from_dict({**Postprocessing().to_dict(), "temperature": bad})
 
 
 def test_an_exported_files_metadata_carries_the_temperature():
-    metadata = ExportMetadata(["a", "b"], Preprocessing(**BASE, temperature=2.5), FLOAT_INPUT, "x")
+    metadata = ExportMetadata(
+        ["a", "b"], Preprocessing(**BASE), Postprocessing(temperature=2.5), FLOAT_INPUT, "x"
+    )
     assert ExportMetadata.from_strings(metadata.to_strings(), "model.onnx") == metadata
     strings = metadata.to_strings()
-    older = json.loads(strings["thaw.preprocessing"])
-    del older["temperature"]  # a file exported before the temperature was saved
-    strings["thaw.preprocessing"] = json.dumps(older)
-    assert ExportMetadata.from_strings(strings, "old.onnx").preprocessing.temperature == 1.0
+    del strings["thaw.postprocessing"]  # a file exported before the temperature was saved
+    assert ExportMetadata.from_strings(strings, "old.onnx").postprocessing.temperature == 1.0
+    # A file exported while the temperature was a field of the preprocessing keeps it.
+    strings["thaw.preprocessing"] = json.dumps(
+        {**Preprocessing(**BASE).to_dict(), "temperature": 2.5}
+    )
+    assert ExportMetadata.from_strings(strings, "old.onnx") == metadata
 
 
 # ---------------------------------------------------------------------------- predictor
@@ -206,12 +214,12 @@ def test_the_predictor_gives_the_softmax_of_the_logits_divided_by_the_temperatur
 
     views = [batch] if tta == "none" else [batch, batch.flip(-1)]
     for temperature in (1.0, 3.0, 0.5):
-        member = Member(model, Preprocessing(**BASE, temperature=temperature))
+        member = Member(model, Preprocessing(**BASE), Postprocessing(temperature=temperature))
         got = Predictor([member], ["a", "b", "c"], tta).batch_probabilities([batch])
         expected = sum(by_hand(view, temperature) for view in views) / len(views)
         assert got == pytest.approx(expected, abs=1e-6)
     # An ensemble averages each member's own calibrated probabilities.
-    hot, cold = (Member(model, Preprocessing(**BASE, temperature=t)) for t in (3.0, 0.5))
+    hot, cold = (Member(model, Preprocessing(**BASE), Postprocessing(t)) for t in (3.0, 0.5))
     both = Predictor([hot, cold], ["a", "b", "c"], tta).batch_probabilities([batch, batch])
     expected = sum(by_hand(v, 3.0) + by_hand(v, 0.5) for v in views) / (2 * len(views))
     assert both == pytest.approx(expected, abs=1e-6)
@@ -225,7 +233,7 @@ def test_training_fits_the_temperature_into_best_ckpt_and_calibrate_false_leaves
     metrics = run(cfg)
     run_dir = Path(cfg.paths.output_dir)
     best = run_dir / "checkpoints" / "best.ckpt"
-    temperature = load_trained(best).preprocessing.temperature
+    temperature = load_trained(best).postprocessing.temperature
     assert temperature != 1.0 and temperature == pytest.approx(metrics["temperature"])
     assert metrics["val/nll_calibrated"] <= metrics["val/nll"]
     # The same figures in metrics.json, beside the test metrics.
@@ -239,7 +247,7 @@ def test_training_fits_the_temperature_into_best_ckpt_and_calibrate_false_leaves
     saved = torch.load(best, weights_only=True)
     last = torch.load(best.parent / "last.ckpt", weights_only=True)
     assert set(saved) == set(last)
-    assert last["thaw"]["preprocessing"]["temperature"] == 1.0
+    assert last["thaw"]["postprocessing"]["temperature"] == 1.0
     assert saved["thaw"]["config"] == last["thaw"]["config"]
 
     off = train_config(
@@ -247,7 +255,7 @@ def test_training_fits_the_temperature_into_best_ckpt_and_calibrate_false_leaves
     )
     off_metrics = run(off)
     off_best = Path(off.paths.output_dir) / "checkpoints" / "best.ckpt"
-    assert load_trained(off_best).preprocessing.temperature == 1.0
+    assert load_trained(off_best).postprocessing.temperature == 1.0
     assert not {"temperature", "val/nll", "val/nll_calibrated"} & set(off_metrics)
     # Both runs trained the same weights (same seed); only the temperature differs.
     on_weights = torch.load(best, weights_only=True)["state_dict"]
@@ -262,13 +270,19 @@ def test_a_run_without_a_best_checkpoint_skips_the_temperature(train_config):
 
 def test_update_run_record_rewrites_only_what_it_is_given(tmp_path):
     path = tmp_path / "model.ckpt"
-    record = {"config": {"a": 1}, "classes": ["x", "y"], "preprocessing": {"input_size": 4}}
+    record = {
+        "config": {"a": 1},
+        "classes": ["x", "y"],
+        "preprocessing": {"input_size": 4},
+        "postprocessing": Postprocessing().to_dict(),
+        "format": FORMAT,
+    }
     torch.save({"state_dict": {"w": torch.ones(2)}, "thaw": record}, path)
     path.chmod(0o640)
-    prep = Preprocessing(**BASE, temperature=1.5).to_dict()
-    update_run_record(path, preprocessing=prep)
+    post = Postprocessing(temperature=1.5).to_dict()
+    update_run_record(path, postprocessing=post)
     saved = torch.load(path, weights_only=True)
-    assert saved["thaw"] == {**record, "preprocessing": prep}
+    assert saved["thaw"] == {**record, "postprocessing": post}
     assert torch.equal(saved["state_dict"]["w"], torch.ones(2))
     assert path.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]

@@ -70,7 +70,7 @@ class Probe(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._before = {
             name: {k: v.detach().clone() for k, v in group.tensors().items()}
-            for name, group in pl_module.layer_groups().items()
+            for name, group in pl_module.model.layer_groups().items()
         }
 
     def on_train_batch_start(
@@ -81,13 +81,13 @@ class Probe(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         moved = set()
-        for name, group in pl_module.layer_groups().items():
+        for name, group in pl_module.model.layer_groups().items():
             now = group.tensors()
             if any(not torch.equal(self._before[name][k], now[k]) for k in now):
                 moved.add(name)
         self.moved.append(moved)
         self.backbone_requires_grad.append(
-            {p.requires_grad for p in pl_module.backbone.parameters()}
+            {p.requires_grad for p in pl_module.model.backbone.parameters()}
         )
         metrics = trainer.callback_metrics
         self.val.append({k: float(metrics[k]) for k in ("val/loss", "val/acc") if k in metrics})

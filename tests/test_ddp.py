@@ -14,11 +14,12 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING, TINY, offline_fmnist
 from test_resume import NoisyImages
 from thaw.data.resumable import ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
-from thaw.models import Classifier, create_backbone
+from thaw.models import create_backbone
 from thaw.resume import ResumeState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ class GatherBackbones(pl.Callback):
         self.per_epoch: list[list[torch.Tensor]] = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        flat = torch.cat([p.detach().flatten() for p in pl_module.backbone.parameters()])
+        flat = torch.cat([p.detach().flatten() for p in pl_module.model.backbone.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, flat)
         self.per_epoch.append(gathered)
@@ -54,15 +55,13 @@ def file_system_sharing():
 @pytest.mark.usefixtures("file_system_sharing")
 def test_ddp_spawn_syncs_the_thawed_backbone_across_two_cpu_processes(quiet_trainer, tmp_path):
     torch.manual_seed(0)
-    model = Classifier(
-        create_backbone("resnet18", weights=None),
-        ["a", "b", "c"],
-        PREPROCESSING,
+    model = task(
+        classifier(create_backbone("resnet18", weights=None), ["a", "b", "c"], PREPROCESSING),
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
         finetune=TwoPhase(freeze_epochs=1),
         scheduler=partial(schedulers.constant),
     )
-    initial = torch.cat([p.detach().flatten() for p in model.backbone.parameters()])
+    initial = torch.cat([p.detach().flatten() for p in model.model.backbone.parameters()])
     trainer = quiet_trainer(
         devices=2,
         strategy="ddp_spawn_find_unused_parameters_true",

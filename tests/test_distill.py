@@ -11,10 +11,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from thaw.build import build_classifier, build_datamodule, build_strategy
+from classifiers import task
+from thaw.build import build_datamodule, build_strategy, build_task
 from thaw.finetune import FreezeUnfreeze, TwoPhase
 from thaw.finetune.distillation import Distillation
-from thaw.trained import load_trained
+from thaw.models import load_trained
 
 
 class RecordLoss(pl.Callback):
@@ -28,15 +29,18 @@ class RecordLoss(pl.Callback):
 def test_a_student_equal_to_its_teacher_has_nothing_to_learn_and_the_teacher_never_changes(
     folder_run, quiet_trainer
 ):
-    trained = load_trained(folder_run / "checkpoints" / "best.ckpt")
-    teacher = trained.model
+    teacher = load_trained(folder_run / "checkpoints" / "best.ckpt")
     teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}
-    student = copy.deepcopy(teacher)  # the student starts as the teacher, head dropout off
-    student.head[0].p = 0.0
-    student.optimizer_factory = partial(torch.optim.SGD, lr=0.5)
-    student.finetune = TwoPhase(freeze_epochs=1)  # the backbone frozen in eval mode, as a teacher
-    student.distillation = Distillation.of(
-        teacher, trained.preprocessing, trained.preprocessing, alpha=1.0, temperature=4.0
+    network = copy.deepcopy(teacher)  # the student starts as the teacher, head dropout off
+    network.head[0].p = 0.0
+    student = task(
+        network,
+        optimizer=partial(torch.optim.SGD, lr=0.5),
+        finetune=TwoPhase(freeze_epochs=1),  # the backbone frozen in eval mode, as a teacher
+        label_smoothing=teacher.config["model"]["label_smoothing"],
+        distillation=Distillation.of(
+            teacher, teacher.preprocessing, teacher.preprocessing, alpha=1.0, temperature=4.0
+        ),
     )
     recorder = RecordLoss()
     images = TensorDataset(torch.randn(12, 3, 28, 28), torch.arange(12) % 3)
@@ -53,11 +57,11 @@ def test_a_student_equal_to_its_teacher_has_nothing_to_learn_and_the_teacher_nev
 
 def test_the_distillation_loss_is_hintons(folder_run):
     trained = load_trained(folder_run / "checkpoints" / "best.ckpt")
-    distill = Distillation.of(trained.model, trained.preprocessing, trained.preprocessing, 0.3, 2.0)
+    distill = Distillation.of(trained, trained.preprocessing, trained.preprocessing, 0.3, 2.0)
     images = torch.randn(4, 3, 28, 28)
     student_logits = torch.randn(4, 3)
     with torch.no_grad():
-        teacher_probs = (trained.model(images) / 2.0).softmax(-1)
+        teacher_probs = (trained(images) / 2.0).softmax(-1)
     student_log_probs = (student_logits / 2.0).log_softmax(-1)
     kl = (teacher_probs * (teacher_probs.log() - student_log_probs)).sum(-1).mean()
     expected = 0.7 * 1.25 + 0.3 * 4.0 * kl
@@ -72,4 +76,4 @@ def test_a_teacher_of_other_classes_is_refused_with_both_lists(folder_run, train
     datamodule.setup("fit")
     both = r"trained on \['Bag', 'Sneaker', 'Trouser'\].*has \['T-shirt/top', 'Trouser'"
     with pytest.raises(ValueError, match=both):
-        build_classifier(cfg, datamodule, build_strategy(cfg))
+        build_task(cfg, datamodule, build_strategy(cfg))

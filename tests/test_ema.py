@@ -11,10 +11,11 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING
 from thaw.finetune import FreezeUnfreeze, Full
 from thaw.finetune.ema import EMA
-from thaw.models import Classifier, create_backbone
+from thaw.models import create_backbone
 
 
 class RecordWeights(pl.Callback):
@@ -41,10 +42,8 @@ def fitted(quiet_trainer, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     """Three SGD steps of resnet18 with EMA(decay=0.6), a checkpoint saved at the epoch's end
     (the average and the raw weights), then `trainer.test` of that checkpoint."""
     torch.manual_seed(0)
-    model = Classifier(
-        create_backbone("resnet18", weights=None),
-        ["a", "b", "c"],
-        PREPROCESSING,
+    model = task(
+        classifier(create_backbone("resnet18", weights=None), ["a", "b", "c"], PREPROCESSING),
         optimizer=partial(torch.optim.SGD, lr=0.1),
         finetune=Full(),
     )
@@ -81,7 +80,7 @@ def test_the_checkpoint_holds_the_hand_computed_average_and_the_raw_weights(fitt
     for name, value in expected.items():
         torch.testing.assert_close(checkpoint["state_dict"][name], value, rtol=1e-5, atol=1e-6)
         assert torch.equal(checkpoint["current_model_state"][name], third[name])
-    assert not torch.equal(expected["head.1.weight"], third["head.1.weight"])
+    assert not torch.equal(expected["model.head.1.weight"], third["model.head.1.weight"])
 
 
 def test_testing_the_checkpoint_after_fit_tests_the_average(fitted: tuple) -> None:
@@ -105,10 +104,8 @@ def test_a_decay_that_spans_too_much_of_the_run_is_named_with_one_that_fits(
     quiet_trainer, caplog, decay, warned
 ):
     """40 steps: 0.9 spans about 10, a quarter of the run; 0.999 would keep the early weights."""
-    model = Classifier(
-        create_backbone("resnet18", weights=None),
-        ["a", "b"],
-        PREPROCESSING,
+    model = task(
+        classifier(create_backbone("resnet18", weights=None), ["a", "b"], PREPROCESSING),
         optimizer=partial(torch.optim.SGD, lr=0.1),
         finetune=Full(),
     )

@@ -23,13 +23,14 @@ from thaw.checkpoint import CheckpointError, run_dir
 from thaw.config import compose_config
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
+from thaw.errors import UserError
 from thaw.export import check_images, export, export_model, stratified_sample, write_gated
 from thaw.inference.export_formats import ExportError
 from thaw.inference.metadata import ExportMetadata
 from thaw.inference.onnx_model import OnnxModel
 from thaw.inference.parity import CheckImages, ParityError, check_parity
+from thaw.models import ImageClassifier, load_trained
 from thaw.preprocess import Preprocessing
-from thaw.trained import TrainedModel, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = FOLDER_SPLITS["val"] * len(FOLDER_CLASSES)
@@ -37,8 +38,13 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def trained(folder_run: Path) -> TrainedModel:
-    return load_trained(folder_run / "checkpoints" / "best.ckpt")
+def checkpoint(folder_run: Path) -> Path:
+    return folder_run / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def trained(checkpoint: Path) -> ImageClassifier:
+    return load_trained(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +53,17 @@ def test_files(photo_folder: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def expected(trained: TrainedModel, test_files: list[Path]) -> torch.Tensor:
+def expected(trained: ImageClassifier, test_files: list[Path]) -> torch.Tensor:
     """The checkpoint's probabilities on the test photos, through thaw's own transform."""
     with torch.inference_mode():
-        return trained.model(preprocessed(test_files, trained.preprocessing)).softmax(1)
+        return trained(preprocessed(test_files, trained.preprocessing)).softmax(1)
 
 
 @pytest.fixture(scope="module")
-def onnx_path(trained: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_model(trained, "onnx", tmp_path_factory.mktemp("onnx"))
+def onnx_path(
+    checkpoint, trained: ImageClassifier, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    return export_model(trained, checkpoint, "onnx", tmp_path_factory.mktemp("onnx"))
 
 
 def records(path: Path) -> dict:
@@ -77,7 +85,7 @@ def preprocessed(files: list[Path], preprocessing: Preprocessing, **options) -> 
 
 # ---------------------------------------------------------------------------------- formats
 def test_onnx_export_writes_the_model_and_its_record_and_agrees_with_the_checkpoint(
-    onnx_path, trained, test_files, expected
+    checkpoint, onnx_path, trained, test_files, expected
 ):
     assert sorted(p.name for p in onnx_path.parent.iterdir()) == ["export.json", "model.onnx"]
     record = records(onnx_path)["model.onnx"]
@@ -88,7 +96,7 @@ def test_onnx_export_writes_the_model_and_its_record_and_agrees_with_the_checkpo
     assert record["max_softmax_diff"] <= TOLERANCE
     assert record["top1_agreement"] == 1.0
     assert record["accuracy_exported"] == record["accuracy_checkpoint"] > 1 / len(FOLDER_CLASSES)
-    assert record["source_checkpoint"] == str(trained.path.resolve())
+    assert record["source_checkpoint"] == str(checkpoint.resolve())
     assert record["input_layout"] == "float32_normalized"
 
     model = OnnxModel(onnx_path)
@@ -107,7 +115,7 @@ def test_onnx_file_holds_each_weight_once(onnx_path, trained):
     graph = onnx.load(str(onnx_path)).graph
     names = [init.name for init in graph.initializer]
     assert len(names) == len(set(names))
-    weight_bytes = sum(p.numel() * 4 for p in trained.model.parameters())
+    weight_bytes = sum(p.numel() * 4 for p in trained.parameters())
     assert weight_bytes < onnx_path.stat().st_size < 1.02 * weight_bytes
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch
 
@@ -139,11 +147,13 @@ def test_a_third_party_rebuilds_the_preprocessing_from_the_onnx_metadata_alone(
 
 
 def test_normalize_in_graph_takes_uint8_rgb_and_agrees(
-    trained, tmp_path, photo_folder, test_files, expected
+    checkpoint, trained, tmp_path, photo_folder, test_files, expected
 ):
     # Checked on a folder of class folders given with images=, rather than the run's val split.
     images = photo_folder / "test"
-    path = export_model(trained, "onnx", tmp_path, images=images, normalize_in_graph=True)
+    path = export_model(
+        trained, checkpoint, "onnx", tmp_path, images=images, normalize_in_graph=True
+    )
     record = records(path)["model.onnx"]
     assert record["images_from"] == str(images)
     assert record["images"] == FOLDER_SPLITS["test"] * len(FOLDER_CLASSES)
@@ -157,8 +167,10 @@ def test_normalize_in_graph_takes_uint8_rgb_and_agrees(
     assert (got - expected).abs().max() <= TOLERANCE
 
 
-def test_int8_passes_its_gate_in_a_quarter_of_the_size(trained, onnx_path, test_files, expected):
-    path = export_model(trained, "onnx_int8", onnx_path.parent)
+def test_int8_passes_its_gate_in_a_quarter_of_the_size(
+    checkpoint, trained, onnx_path, test_files, expected
+):
+    path = export_model(trained, checkpoint, "onnx_int8", onnx_path.parent)
     both = records(path)  # one export.json for the run dir, a record per file
     assert sorted(both) == ["model.onnx", "model_int8.onnx"]
     record = both["model_int8.onnx"]
@@ -191,9 +203,9 @@ def test_calibration_images_are_seeded_and_stratified():
 
 
 def test_torch_export_program_loads_with_its_metadata_and_agrees(
-    trained, tmp_path, test_files, expected
+    checkpoint, trained, tmp_path, test_files, expected
 ):
-    path = export_model(trained, "torch_export", tmp_path)
+    path = export_model(trained, checkpoint, "torch_export", tmp_path)
     assert path.name == "model.pt2"
     assert records(path)["model.pt2"]["max_softmax_diff"] <= TOLERANCE
     extra = dict.fromkeys(ExportMetadata.keys(), "")
@@ -201,6 +213,7 @@ def test_torch_export_program_loads_with_its_metadata_and_agrees(
     metadata = ExportMetadata.from_strings(extra, str(path))
     assert metadata.classes == trained.classes
     assert metadata.preprocessing == trained.preprocessing
+    assert metadata.postprocessing == trained.postprocessing
     batch = preprocessed(test_files, metadata.preprocessing)
     with torch.inference_mode():
         assert (module(batch).softmax(1) - expected).abs().max() <= TOLERANCE
@@ -216,22 +229,28 @@ def val_set(photo_folder: Path) -> ImageSet:
 
 
 @pytest.fixture(scope="module")
-def val_check(trained: TrainedModel, val_set: ImageSet) -> CheckImages:
+def val_check(trained: ImageClassifier, val_set: ImageSet) -> CheckImages:
     """The gate's inputs, taken from the validation photos before anything is tampered with."""
     return check_images(val_set, trained.preprocessing, "float32_normalized")
 
 
-def test_the_gate_refuses_a_model_whose_weights_were_tampered_with(trained, val_check, tmp_path):
-    tampered = copy.deepcopy(trained.model)
+def test_the_gate_refuses_a_model_whose_weights_were_tampered_with(
+    checkpoint, trained, val_check, tmp_path
+):
+    tampered = copy.deepcopy(trained)
     with torch.no_grad():
         weight = tampered.head[1].weight
         weight.add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)))
     metadata = ExportMetadata(
-        trained.classes, trained.preprocessing, "float32_normalized", str(trained.path)
+        trained.classes,
+        trained.preprocessing,
+        trained.postprocessing,
+        "float32_normalized",
+        str(checkpoint),
     )
     out = tmp_path / "out"
     with pytest.raises(ParityError, match=r"max \|softmax difference\| .* top-1 agrees on"):
-        write_gated("onnx", tampered, trained.model, metadata, out, val_check)
+        write_gated("onnx", tampered, trained, metadata, out, val_check)
     assert not out.exists()
 
 
@@ -241,19 +260,19 @@ def test_the_gate_refuses_a_preprocessing_mismatch(trained, onnx_path, val_set, 
     wrong = check_images(val_set, other, "float32_normalized")
     mismatched = CheckImages(val_check.reference, wrong.exported, val_check.labels)
     with pytest.raises(ParityError, match=f"on {N_VAL} check images"):
-        check_parity(trained.model, OnnxModel(onnx_path), mismatched, quantized=False)
+        check_parity(trained, OnnxModel(onnx_path), mismatched, quantized=False)
     # The same file, fed what its metadata says, passes.
-    assert check_parity(trained.model, OnnxModel(onnx_path), val_check, quantized=False)
+    assert check_parity(trained, OnnxModel(onnx_path), val_check, quantized=False)
 
 
 def test_the_int8_gate_refuses_an_accuracy_drop(trained, val_check):
     # A model whose classes were swapped: wrong on nearly every image.
-    swapped = copy.deepcopy(trained.model)
+    swapped = copy.deepcopy(trained)
     with torch.no_grad():
         swapped.head[1].weight.copy_(swapped.head[1].weight.roll(1, 0))
         swapped.head[1].bias.copy_(swapped.head[1].bias.roll(1, 0))
     with pytest.raises(ParityError, match=r"accuracy .* points \(at most 1 allowed"):
-        check_parity(trained.model, swapped, val_check, quantized=True)
+        check_parity(trained, swapped, val_check, quantized=True)
 
 
 # ------------------------------------------------------------------------------- bad input
@@ -277,9 +296,9 @@ def test_an_unknown_format_is_refused_with_the_formats_before_any_work(tmp_path)
     assert not (tmp_path / "out").exists()
 
 
-def test_a_count_of_images_below_one_is_refused(trained, tmp_path):
-    with pytest.raises(ExportError, match="parity_images must be a positive number"):
-        export_model(trained, "onnx", tmp_path / "out", parity_images=0)
+def test_a_count_of_images_below_one_is_refused(checkpoint, trained, tmp_path):
+    with pytest.raises(UserError, match=r"parity_images must be an integer >= 1, got 0"):
+        export_model(trained, checkpoint, "onnx", tmp_path / "out", parity_images=0)
     assert not (tmp_path / "out").exists()
 
 
@@ -287,7 +306,7 @@ def test_onnx_export_without_onnxruntime_names_the_extra_before_any_work(tmp_pat
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now fails
     missing = tmp_path / "missing.ckpt"  # checked before the checkpoint is read
     for format in ("onnx", "onnx_int8"):
-        with pytest.raises(ImportError, match=r"pip install 'thaw-vision\[export\]'"):
+        with pytest.raises(UserError, match=r"pip install 'thaw-vision\[export\]'"):
             export(export_cfg(tmp_path, f"ckpt_path={missing}", f"format={format}"))
     assert not (tmp_path / "out").exists()
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING
 from thaw.finetune import (
     FreezeUnfreeze,
@@ -22,20 +23,21 @@ from thaw.finetune import (
     discriminative_lrs,
     schedulers,
 )
-from thaw.models import Classifier, create_backbone
+from thaw.models import create_backbone
 from thaw.models.backbones import HEAD, STAGES
 from thaw.models.backbones.torchvision import MODELS
 from thaw.models.layer_groups import LayerGroup
+from thaw.models.task import ClassificationTask
 
 GROUPS = [*STAGES, HEAD]
 
 
-def make_model(strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=None) -> Classifier:
+def make_model(
+    strategy, lr: float = 1e-2, weight_decay: float = 0.1, scheduler=None
+) -> ClassificationTask:
     torch.manual_seed(0)
-    return Classifier(
-        create_backbone("resnet18", weights=None),
-        ["a", "b", "c"],
-        PREPROCESSING,
+    return task(
+        classifier(create_backbone("resnet18", weights=None), ["a", "b", "c"], PREPROCESSING),
         optimizer=partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
         finetune=strategy,
         scheduler=scheduler,
@@ -66,7 +68,7 @@ class RecordOptimizer(pl.Callback):
 def fit(quiet_trainer):
     """fit(model, epochs, *callbacks): train on `loader()` with the model's freeze schedule."""
 
-    def train(model: Classifier, epochs: int, *extra: pl.Callback) -> pl.Trainer:
+    def train(model: ClassificationTask, epochs: int, *extra: pl.Callback) -> pl.Trainer:
         trainer = quiet_trainer(
             max_epochs=epochs,
             callbacks=[FreezeUnfreeze(model.finetune), *extra],
@@ -89,15 +91,15 @@ def changed(before: dict[str, torch.Tensor], group: LayerGroup) -> dict[str, boo
     return {k: not torch.equal(before[k], after[k]) for k in before}
 
 
-def group_snapshots(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
-    return {name: snapshot(group) for name, group in model.layer_groups().items()}
+def group_snapshots(model: ClassificationTask) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: snapshot(group) for name, group in model.model.layer_groups().items()}
 
 
 def test_phase_one_freezes_backbone_bitwise_while_head_learns(fit):
     model = make_model(TwoPhase(freeze_epochs=1))
     before = group_snapshots(model)
     fit(model, epochs=1)
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     for name in GROUPS[:-1]:  # weights, biases and BatchNorm running stats alike
         diff = changed(before[name], groups[name])
         assert not any(diff.values()), (
@@ -111,7 +113,7 @@ def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes(fit):
     recorder = RecordOptimizer()
     before = group_snapshots(model)
     trainer = fit(model, 2, recorder)
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     for name in ("stage1", "stage2"):
         assert not any(changed(before[name], groups[name]).values()), name
     for name in ("stage3", "stage4", "head"):
@@ -125,8 +127,8 @@ def test_unfreeze_trains_top_groups_only_and_optimizer_never_changes(fit):
 
 def test_bn_train_keeps_frozen_batchnorm_training(fit):
     model = make_model(TwoPhase(freeze_epochs=5, bn="train"))
-    bn = model.backbone.bn1
-    conv = model.backbone.conv1
+    bn = model.model.backbone.bn1
+    conv = model.model.backbone.conv1
     stats, affine, weight = bn.running_mean.clone(), bn.weight.clone(), conv.weight.clone()
     fit(model, epochs=1)
     assert not torch.equal(stats, bn.running_mean)
@@ -152,12 +154,12 @@ def test_full_trains_everything_from_the_first_step_and_linear_probe_nothing_but
     model = make_model(Full())
     before = group_snapshots(model)
     fit(model, epochs=1)
-    assert all(any(changed(before[n], model.layer_groups()[n]).values()) for n in GROUPS)
+    assert all(any(changed(before[n], model.model.layer_groups()[n]).values()) for n in GROUPS)
 
     model = make_model(LinearProbe())
     before = group_snapshots(model)
     fit(model, epochs=2)
-    moved = [n for n in GROUPS if any(changed(before[n], model.layer_groups()[n]).values())]
+    moved = [n for n in GROUPS if any(changed(before[n], model.model.layer_groups()[n]).values())]
     assert moved == ["head"]
 
 
@@ -192,14 +194,12 @@ def test_optimizer_groups_carry_their_lr_and_no_decay_on_bias_and_norm(fit):
 def test_every_backbone_parameter_is_in_exactly_one_group(name):
     backbone = create_backbone(name, weights=None)
     assert list(backbone.groups) == GROUPS[:-1]
-    model = Classifier(
-        backbone,
-        ["a", "b"],
-        PREPROCESSING,
+    model = task(
+        classifier(backbone, ["a", "b"], PREPROCESSING),
         optimizer=partial(torch.optim.SGD, lr=0.1),
         finetune=Full(),
     )
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     grouped = [id(p) for group in groups.values() for p in group.params]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())
     param_groups = build_param_groups(groups, dict.fromkeys(GROUPS, 0.1), 0.05)
@@ -288,7 +288,7 @@ def test_gradual_trains_exactly_the_thawed_groups_each_epoch(fit):
             self.before = group_snapshots(pl_module)
 
         def on_train_epoch_end(self, trainer, pl_module):
-            groups = pl_module.layer_groups()
+            groups = pl_module.model.layer_groups()
             moved_by_epoch.append(
                 [n for n in GROUPS if any(changed(self.before[n], groups[n]).values())]
             )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +13,13 @@ import torch
 from PIL import Image
 from torch import nn
 
+from classifiers import classifier
 from thaw.analysis.gradcam import explain_image, grad_cam, overlay, target_layer
+from thaw.models import ImageClassifier
 from thaw.models.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_backbone
 from thaw.models.backbones.torchvision import MODELS
-from thaw.models.classifier import Classifier
 from thaw.models.layer_groups import blocks_from_paths
 from thaw.preprocess import Preprocessing
-from thaw.trained import TrainedModel
 
 SIZE = 64  # the tiny backbone's stage4 map is 8 x 8 at this size
 PATCH = 12
@@ -103,11 +102,11 @@ def quadrant_share(cams: torch.Tensor, quadrants: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained() -> TrainedModel:
+def trained() -> ImageClassifier:
     """The tiny classifier trained on one-patch images (plain loop, CPU, a few seconds)."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    model = Classifier(tiny_backbone(), CLASSES, PREPROCESSING)
+    model = classifier(tiny_backbone(), CLASSES, PREPROCESSING)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(120):
@@ -116,12 +115,11 @@ def trained() -> TrainedModel:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
-    return TrainedModel(model, PREPROCESSING, CLASSES, {}, Path("tiny.ckpt"))
+    return model.eval()
 
 
 def test_grad_cam_points_at_the_evidence_of_the_class_asked(trained):
-    model = trained.model
+    model = trained
     images, labels, quadrants = patches(64, torch.Generator().manual_seed(1))
     batch = normalize(images)
     with torch.no_grad():
@@ -166,7 +164,7 @@ def test_explain_image_overlays_the_predicted_class_on_the_cropped_view(trained)
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_grad_cam_runs_on_every_backbone_and_leaves_the_model_as_it_was(name):
     torch.manual_seed(0)
-    model = Classifier(create_backbone(name, weights=None), ["a", "b", "c"], PREPROCESSING)
+    model = classifier(create_backbone(name, weights=None), ["a", "b", "c"], PREPROCESSING)
     model.train()
     frozen_norm = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     frozen_norm.eval()  # as a fine-tuning run may keep frozen batch norms
@@ -192,13 +190,13 @@ def test_grad_cam_runs_on_every_backbone_and_leaves_the_model_as_it_was(name):
 
 
 def test_the_target_layer_is_the_highest_spatial_map_that_can_point_somewhere():
-    resnet = Classifier(create_backbone("resnet18", weights=None), ["a", "b"], PREPROCESSING)
+    resnet = classifier(create_backbone("resnet18", weights=None), ["a", "b"], PREPROCESSING)
     assert target_layer(resnet, (224, 224)) is resnet.backbone.layer4  # 7x7
     assert target_layer(resnet, (128, 128)) is resnet.backbone.layer4  # 4x4
     assert target_layer(resnet) is resnet.backbone.layer3  # 64 px: layer4 would be 2x2
     assert target_layer(resnet, (28, 28)) is resnet.backbone.layer2  # layer3 2x2, layer2 4x4
     # MobileNetV3's stage4 ends in a pooled projection (a Linear): the map is the layer before.
-    mobilenet = Classifier(
+    mobilenet = classifier(
         create_backbone("mobilenet_v3_large", weights=None), ["a", "b"], PREPROCESSING
     )
     assert target_layer(mobilenet, (224, 224)) is mobilenet.backbone.features[16]

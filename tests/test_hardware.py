@@ -11,22 +11,23 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING
 from thaw.finetune import Full
 from thaw.hardware import channels_last, instantiate_trainer, resolve_precision
-from thaw.models import Backbone, Classifier, create_backbone
+from thaw.models import Backbone, create_backbone, load_trained
 from thaw.models.layer_groups import blocks_from_paths
+from thaw.models.task import ClassificationTask
 from thaw.train import run
-from thaw.trained import load_trained
 
 
-def classifier(backbone: Backbone, **kwargs: bool) -> Classifier:
+def sgd_task(
+    backbone: Backbone, channels_last: bool = False, compile: bool = False
+) -> ClassificationTask:
     torch.manual_seed(1)  # the head
     optimizer = partial(torch.optim.SGD, lr=0.1)
-    classes = ["a", "b", "c"]
-    return Classifier(
-        backbone, classes, PREPROCESSING, optimizer=optimizer, finetune=Full(), **kwargs
-    ).eval()
+    model = classifier(backbone, ["a", "b", "c"], PREPROCESSING, channels_last=channels_last)
+    return task(model, optimizer=optimizer, finetune=Full(), compile=compile).eval()
 
 
 def test_auto_settings_follow_the_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,10 +57,10 @@ def test_the_trainer_never_sees_thaw_keys(train_config) -> None:
 
 def test_channels_last_model_computes_the_same_logits(train_config) -> None:
     torch.manual_seed(0)
-    plain = classifier(create_backbone("resnet18", weights=None))
+    plain = sgd_task(create_backbone("resnet18", weights=None))
     torch.manual_seed(0)
-    nhwc = classifier(create_backbone("resnet18", weights=None), channels_last=True)
-    conv = nhwc.backbone.get_submodule("conv1").weight
+    nhwc = sgd_task(create_backbone("resnet18", weights=None), channels_last=True)
+    conv = nhwc.model.backbone.get_submodule("conv1").weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     images = torch.randn(4, 3, 28, 28)
     torch.testing.assert_close(nhwc(images), plain(images), atol=1e-5, rtol=1e-4)
@@ -68,8 +69,8 @@ def test_channels_last_model_computes_the_same_logits(train_config) -> None:
     assert "test/acc" in run(cfg)
     best = Path(cfg.paths.output_dir) / "checkpoints" / "best.ckpt"
     with torch.inference_mode():
-        nchw = load_trained(best).model(images)
-        torch.testing.assert_close(load_trained(best, channels_last=True).model(images), nchw)
+        nchw = load_trained(best)(images)
+        torch.testing.assert_close(load_trained(best, channels_last=True)(images), nchw)
 
 
 def test_compiled_backbone_keeps_outputs_and_checkpoint_keys() -> None:
@@ -81,7 +82,7 @@ def test_compiled_backbone_keeps_outputs_and_checkpoint_keys() -> None:
         blocks = blocks_from_paths(net, {"stage1": ["0", "1"]})
         return Backbone("tiny", net, 8, blocks, (0.5,) * 3, (0.5,) * 3)
 
-    eager, compiled = classifier(tiny()), classifier(tiny(), compile=True)
+    eager, compiled = sgd_task(tiny()), sgd_task(tiny(), compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     images = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(compiled(images), eager(images), atol=1e-5, rtol=1e-4)

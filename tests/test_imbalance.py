@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from thaw.build import build_classifier, build_datamodule, build_strategy
+from thaw.build import build_datamodule, build_strategy, build_task
 from thaw.data.resumable import EpochSampler, balanced_weights
 from thaw.models.loss import ClassificationLoss, resolve_class_weights
 
@@ -98,9 +98,9 @@ def test_loss_settings_reach_the_model(train_config):
     cfg = train_config("model.class_weights=balanced", "model.focal_gamma=2")
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    model = build_classifier(cfg, datamodule, build_strategy(cfg))
+    task = build_task(cfg, datamodule, build_strategy(cfg))
     counts = torch.bincount(datamodule.train_set.labels, minlength=10).double()
     expected = counts.sum() / (10 * counts)
-    torch.testing.assert_close(model.criterion.weight.double(), expected)
-    assert model.criterion.focal_gamma == 2
-    assert "criterion.weight" not in model.state_dict()  # checkpoints load without it
+    torch.testing.assert_close(task.criterion.weight.double(), expected)
+    assert task.criterion.focal_gamma == 2
+    assert "criterion.weight" not in task.state_dict()  # checkpoints load without it

@@ -45,7 +45,7 @@ def test_mixed_precision_trains_through_the_unfreeze(quiet_trainer, accelerator,
     trainer.fit(model, train_dataloaders=loader())
     assert len(losses.losses) == 6 and all(math.isfinite(x) for x in losses.losses)
     model.cpu()
-    after = model.layer_groups()
+    after = model.model.layer_groups()
     for name in GROUPS:
         assert any(changed(before[name], after[name]).values()), f"{name} did not train"
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32

@@ -28,9 +28,9 @@ from thaw.export import export_model
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT
 from thaw.inference.predictor import tta_views
+from thaw.models import load_trained
 from thaw.predict import predict
 from thaw.preprocess import Preprocessing
-from thaw.trained import load_trained
 
 CLASSES = sorted(FOLDER_CLASSES)  # an image folder's classes are its sorted folder names
 N_TEST = FOLDER_SPLITS["test"] * len(FOLDER_CLASSES)
@@ -314,7 +314,7 @@ def test_onnx_predictions_match_the_checkpoints(
     plain_rows, ckpt, photo_folder, tmp_path, layout, tta
 ):
     model = export_model(
-        load_trained(ckpt), "onnx", tmp_path, normalize_in_graph=layout == UINT8_INPUT
+        load_trained(ckpt), ckpt, "onnx", tmp_path, normalize_in_graph=layout == UINT8_INPUT
     )
     test_dir = f"inputs={photo_folder / 'test'}"
     rows = read_csv(run_predict(tmp_path / "onnx", f"model_path={model}", test_dir, f"tta={tta}"))

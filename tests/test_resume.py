@@ -19,11 +19,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
-import thaw.progress
+import thaw.progress.trainer
+from classifiers import classifier, task
 from conftest import PREPROCESSING
 from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
-from thaw.models import Classifier, create_backbone
+from thaw.models import create_backbone
+from thaw.models.task import ClassificationTask
 from thaw.resume import ResumeState
 from thaw.train import run
 
@@ -65,16 +67,14 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def new_model(init_seed: int) -> Classifier:
+def new_model(init_seed: int) -> ClassificationTask:
     torch.manual_seed(init_seed)
-    return Classifier(
-        create_backbone("resnet18", weights=None),
-        ["a", "b", "c"],
-        PREPROCESSING,
+    backbone = create_backbone("resnet18", weights=None)
+    return task(
+        classifier(backbone, ["a", "b", "c"], PREPROCESSING, head_dropout=0.5),
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1),
         finetune=TwoPhase(freeze_epochs=1, unfreeze_groups=2),
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
-        head_dropout=0.5,
     )
 
 
@@ -84,10 +84,10 @@ def fit(
     *callbacks: pl.Callback,
     ckpt_path: str | None = None,
     init_seed: int = 0,
-    make_model: Callable[[int], Classifier] = new_model,
+    make_model: Callable[[int], ClassificationTask] = new_model,
 ):
     """Fit `make_model(init_seed)` for EPOCHS epochs of STEPS_PER_EPOCH steps, two-phase,
-    checkpointing into `tmp`; returns the model, the trainer and its per-step LRs."""
+    checkpointing into `tmp`; returns the task, the trainer and its per-step LRs."""
     model = make_model(init_seed)
     recorder = RecordLR()
     trainer = quiet_trainer(
@@ -208,9 +208,11 @@ def test_the_epoch_a_run_resumes_in_is_timed_from_the_resume(train_config, monke
     """Lightning skips on_train_epoch_start for the epoch it resumes in the middle of. Its log line
     once timed it from the clock's zero (the machine's uptime): `0 img/s | 15h28m/epoch`."""
     ticks = itertools.count(start=1_000_000.0, step=0.01)  # a clock far from zero, as uptime is
-    monkeypatch.setattr(thaw.progress, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    monkeypatch.setattr(
+        thaw.progress.trainer, "time", SimpleNamespace(perf_counter=lambda: next(ticks))
+    )
     log_progress = [
-        "++callbacks.progress={_target_:thaw.progress.LogProgress}",
+        "++callbacks.progress={_target_:thaw.progress.trainer.LogProgress}",
         "++trainer.enable_progress_bar=true",
         "trainer.max_epochs=2",
         "test=false",

@@ -17,6 +17,7 @@ from safetensors.torch import save, save_file
 from timm.models._manipulate import group_parameters
 from torch.utils.data import DataLoader, TensorDataset
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING, TINY, offline_fmnist
 from data_formats import serve_handler
 from test_resume import SigtermAt, fit
@@ -25,25 +26,25 @@ from thaw.config import compose_config
 from thaw.export import export_model
 from thaw.finetune import FreezeUnfreeze, Full, LinearProbe, TwoPhase, schedulers
 from thaw.inference.onnx_model import OnnxModel
-from thaw.models import Classifier, WeightsError, create_backbone
+from thaw.models import WeightsError, create_backbone, load_trained
 from thaw.models.backbones import HEAD, STAGES, backbone_spec
+from thaw.models.task import ClassificationTask
 from thaw.train import run
-from thaw.trained import load_trained
 
 SIZE = 32
 MODELS = ["convnext_atto", "mobilenetv3_small_050", "resnet10t", "vit_tiny_patch16_224"]
 
 
-def classifier(name: str, strategy, seed: int = 0, channels_last: bool = False) -> Classifier:
+def timm_task(
+    name: str, strategy, seed: int = 0, channels_last: bool = False
+) -> ClassificationTask:
     torch.manual_seed(seed)
-    return Classifier(
-        create_backbone(name, None, "timm", input_size=SIZE),
-        ["a", "b", "c"],
-        PREPROCESSING,
+    backbone = create_backbone(name, None, "timm", input_size=SIZE)
+    return task(
+        classifier(backbone, ["a", "b", "c"], PREPROCESSING, channels_last=channels_last),
         optimizer=partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.05),
         finetune=strategy,
         scheduler=partial(schedulers.cosine, warmup_epochs=0.5),
-        channels_last=channels_last,
     )
 
 
@@ -52,13 +53,15 @@ def images(n: int = 24) -> TensorDataset:
     return TensorDataset(torch.randn(n, 3, SIZE, SIZE, generator=g), torch.arange(n) % 3)
 
 
-def stage_tensors(model: Classifier) -> dict[str, dict[str, torch.Tensor]]:
+def stage_tensors(model: ClassificationTask) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter and buffer (norm statistics) of each layer group, copied."""
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     return {n: {k: v.detach().clone() for k, v in g.tensors().items()} for n, g in groups.items()}
 
 
-def moved(before: dict[str, dict[str, torch.Tensor]], model: Classifier) -> dict[str, list[str]]:
+def moved(
+    before: dict[str, dict[str, torch.Tensor]], model: ClassificationTask
+) -> dict[str, list[str]]:
     """Per group, the tensors that changed."""
     after = stage_tensors(model)
     return {g: [k for k, v in before[g].items() if not torch.equal(v, after[g][k])] for g in before}
@@ -66,7 +69,7 @@ def moved(before: dict[str, dict[str, torch.Tensor]], model: Classifier) -> dict
 
 @pytest.mark.parametrize("name", MODELS)
 def test_freezing_trains_exactly_the_groups_each_strategy_asks_for(name, quiet_trainer):
-    def fit(model: Classifier, epochs: int) -> dict[str, list[str]]:
+    def fit(model: ClassificationTask, epochs: int) -> dict[str, list[str]]:
         before = stage_tensors(model)
         trainer = quiet_trainer(
             max_epochs=epochs,
@@ -76,33 +79,33 @@ def test_freezing_trains_exactly_the_groups_each_strategy_asks_for(name, quiet_t
         trainer.fit(model, DataLoader(images(), batch_size=8))
         return moved(before, model)
 
-    probe = fit(classifier(name, LinearProbe()), 1)
+    probe = fit(timm_task(name, LinearProbe()), 1)
     assert all(not probe[stage] for stage in STAGES), probe  # norms and their statistics too
     assert probe[HEAD]
 
-    two_phase = fit(classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2)), 2)
+    two_phase = fit(timm_task(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2)), 2)
     assert [g for g in [*STAGES, HEAD] if two_phase[g]] == ["stage3", "stage4", HEAD]
 
-    model = classifier(name, Full())
+    model = timm_task(name, Full())
     full = fit(model, 1)
     for stage in STAGES:
-        params = {n for block in model.layer_groups()[stage].blocks for n in block}
+        params = {n for block in model.model.layer_groups()[stage].blocks for n in block}
         assert params <= set(full[stage]), f"{stage}: {sorted(params - set(full[stage]))[:5]}"
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_groups_are_timms_layers_in_order_with_the_lrs_the_config_says(name):
-    model = classifier(name, TwoPhase(backbone_lr_ratio=0.01))
+    model = timm_task(name, TwoPhase(backbone_lr_ratio=0.01))
     timm_layers = group_parameters(
-        model.backbone, model.backbone.group_matcher(coarse=False), reverse=True
+        model.model.backbone, model.model.backbone.group_matcher(coarse=False), reverse=True
     )
-    blocks = model.backbone_blocks
+    blocks = model.model.backbone_blocks
     assert len(blocks) > len(STAGES)  # finer than the four groups
     assert {n: i for i, b in enumerate(blocks) for n in b.params} == timm_layers
     assert [b.stage for b in blocks] == sorted(b.stage for b in blocks)
     assert blocks[0].stage == "stage1" and {b.stage for b in blocks} == set(STAGES)
 
-    groups = model.layer_groups()
+    groups = model.model.layer_groups()
     optimizer_groups = model.finetune.param_groups(groups, lr=1e-2, weight_decay=0.05)
     assert sorted(id(p) for g in optimizer_groups for p in g["params"]) == sorted(
         id(p) for p in model.parameters()
@@ -122,14 +125,14 @@ def test_groups_are_timms_layers_in_order_with_the_lrs_the_config_says(name):
             assert lrs[f"{block.stage}/block{i:02d}"] == pytest.approx(1e-2 * 0.75 ** (top - i))
     assert lrs[HEAD] == 1e-2
     no_decay = {id(p) for g in per_block if g["weight_decay"] == 0 for p in g["params"]}
-    for n, p in model.backbone.named_parameters():
+    for n, p in model.model.backbone.named_parameters():
         assert (id(p) in no_decay) == (p.ndim <= 1 or n in ("cls_token", "pos_embed")), n
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_resume_mid_phase_is_bit_exact(name, quiet_trainer, tmp_path):
-    def make(seed: int) -> Classifier:
-        return classifier(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2), seed=seed)
+    def make(seed: int) -> ClassificationTask:
+        return timm_task(name, TwoPhase(freeze_epochs=1, unfreeze_groups=2), seed=seed)
 
     whole, _, whole_lrs = fit(quiet_trainer, tmp_path / "whole", make_model=make)
     with pytest.raises(SIGTERMException):
@@ -147,8 +150,8 @@ def test_resume_mid_phase_is_bit_exact(name, quiet_trainer, tmp_path):
 @pytest.mark.parametrize("name", MODELS)
 def test_channels_last_gives_the_same_logits(name):
     batch = images(4).tensors[0]
-    plain = classifier(name, Full()).eval()
-    nhwc = classifier(name, Full(), channels_last=True).eval()
+    plain = timm_task(name, Full()).model.eval()
+    nhwc = timm_task(name, Full(), channels_last=True).model.eval()
     with torch.inference_mode():
         torch.testing.assert_close(nhwc(batch), plain(batch), atol=1e-5, rtol=1e-4)
 
@@ -251,18 +254,18 @@ def test_a_vit_checkpoint_carries_its_preprocessing_into_predict_export_and_new_
     trained = load_trained(ckpt)
     assert trained.preprocessing.input_size == SIZE
     assert trained.preprocessing.mean == (0.5, 0.5, 0.5)  # the weights' pretrained_cfg
-    assert trained.model.backbone.patch_embed.grid_size == (2, 2)
+    assert trained.backbone.patch_embed.grid_size == (2, 2)
 
-    onnx_path = export_model(trained, "onnx", tmp_path / "onnx", parity_images=32)
+    onnx_path = export_model(trained, ckpt, "onnx", tmp_path / "onnx", parity_images=32)
     exported = OnnxModel(onnx_path)
     batch = torch.randn(4, 3, SIZE, SIZE)
     with torch.inference_mode():
-        torch.testing.assert_close(exported(batch), trained.model(batch), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported(batch), trained(batch), atol=1e-4, rtol=1e-4)
 
     # The checkpoint as weights of a run at 64 px: the position embedding is resampled.
     backbone = create_backbone("vit_tiny_patch16_224", str(ckpt), "timm", input_size=64)
     assert backbone.model.patch_embed.grid_size == (4, 4)
-    blocks = trained.model.backbone.blocks.state_dict()
+    blocks = trained.backbone.blocks.state_dict()
     assert all(torch.equal(v, backbone.model.blocks.state_dict()[k]) for k, v in blocks.items())
     with pytest.raises(WeightsError, match="checkpoint of model.name=vit_tiny_patch16_224"):
         create_backbone("convnext_atto", str(ckpt), "timm", input_size=SIZE)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import shutil
 import statistics
@@ -21,19 +20,20 @@ from omegaconf.errors import InterpolationToMissingValueError
 from pytorch_lightning.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from classifiers import classifier, task
 from conftest import PREPROCESSING, REAL_FMNIST, TINY, offline_fmnist
 from data_formats import closed_port_url
-from thaw.analysis.report import model_size
+from thaw.analysis.evaluation_report import model_size
 from thaw.build import build_datamodule, build_strategy, build_trainer
 from thaw.checkpoint import CheckpointError
 from thaw.config import compose_config, config_dir
 from thaw.data import DataUnavailableError
 from thaw.data.sources.fashion_mnist import CLASSES, TEST_FILES
 from thaw.evaluate import evaluate
-from thaw.models import Classifier, WeightsError, create_backbone
+from thaw.models import WeightsError, create_backbone, load_trained
 from thaw.models.backbones import IMAGENET_MEAN
+from thaw.postprocess import Postprocessing
 from thaw.train import optimized_value, run
-from thaw.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every config group of thaw (hydra/ holds Hydra's own settings).
@@ -115,12 +115,12 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(
     # The checkpoint alone evaluates: its dataset statistics travel in it, and only the test
     # images need to exist.
     trained = load_trained(run_dir / "checkpoints" / "best.ckpt")
-    assert trained.classes == list(CLASSES) and not trained.model.training
+    assert trained.classes == list(CLASSES) and not trained.training
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     # The training split's statistics, and the temperature fitted after training (calibrate).
-    fitted = dataclasses.replace(datamodule.preprocessing, temperature=metrics["temperature"])
-    assert trained.preprocessing == fitted
+    assert trained.preprocessing == datamodule.preprocessing
+    assert trained.postprocessing == Postprocessing(metrics["temperature"])
     assert trained.preprocessing.grayscale and trained.preprocessing.mean != IMAGENET_MEAN
     test_only = tmp_path / "test_images_only"
     test_only.mkdir()
@@ -167,7 +167,7 @@ def test_a_thaw_checkpoint_is_usable_as_backbone_weights(train_config):
     assert saved["thaw"]["classes"] == ["Bag", "Sandal"]
     backbone = create_backbone("resnet18", str(best))
     for key, value in backbone.model.state_dict().items():
-        assert torch.equal(value, saved["state_dict"][f"backbone.{key}"]), key
+        assert torch.equal(value, saved["state_dict"][f"model.backbone.{key}"]), key
     # Ten classes on a two-class backbone: a linear probe trains the new head only, so the
     # transferred backbone is still the checkpoint's, bit for bit.
     transfer = train_config(
@@ -175,9 +175,10 @@ def test_a_thaw_checkpoint_is_usable_as_backbone_weights(train_config):
     )
     assert "test/acc" in run(transfer)
     tuned = torch.load(Path(transfer.paths.output_dir) / "checkpoints" / "last.ckpt")
-    for key, value in saved["state_dict"].items():
-        if key.startswith("backbone."):
-            assert torch.equal(tuned["state_dict"][key], value), key
+    transferred = [k for k in saved["state_dict"] if k.startswith("model.backbone.")]
+    assert len(transferred) == len(backbone.model.state_dict())
+    for key in transferred:
+        assert torch.equal(tuned["state_dict"][key], saved["state_dict"][key]), key
     with pytest.raises(WeightsError, match="checkpoint of model.name=resnet18.*resnet34"):
         create_backbone("resnet34", str(best))
 
@@ -408,6 +409,6 @@ def test_debug_fast_runs_end_to_end_and_writes_no_checkpoint(train_config):
 
 
 def test_the_model_summary_counts_the_flops_of_one_image():
-    model = Classifier(create_backbone("resnet18", None), ["a", "b"], PREPROCESSING).eval()
-    summary = ModelSummary(model)
+    model = classifier(create_backbone("resnet18", None), ["a", "b"], PREPROCESSING).eval()
+    summary = ModelSummary(task(model))
     assert summary.total_flops == model_size(model, PREPROCESSING.input_size)["flops_per_image"] > 0

@@ -10,16 +10,18 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
 from thaw.data.datamodule import ImageDataModule
+from thaw.errors import UserError
 from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
 from thaw.finetune.distillation import Distillation
 from thaw.hardware import channels_last, instantiate_trainer
-from thaw.models import Classifier, backbone_spec, create_backbone
+from thaw.models import backbone_spec, build_model, load_trained
 from thaw.models.backbones import BackboneSpec
 from thaw.models.loss import resolve_class_weights
+from thaw.models.task import ClassificationTask
+from thaw.postprocess import Postprocessing
 from thaw.preprocess import Preprocessing
-from thaw.progress import with_progress
+from thaw.progress.trainer import with_progress
 from thaw.resume import ResumeState
-from thaw.trained import load_trained
 
 
 def trained_run_config(config: dict[str, Any], data_root: str | None) -> DictConfig:
@@ -43,17 +45,10 @@ def build_datamodule(
     (the backbone's statistics, or the data's with `data.normalize=dataset`); a trained model's
     `preprocessing` is used as it is, and `test_only` then reads only its test images."""
     spec = model_spec(cfg.model)
-    # Partial: the Preprocessing object passes through as it is (instantiate would convert it).
-    factory = instantiate(cfg.data, _partial_=True)
     size = {"image_size": spec.input_size} if cfg.data.get("image_size") == "auto" else {}
-    return factory(
-        augment=cfg.augment,
-        mean=spec.mean,
-        std=spec.std,
-        preprocessing=preprocessing,
-        test_only=test_only,
-        **size,
-    )
+    # Partial, then called: a setting it refuses raises its own error, not Hydra's wrapper.
+    settings = instantiate(cfg.data, _partial_=True)(**size)
+    return ImageDataModule(settings, cfg.augment, spec.mean, spec.std, preprocessing, test_only)
 
 
 def model_spec(model_cfg: DictConfig) -> BackboneSpec:
@@ -67,36 +62,31 @@ def build_strategy(cfg: DictConfig) -> FinetuneStrategy:
     return instantiate(cfg.finetune)
 
 
-def build_classifier(
+def build_task(
     cfg: DictConfig, datamodule: ImageDataModule, strategy: FinetuneStrategy
-) -> Classifier:
-    """The classifier to train on `datamodule` (set up): the backbone for the data's input size
-    with `cfg.model.weights` loaded, a new head, the loss weighted for its training classes."""
-    classes, preprocessing = datamodule.classes, datamodule.preprocessing
+) -> ClassificationTask:
+    """The training task for `datamodule` (set up): the classifier for its classes and input
+    size with `cfg.model.weights` loaded and a new head, the loss weighted for its training
+    classes."""
     run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    backbone = create_backbone(
-        cfg.model.name,
-        cfg.model.weights,
-        cfg.model.get("family", "torchvision"),
-        input_size=preprocessing.input_size,
-        stem_stride=cfg.model.get("stem_stride"),
+    model = build_model(
+        run_config,
+        datamodule.classes,
+        datamodule.preprocessing,
+        Postprocessing(),  # the temperature is fitted after training (thaw.fit_postprocessing)
+        channels_last=channels_last(cfg.trainer),
     )
-    return Classifier(
-        backbone,
-        classes,
-        preprocessing,
+    return ClassificationTask(
+        model,
         optimizer=instantiate(cfg.optimizer),
         finetune=strategy,
         scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        head_dropout=cfg.model.head_dropout,
         label_smoothing=cfg.model.label_smoothing,
         class_weights=resolve_class_weights(
-            cfg.model.get("class_weights"), datamodule.train_set.labels, classes
+            cfg.model.class_weights, datamodule.train_set.labels, datamodule.classes
         ),
-        focal_gamma=cfg.model.get("focal_gamma", 0.0),
-        run_config=run_config,
-        channels_last=channels_last(cfg.trainer),
-        compile=cfg.model.get("compile", False),
+        focal_gamma=cfg.model.focal_gamma,
+        compile=cfg.model.compile,
         distillation=build_distillation(cfg, datamodule),
     )
 
@@ -108,12 +98,12 @@ def build_distillation(cfg: DictConfig, datamodule: ImageDataModule) -> Distilla
         return None
     teacher = load_trained(settings.teacher)
     if teacher.classes != datamodule.classes:
-        raise ValueError(
+        raise UserError(
             f"distill.teacher={settings.teacher} was trained on {teacher.classes}, but this run's "
             f"data has {datamodule.classes}: a teacher needs the same classes in the same order"
         )
     return Distillation.of(
-        teacher.model,
+        teacher,
         teacher.preprocessing,
         datamodule.preprocessing,
         settings.alpha,
@@ -122,13 +112,13 @@ def build_distillation(cfg: DictConfig, datamodule: ImageDataModule) -> Distilla
 
 
 def build_run_callbacks(
-    strategy: FinetuneStrategy, datamodule: ImageDataModule, model: Classifier
+    strategy: FinetuneStrategy, datamodule: ImageDataModule, task: ClassificationTask
 ) -> list[pl.Callback]:
     """The callbacks every training run gets, whatever the callbacks group says: the phase of
     the strategy, the resume state, and the feature cache where it applies."""
     callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), ResumeState()]
-    distilling = model.distillation is not None
-    if wants_cache(strategy, datamodule.augment, list(model.backbone_groups), distilling):
+    distilling = task.distillation is not None
+    if wants_cache(strategy, datamodule.augment, list(task.model.backbone_groups), distilling):
         callbacks.append(FeatureCache(strategy))
     return callbacks
 

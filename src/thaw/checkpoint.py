@@ -9,11 +9,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from thaw.errors import UserError
+from thaw.postprocess import split_legacy_preprocessing
+
 # The key under which a thaw checkpoint carries its RunRecord.
 RUN_KEY = "thaw"
+# The layout of a thaw checkpoint: 2 holds the model module's weights under `model.` (the
+# training task's attribute) and the Postprocessing beside the Preprocessing. Checkpoints
+# without a format are thaw's first layout, which `upgrade` turns into this one.
+FORMAT = 2
+MODEL_PREFIX = "model."
+DATA_TARGET = "thaw.data.settings.DataSettings.of"  # conf/data_base.yaml's _target_
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or not what the caller needs."""
 
 
@@ -40,18 +49,54 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds a {type(checkpoint).__name__}, not a checkpoint: give a .ckpt that "
             "thaw wrote (checkpoints/best.ckpt of a run) or a state_dict saved with torch.save"
         )
+    return upgrade(checkpoint)
+
+
+def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A thaw checkpoint in today's layout (FORMAT), in place; other files as they are. The one
+    migration: every reader (read_checkpoint, and the training task when Lightning resumes)
+    goes through it, so a checkpoint of an older thaw loads, predicts and resumes the same.
+
+    The first layout kept the network's weights at the top of the state_dict (`backbone.*`,
+    `head.*`: the training module was the network) and the temperature inside the
+    preprocessing; its config's data group instantiated the DataModule, and may predate the
+    keys `model.family`, `model.stem_stride`, `data.test_fraction` and `data.skip_bad_images`
+    (set to what those versions did)."""
+    record = checkpoint.get(RUN_KEY)
+    if not isinstance(record, dict) or record.get("format", 1) >= FORMAT:
+        return checkpoint
+    state = checkpoint.get("state_dict")
+    if isinstance(state, dict):
+        network = ("backbone.", "head.")
+        checkpoint["state_dict"] = {
+            (MODEL_PREFIX + k if k.startswith(network) else k): v for k, v in state.items()
+        }
+    if isinstance(record.get("preprocessing"), dict):
+        preprocessing, postprocessing = split_legacy_preprocessing(record["preprocessing"])
+        record["preprocessing"], record["postprocessing"] = preprocessing, postprocessing
+    config = record.get("config", {})
+    model, data = config.get("model"), config.get("data")
+    if isinstance(model, dict):
+        model.setdefault("family", "torchvision")
+        model.setdefault("stem_stride", None)
+    if isinstance(data, dict):  # the data group instantiated the DataModule itself
+        data["_target_"] = DATA_TARGET
+        data.setdefault("test_fraction", 0.1)
+        data.setdefault("skip_bad_images", False)
+    record["format"] = FORMAT
     return checkpoint
 
 
 @dataclass(frozen=True)
 class RunRecord:
     """What a thaw checkpoint carries besides weights: the composed config, the class names
-    (label i is classes[i]) and the Preprocessing as plain values (None in checkpoints written
-    before thaw saved it)."""
+    (label i is classes[i]), and the Preprocessing (None in checkpoints written before thaw saved
+    it) and Postprocessing as plain values."""
 
     config: dict[str, Any]
     classes: list[str]
     preprocessing: dict[str, Any] | None
+    postprocessing: dict[str, Any]
 
 
 def run_record(checkpoint: dict[str, Any], path: str | Path) -> RunRecord:
@@ -62,7 +107,12 @@ def run_record(checkpoint: dict[str, Any], path: str | Path) -> RunRecord:
             f"{path} is not a thaw checkpoint (it has no {RUN_KEY!r} entry with config and "
             "classes): give checkpoints/best.ckpt or last.ckpt of a thaw run"
         )
-    return RunRecord(info["config"], list(info["classes"]), info.get("preprocessing"))
+    return RunRecord(
+        info["config"],
+        list(info["classes"]),
+        info.get("preprocessing"),
+        info.get("postprocessing") or {},
+    )
 
 
 def run_dir(checkpoint: Path) -> Path:
@@ -83,7 +133,7 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def update_run_record(path: str | Path, **values: Any) -> None:
-    """Set entries of the RunRecord of the thaw checkpoint at `path` (e.g. its `preprocessing`),
+    """Set entries of the RunRecord of the thaw checkpoint at `path` (e.g. its `postprocessing`),
     keeping everything else, and write it back atomically (see `save_atomically`)."""
     checkpoint = read_checkpoint(path)
     run_record(checkpoint, path)  # a clear error for a file that is not a thaw checkpoint

@@ -11,18 +11,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from thaw.analysis.report import write_report
+from thaw.analysis.evaluation_report import write_report
 from thaw.build import build_datamodule, trained_run_config
 from thaw.checkpoint import CheckpointError, read_record, run_dir
 from thaw.data.datamodule import ImageDataModule
+from thaw.errors import UserError
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
 from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
-from thaw.models import Classifier
-from thaw.models.classifier import TOP5_MIN_CLASSES
+from thaw.models import ImageClassifier, load_trained
+from thaw.models.task import TOP5_MIN_CLASSES, ClassificationTask
 from thaw.preprocess import Preprocessing
-from thaw.progress import with_progress
-from thaw.report import confusion_matrix_image, write_metrics
-from thaw.trained import TrainedModel, load_trained
+from thaw.progress.trainer import with_progress
+from thaw.renderings import confusion_matrix_image, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -35,33 +35,37 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     models = [load_trained(p, channels_last=channels_last(cfg.trainer)) for p in paths]
     tta = cfg.get("tta", "none")
     if tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+        raise UserError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
     # The first checkpoint's test data, preprocessed once for each member's preprocessing.
     data: dict[Preprocessing, ImageDataModule] = {}
     for model in models:
         if model.preprocessing not in data:
-            data[model.preprocessing] = read_test_data(cfg, models[0].config, model)
+            data[model.preprocessing] = read_test_data(cfg, models[0].config, model, paths[0])
     output_dir = Path(cfg.paths.output_dir)
     with_tta = {"_tta": tta} if tta != "none" else {}
     if len(models) > 1:
-        metrics = predictor_metrics(cfg, models, data, {"": "none", **with_tta})
+        metrics = predictor_metrics(cfg, models, paths, data, {"": "none", **with_tta})
         metrics.update(checkpoint=paths, tta=tta)
         write_metrics(output_dir / "metrics.json", metrics)
     else:
-        (trained,) = models
-        extra = {"tta": tta, **predictor_metrics(cfg, models, data, with_tta)} if with_tta else {}
+        (trained,), (path,) = models, paths
+        extra = (
+            {"tta": tta, **predictor_metrics(cfg, models, paths, data, with_tta)}
+            if with_tta
+            else {}
+        )
         shown = with_progress([], cfg.trainer)
         trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=shown)
         metrics = report_test_metrics(
             trainer,
-            trained.model,
+            ClassificationTask.for_testing(trained),
             data[trained.preprocessing],
             output_dir,
-            str(trained.path),
+            path,
             load_checkpoint=False,
             extra=extra,
             report=cfg.get("report", True),
-            wall_time_s=training_wall_time(trained.path),
+            wall_time_s=training_wall_time(Path(path)),
         )
     log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
@@ -73,15 +77,16 @@ def training_wall_time(checkpoint: Path) -> float | None:
 
 
 def read_test_data(
-    cfg: DictConfig, config: dict[str, Any], trained: TrainedModel
+    cfg: DictConfig, config: dict[str, Any], trained: ImageClassifier, path: str
 ) -> ImageDataModule:
-    """The test images of the run `config` describes, preprocessed as `trained` was trained."""
+    """The test images of the run `config` describes, preprocessed as `trained` (the model of
+    checkpoint `path`) was trained."""
     train_cfg = trained_run_config(config, cfg.get("data_root"))
     datamodule = build_datamodule(train_cfg, trained.preprocessing, test_only=True)
     datamodule.setup("test")
     if datamodule.classes != trained.classes:
         raise CheckpointError(
-            f"{trained.path} was trained on classes {trained.classes}, but the data now gives "
+            f"{path} was trained on classes {trained.classes}, but the data now gives "
             f"{datamodule.classes}; point data_root at the data it was trained on"
         )
     return datamodule
@@ -89,14 +94,16 @@ def read_test_data(
 
 def predictor_metrics(
     cfg: DictConfig,
-    models: list[TrainedModel],
+    models: list[ImageClassifier],
+    paths: list[str],
     data: dict[Preprocessing, ImageDataModule],
     modes: dict[str, str],
 ) -> dict[str, float]:
     """Accuracy, top-5 accuracy and macro F1 of the models' averaged softmax on the test batches
-    of `data` (one DataModule per preprocessing), for each {key suffix: tta mode} of `modes`."""
+    of `data` (one DataModule per preprocessing), for each {key suffix: tta mode} of `modes`;
+    `paths` are the models' checkpoints."""
     device = "cuda" if uses_cuda(cfg.trainer.get("accelerator", "auto")) else "cpu"
-    predictors = {s: Predictor.from_trained(models, tta, device) for s, tta in modes.items()}
+    predictors = {s: Predictor.from_trained(models, tta, device, paths) for s, tta in modes.items()}
     loaders = [datamodule.test_dataloader() for datamodule in data.values()]
     outputs: dict[str, list[torch.Tensor]] = {suffix: [] for suffix in modes}
     labels = []
@@ -115,7 +122,7 @@ def predictor_metrics(
 
 def scores(probabilities: torch.Tensor, target: torch.Tensor, suffix: str) -> dict[str, float]:
     """test/acc, test/acc_top5 (with more than 5 classes) and test/f1_macro (+ `suffix`),
-    computed as the Classifier logs them."""
+    computed as the training task logs them."""
     n = probabilities.shape[1]
     values = {
         "acc": multiclass_accuracy(probabilities, target, n, average="micro"),
@@ -128,7 +135,7 @@ def scores(probabilities: torch.Tensor, target: torch.Tensor, suffix: str) -> di
 
 def report_test_metrics(
     trainer: pl.Trainer,
-    model: Classifier,
+    task: ClassificationTask,
     datamodule: ImageDataModule,
     output_dir: Path,
     checkpoint: str | None,
@@ -137,14 +144,14 @@ def report_test_metrics(
     report: bool = True,
     wall_time_s: float | None = None,
 ) -> dict[str, Any]:
-    """Test `model` (with the weights of `checkpoint` unless they are loaded already), then
-    write metrics.json (with the `extra` values and `train/wall_time_s`, the time from the run's
-    start to its test), log the confusion matrix as an image, and with `report` write
+    """Test the task's model (with the weights of `checkpoint` unless they are loaded already),
+    then write metrics.json (with the `extra` values and `train/wall_time_s`, the time from the
+    run's start to its test), log the confusion matrix as an image, and with `report` write
     report.json and report.html beside it."""
     ckpt_path = checkpoint if load_checkpoint else None
-    (results,) = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    (results,) = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
-    metrics.update({"test/" + k: v for k, v in model.test_report.items()})
+    metrics.update({"test/" + k: v for k, v in task.test_report.items()})
     metrics["checkpoint"] = checkpoint
     metrics.update(extra or {})
     if wall_time_s is not None:
@@ -158,15 +165,15 @@ def report_test_metrics(
         if isinstance(logger, pl.loggers.TensorBoardLogger)
     ]
     for writer in writers:
-        image = confusion_matrix_image(model.test_report["confusion_matrix"], model.classes)
+        image = confusion_matrix_image(task.test_report["confusion_matrix"], task.model.classes)
         writer.add_image("test/confusion_matrix", image, dataformats="HWC")
         writer.flush()
     if report:
         write_report(
-            model,
+            task.model,
             datamodule.test_dataloader(),
             output_dir,
-            model.run_config,
+            task.model.config,
             checkpoint,
             wall_time_s,
             writers,

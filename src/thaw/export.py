@@ -1,6 +1,6 @@
 """`python export.py ckpt_path=... format=onnx|onnx_int8|torch_export`: a trained model as a file
-that runs without thaw, carrying its classes and preprocessing, written only if it passes the
-parity gate on real images (see thaw.inference.parity)."""
+that runs without thaw, carrying its classes, preprocessing and postprocessing, written only if
+it passes the parity gate on real images (see thaw.inference.parity)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from thaw import __version__
+from thaw import __version__, checks
 from thaw.build import build_datamodule, trained_run_config
 from thaw.checkpoint import run_dir
-from thaw.data.datamodule import ImageDataset
+from thaw.data.dataset import ImageDataset
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
-from thaw.data.split import limit_per_class, select_classes
+from thaw.data.splits import limit_per_class, select_classes
 from thaw.inference.export_formats import (
     FILE_NAMES,
     INT8,
@@ -32,9 +32,9 @@ from thaw.inference.export_formats import (
 )
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT, ExportMetadata
 from thaw.inference.parity import CheckImages, check_parity
+from thaw.models import ImageClassifier, load_trained
 from thaw.preprocess import Preprocessing
 from thaw.progress import track
-from thaw.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,12 @@ RECORD = "export.json"
 def export(cfg: DictConfig) -> Path:
     """Check the format and its tools, load the checkpoint, export; returns the written file."""
     check_format(cfg.format)
-    trained = load_trained(cfg.ckpt_path)
+    checkpoint = Path(cfg.ckpt_path)
     return export_model(
-        trained,
+        load_trained(checkpoint),
+        checkpoint,
         cfg.format,
-        Path(cfg.out) if cfg.out else run_dir(trained.path),
+        Path(cfg.out) if cfg.out else run_dir(checkpoint),
         data_root=cfg.data_root,
         images=cfg.images,
         normalize_in_graph=cfg.normalize_in_graph,
@@ -60,7 +61,8 @@ def export(cfg: DictConfig) -> Path:
 
 
 def export_model(
-    trained: TrainedModel,
+    trained: ImageClassifier,
+    checkpoint: Path,
     format: str,
     out_dir: str | Path,
     *,
@@ -72,21 +74,20 @@ def export_model(
     opset: int = 18,
     seed: int = 0,
 ) -> Path:
-    """Export `trained` as `format` into `out_dir` (as model.onnx, model_int8.onnx or model.pt2)
-    and record the gate's figures in its export.json. Calibration and checks use the run's
-    training and validation images (read through its config, from `data_root` if they moved),
-    or the class folders of `images`, drawn stratified with `seed`."""
+    """Export `trained` (the model of `checkpoint`) as `format` into `out_dir` (as model.onnx,
+    model_int8.onnx or model.pt2) and record the gate's figures in its export.json. Calibration
+    and checks use the run's training and validation images (read through its config, from
+    `data_root` if they moved), or the class folders of `images`, drawn stratified with `seed`."""
     check_format(format)
-    for name, value in (
-        ("calibration_images", calibration_images),
-        ("parity_images", parity_images),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ExportError(f"{name} must be a positive number of images, got {value!r}")
+    checks.integer("calibration_images", calibration_images, 1)
+    checks.integer("parity_images", parity_images, 1)
     layout = UINT8_INPUT if normalize_in_graph else FLOAT_INPUT
-    source = str(trained.path.resolve())
-    metadata = ExportMetadata(trained.classes, trained.preprocessing, layout, source)
-    calibration_pool, check_pool, images_from = image_pools(trained, data_root, images)
+    source = str(checkpoint.resolve())
+    metadata = ExportMetadata(
+        trained.classes, trained.preprocessing, trained.postprocessing, layout, source
+    )
+    pools = image_pools(trained, checkpoint, data_root, images)
+    calibration_pool, check_pool, images_from = pools
     check = check_images(
         stratified_sample(check_pool, parity_images, seed), trained.preprocessing, layout
     )
@@ -97,9 +98,8 @@ def export_model(
     notes: dict[str, Any] = {"model": trained.config["model"]["name"], "images_from": images_from}
     if calibration is not None:
         notes["calibration_images"] = len(calibration)
-    model = trained.model
     return write_gated(
-        format, model, model, metadata, Path(out_dir), check, calibration, opset, notes
+        format, trained, trained, metadata, Path(out_dir), check, calibration, opset, notes
     )
 
 
@@ -150,14 +150,14 @@ def write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def image_pools(
-    trained: TrainedModel, data_root: str | None, images: str | Path | None
+    trained: ImageClassifier, checkpoint: Path, data_root: str | None, images: str | Path | None
 ) -> tuple[ImageSet, ImageSet, str]:
     """(calibration pool, check pool, where they came from): the run's training and validation
     splits, as its config split them; or an image folder's train/ and val/ (its class folders
     alone serve both when it has no val/)."""
     if images:
         splits = ImageFolder(images).load()
-        _check_classes(trained, splits.train.classes, f"images={images}")
+        _check_classes(trained, checkpoint, splits.train.classes, f"images={images}")
         pools = [
             select_classes(s, trained.classes) for s in (splits.train, splits.val or splits.train)
         ]
@@ -167,20 +167,25 @@ def image_pools(
     datamodule.prepare_data()
     datamodule.setup("fit")
     _check_classes(
-        trained, datamodule.classes, "the run's data (point data_root at it if it moved)"
+        trained,
+        checkpoint,
+        datamodule.classes,
+        "the run's data (point data_root at it if it moved)",
     )
     if datamodule.val_set is None or len(datamodule.val_set) == 0:
         raise ExportError(
-            f"the run of {trained.path} has no validation images to check the export on "
+            f"the run of {checkpoint} has no validation images to check the export on "
             "(data.val_fraction=0): give a folder of class folders with images=<folder>"
         )
     return datamodule.train_set, datamodule.val_set, "validation split of the run"
 
 
-def _check_classes(trained: TrainedModel, found: list[str], where: str) -> None:
+def _check_classes(
+    trained: ImageClassifier, checkpoint: Path, found: list[str], where: str
+) -> None:
     if sorted(found) != sorted(trained.classes):
         raise ExportError(
-            f"{trained.path} was trained on classes {trained.classes}, but {where} has "
+            f"{checkpoint} was trained on classes {trained.classes}, but {where} has "
             f"{found}: calibrate and check on images of the model's own classes"
         )
 

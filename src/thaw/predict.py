@@ -12,9 +12,10 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from thaw import checks
 from thaw.analysis.gradcam import explain
-from thaw.config import check_number
 from thaw.data.images import load_image
+from thaw.errors import UserError
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
     Predictor,
@@ -23,7 +24,7 @@ from thaw.inference.predictor import (
     predict_files,
     prediction_row,
 )
-from thaw.models.classifier import Classifier
+from thaw.models import ImageClassifier
 from thaw.progress import track
 
 log = logging.getLogger(__name__)
@@ -41,28 +42,27 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
     """The Predictor, the image files and the output path: everything a user can get wrong is
     checked here, before anything is written. `out` is in the run dir unless absolute."""
     for key in ("top_k", "batch_size"):
-        check_number(key, cfg[key])
+        checks.integer(key, cfg[key], 1)
     out = Path(cfg.paths.output_dir) / cfg.out  # an absolute `out` replaces the run dir
     if out.suffix.lower() not in OUT_SUFFIXES:
-        raise ValueError(f"out={cfg.out!r} must end in .csv or .json (the format to write)")
+        raise UserError(f"out={cfg.out!r} must end in .csv or .json (the format to write)")
     paths = resolve_inputs(cfg.inputs)
     ckpts, model_path = checkpoint_paths(cfg.ckpt_path), cfg.get("model_path")
     if bool(ckpts) == bool(model_path):
-        raise ValueError(
+        raise UserError(
             "give either ckpt_path=<file.ckpt> (or a list [a.ckpt,b.ckpt], an ensemble) or "
             f"model_path=<model.onnx>, not {'both' if ckpts else 'neither'}"
         )
     explaining = cfg.get("explain", False)
-    if not isinstance(explaining, bool):
-        raise ValueError(f"explain must be true or false, got {explaining!r}")
+    checks.flag("explain", explaining)
     if explaining and model_path:
-        raise ValueError(
+        raise UserError(
             "explain=true needs the PyTorch model, as Grad-CAM takes gradients through it: give "
             f"ckpt_path=<file.ckpt> (the checkpoint {model_path} was exported from) in place of "
             "model_path"
         )
     if explaining and len(ckpts) > 1:
-        raise ValueError(
+        raise UserError(
             f"explain=true needs one checkpoint, not an ensemble of {len(ckpts)}: give "
             "ckpt_path=<file.ckpt>"
         )
@@ -97,8 +97,8 @@ def explain_rows(
     photos/a/1.jpg and photos/b/1.jpg apart), and add the path to the row as `explanation`:
     None where the file could not be decoded. The overlay has the model's input size."""
     member = predictor.members[0]
-    if not isinstance(member.model, Classifier):  # setup refuses ONNX models and ensembles
-        raise TypeError(f"explain needs one PyTorch Classifier, got {type(member.model)}")
+    if not isinstance(member.model, ImageClassifier):  # setup refuses ONNX models and ensembles
+        raise TypeError(f"explain needs one PyTorch classifier, got {type(member.model)}")
     folder.mkdir(parents=True, exist_ok=True)
     width = len(str(len(rows) - 1))
     starts = range(0, len(rows), batch_size)

@@ -9,7 +9,6 @@ transform from the stored value, never from config keys.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,9 +29,7 @@ class Preprocessing:
     resize of the shorter side to `resize_size`, a centre crop of `input_size` x `input_size`,
     scaling to [0, 1], then normalisation with `mean` and `std` per RGB channel.
 
-    `temperature` is not a step of the transform but of its output: the model's logits are
-    divided by it before the softmax (fitted on the validation split after training, see
-    thaw.analysis.calibration; 1.0 leaves the probabilities as the model gives them).
+    What is done to the model's output (the temperature) is thaw.postprocess's Postprocessing.
     """
 
     input_size: int
@@ -40,7 +37,6 @@ class Preprocessing:
     std: Triple
     resize_size: int | None = None  # None: the input size (the crop keeps the whole short side)
     grayscale: bool = False
-    temperature: float = 1.0  # older checkpoints and exported files have none: 1.0
 
     def __post_init__(self) -> None:
         for name in ("input_size", "resize_size"):
@@ -56,7 +52,6 @@ class Preprocessing:
             )
         object.__setattr__(self, "mean", _channel_values("mean", self.mean))
         object.__setattr__(self, "std", _channel_values("std", self.std))
-        object.__setattr__(self, "temperature", _temperature(self.temperature))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (ints, floats, lists), safe for `torch.load(weights_only=True)` and JSON."""
@@ -112,16 +107,6 @@ class ToRGB(torch.nn.Module):
         if channels != 1:
             raise ValueError(f"expected an image with 1 or 3 channels, got {channels}")
         return F.to_image(image.repeat_interleave(3, dim=-3))
-
-
-def _temperature(value: Any) -> float:
-    """A finite float > 0 (an int is taken as a float; a bool or a string is not a number)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"preprocessing temperature must be a number > 0, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"preprocessing temperature must be a finite number > 0, got {value!r}")
-    return value
 
 
 def _channel_values(name: str, values: Sequence[float]) -> Triple:

@@ -15,17 +15,18 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from thaw.build import (
-    build_classifier,
     build_datamodule,
     build_run_callbacks,
     build_strategy,
+    build_task,
     build_trainer,
     trainer_for_testing,
 )
-from thaw.calibrate import calibrate
 from thaw.config import flat_hparams
+from thaw.errors import UserError
 from thaw.evaluate import report_test_metrics
 from thaw.finetune import FinetuneStrategy
+from thaw.fit_postprocessing import calibrate
 from thaw.models.backbones import STAGES
 from thaw.resume import check_resumable, resolve_ckpt_path
 
@@ -50,17 +51,17 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     datamodule.setup("fit")
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
-    model = build_classifier(cfg, datamodule, strategy)
-    trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, model)])
+    task = build_task(cfg, datamodule, strategy)
+    trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, task)])
 
     log.info("Run dir: %s", output_dir)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics = fitted_metrics(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
 
     calibration: dict[str, float] = {}
     if cfg.get("calibrate"):
-        calibration = calibrate(cfg, trainer, model, datamodule, best)
+        calibration = calibrate(cfg, trainer, task, datamodule, best)
         metrics.update(calibration)
 
     if cfg.get("test"):
@@ -73,7 +74,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
         metrics.update(
             report_test_metrics(
                 tester,
-                model,
+                task,
                 datamodule,
                 output_dir,
                 best or None,
@@ -143,7 +144,7 @@ def optimized_value(metrics: dict[str, Any], name: str | None) -> float | None:
         return None
     if name not in metrics:
         logged = sorted(k for k, v in metrics.items() if isinstance(v, float))
-        raise ValueError(
+        raise UserError(
             f"optimized_metric={name!r} was not logged by this run; the logged metrics are "
             f"{logged}. Set optimized_metric to one of them"
         )

@@ -20,9 +20,8 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
-from thaw.models.classifier import Classifier
+from thaw.models.network import ImageClassifier
 from thaw.preprocess import Preprocessing
-from thaw.trained import TrainedModel
 
 GROUPS = ("stage1", "stage2", "stage3", "stage4")  # the backbone's layer groups, lowest first
 # The smallest map that localises within a quadrant; stage4 gives 7x7 at 224 px.
@@ -30,7 +29,7 @@ MIN_MAP_SIDE = 4
 COLORMAP = "jet"  # the usual Grad-CAM colours: blue (cold) to red (hot)
 
 
-def target_layer(model: Classifier, input_size: tuple[int, int] | None = None) -> nn.Module:
+def target_layer(model: ImageClassifier, input_size: tuple[int, int] | None = None) -> nn.Module:
     """The layer Grad-CAM weights: the last module that outputs a spatial map in the highest
     layer group (stage4 down to stage1) whose map is at least MIN_MAP_SIDE on each side for an
     input of `input_size` (None: the model's own input size).
@@ -63,7 +62,7 @@ def target_layer(model: Classifier, input_size: tuple[int, int] | None = None) -
 
 
 def _map_sizes(
-    model: Classifier, modules: list[nn.Module], input_size: tuple[int, int]
+    model: ImageClassifier, modules: list[nn.Module], input_size: tuple[int, int]
 ) -> dict[nn.Module, tuple[int, int]]:
     """The (h, w) of each module's output for one input of `input_size` (one forward pass),
     for the modules whose output is a map (B, C, h, w)."""
@@ -98,7 +97,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def grad_cam(model: Classifier, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def grad_cam(model: ImageClassifier, batch: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """(N, H, W) maps in [0, 1] at the input's resolution (batch is (N, 3, H, W) normalised input,
     targets (N,) class indices): Captum LayerGradCam on target_layer, ReLU'd, upsampled bilinearly
     to H x W, each map scaled by its own max (an all-zero map stays zero). The layer is
@@ -136,7 +135,7 @@ def grad_cam(model: Classifier, batch: torch.Tensor, targets: torch.Tensor) -> t
     return torch.where(peaks > 0, cams / peaks.clamp(min=torch.finfo(cams.dtype).tiny), 0.0)
 
 
-def _token_grid(model: Classifier) -> tuple[int, int, int] | None:
+def _token_grid(model: ImageClassifier) -> tuple[int, int, int] | None:
     """(prefix tokens, rows, columns) of a timm ViT's token sequence, or None for other models."""
     backbone = model.backbone
     grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
@@ -147,7 +146,7 @@ def _token_grid(model: Classifier) -> tuple[int, int, int] | None:
 
 
 def _token_cams(
-    model: Classifier,
+    model: ImageClassifier,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     block: nn.Module,
@@ -203,7 +202,7 @@ def overlay(
 
 
 def explain(
-    model: Classifier,
+    model: ImageClassifier,
     preprocessing: Preprocessing,
     images: Sequence[Image.Image],
     targets: Sequence[int | None] | None = None,
@@ -233,8 +232,8 @@ def explain(
 
 
 def explain_image(
-    trained: TrainedModel, image: Image.Image, target: int | None = None
+    model: ImageClassifier, image: Image.Image, target: int | None = None
 ) -> tuple[int, Image.Image]:
     """The class explained (`target`, or the predicted class when None) and the overlay of its
     Grad-CAM on the model's cropped input view of `image`."""
-    return explain(trained.model, trained.preprocessing, [image], [target])[0]
+    return explain(model, model.preprocessing, [image], [target])[0]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from thaw.models.classifier import TOP5_MIN_CLASSES
+from thaw.models.task import TOP5_MIN_CLASSES
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ class FreezeUnfreeze(pl.Callback):
         self.strategy = strategy
 
     def apply(self, pl_module: pl.LightningModule, epoch: int) -> list[str]:
-        groups: dict[str, LayerGroup] = pl_module.layer_groups()
-        backbone = list(pl_module.backbone_groups)
+        groups: dict[str, LayerGroup] = pl_module.model.layer_groups()
+        backbone = list(pl_module.model.backbone_groups)
         trainable = {HEAD, *self.strategy.trainable_groups(epoch, backbone)}
         for name, group in groups.items():
             set_trainable(group, name in trainable, self.strategy.bn)

@@ -16,6 +16,7 @@ import torch
 
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.resumable import PositionedLoader
+from thaw.errors import UserError
 from thaw.finetune.strategies import FinetuneStrategy
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def wants_cache(
         return False
     reasons = cache_blockers(strategy, augment, backbone_groups, distilling)
     if reasons and strategy.cache_features is True:
-        raise ValueError(
+        raise UserError(
             "finetune.cache_features=true, but features cannot be cached: " + "; ".join(reasons)
         )
     if reasons:
@@ -75,7 +76,7 @@ class FeatureCache(pl.Callback):
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        backbone = list(pl_module.backbone_groups)
+        backbone = list(pl_module.model.backbone_groups)
         frozen = not self.strategy.trainable_groups(trainer.current_epoch, backbone)
         if not frozen:
             self.features = {}  # the backbone trains: the features go stale
@@ -113,7 +114,7 @@ class FeatureCache(pl.Callback):
         rows = []
         with trainer.precision_plugin.forward_context():
             for images, _ in trainer.datamodule.plain_loader(split):
-                rows.append(pl_module.features(images.to(pl_module.device)))
+                rows.append(pl_module.model.features(images.to(pl_module.device)))
         features = torch.cat(rows)
         log.info("Cached %s backbone features of the %s set", tuple(features.shape), split)
         return features

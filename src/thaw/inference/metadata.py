@@ -1,9 +1,9 @@
 """What an exported model carries about itself, so it can be used without its checkpoint.
 
 Every exported file holds these as string key/value pairs (ONNX `metadata_props`, the
-`extra_files` of a .pt2 archive): the class names, the Preprocessing, the input layout, thaw's
-version and the checkpoint it came from. A third party can rebuild the preprocessing from them
-alone; the values are JSON where they are not plain strings.
+`extra_files` of a .pt2 archive): the class names, the Preprocessing, the Postprocessing, the
+input layout, thaw's version and the checkpoint it came from. A third party can rebuild the
+preprocessing from them alone; the values are JSON where they are not plain strings.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from thaw import __version__
+from thaw.errors import UserError
+from thaw.postprocess import Postprocessing, split_legacy_preprocessing
 from thaw.preprocess import Preprocessing
 
 # The input the exported graph takes, NCHW RGB of Preprocessing.input_size square:
@@ -27,13 +29,14 @@ _PREFIX = "thaw."
 class ExportMetadata:
     classes: list[str]
     preprocessing: Preprocessing
+    postprocessing: Postprocessing
     input_layout: str
     source_checkpoint: str
     thaw_version: str = __version__
 
     def __post_init__(self) -> None:
         if self.input_layout not in INPUT_LAYOUTS:
-            raise ValueError(
+            raise UserError(
                 f"input_layout must be one of {list(INPUT_LAYOUTS)}, got {self.input_layout!r}"
             )
 
@@ -47,6 +50,7 @@ class ExportMetadata:
         values = {
             "classes": json.dumps(self.classes),
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
+            "postprocessing": json.dumps(self.postprocessing.to_dict()),
             "input_layout": self.input_layout,
             "source_checkpoint": self.source_checkpoint,
             "thaw_version": self.thaw_version,
@@ -56,17 +60,29 @@ class ExportMetadata:
     @classmethod
     def from_strings(cls, pairs: Mapping[str, str], source: str) -> ExportMetadata:
         """Read what `to_strings` wrote; `source` names the file in the error for one that has
-        no thaw metadata."""
+        no thaw metadata. A file exported before the postprocessing had its own entry keeps
+        the temperature in its preprocessing (an empty entry: a .pt2 asked for one)."""
         try:
+            preprocessing, postprocessing = split_legacy_preprocessing(
+                json.loads(pairs[_PREFIX + "preprocessing"])
+            )
+            if pairs.get(_PREFIX + "postprocessing"):
+                postprocessing = json.loads(pairs[_PREFIX + "postprocessing"])
             return cls(
                 classes=list(json.loads(pairs[_PREFIX + "classes"])),
-                preprocessing=Preprocessing.from_dict(json.loads(pairs[_PREFIX + "preprocessing"])),
+                preprocessing=Preprocessing.from_dict(preprocessing),
+                postprocessing=Postprocessing.from_dict(postprocessing),
                 input_layout=pairs[_PREFIX + "input_layout"],
                 source_checkpoint=pairs[_PREFIX + "source_checkpoint"],
                 thaw_version=pairs[_PREFIX + "thaw_version"],
             )
         except KeyError as err:
-            raise ValueError(
+            raise UserError(
                 f"{source} has no thaw metadata ({err.args[0]} is missing): export it with "
                 "thaw-export, which writes the classes and preprocessing into the file"
             ) from None
+        except (TypeError, ValueError) as err:
+            raise UserError(
+                f"{source} holds thaw metadata that cannot be read ({err}): export it again "
+                "with thaw-export"
+            ) from err

@@ -1,9 +1,9 @@
 """The Predictor: images in, class probabilities out, for one model or an averaged ensemble.
 
-Every model brings its own Preprocessing (from its checkpoint or its exported file), so the
-members of an ensemble may have been trained at different sizes or statistics; test-time
-augmentation works on the preprocessed batch, where a flip and a shift are cheap. predict.py,
-eval.py and the server all use it.
+Every model brings its own Preprocessing and Postprocessing (from its checkpoint or its exported
+file), so the members of an ensemble may have been trained at different sizes or statistics;
+test-time augmentation works on the preprocessed batch, where a flip and a shift are cheap.
+predict.py, eval.py and the server all use it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import torch
 from PIL import Image
 
 from thaw.data.images import load_image, map_files
+from thaw.errors import UserError
 from thaw.inference.metadata import UINT8_INPUT
 from thaw.inference.onnx_model import OnnxModel
+from thaw.models import ImageClassifier, load_trained
+from thaw.postprocess import Postprocessing
 from thaw.preprocess import Preprocessing
-from thaw.trained import TrainedModel, load_trained
 
 TTA_MODES = ("none", "flip", "flip_crop")
 # The shift of flip_crop's corner crops, as a fraction of the side: augment=basic's crop_padding.
@@ -31,10 +33,12 @@ CROP_SHIFT = 0.125
 @dataclass(frozen=True)
 class Member:
     """One model: `model(batch)` -> logits (N, classes), for batches made by `transform`
-    (normalised float, or with `normalize=False` the uint8 RGB crop an exported graph takes)."""
+    (normalised float, or with `normalize=False` the uint8 RGB crop an exported graph takes),
+    turned into probabilities by its `postprocessing`."""
 
     model: Callable[[torch.Tensor], torch.Tensor]
     preprocessing: Preprocessing
+    postprocessing: Postprocessing
     normalize: bool = True
 
     @cached_property
@@ -54,8 +58,8 @@ class Member:
 
 class Predictor:
     """The softmax of each member, averaged over its test-time views, then over the members.
-    Each member's logits are divided by its preprocessing's temperature first (the one fitted
-    after training; 1.0 for a model that has none), so its probabilities are the calibrated ones.
+    Each member's logits go through its Postprocessing (the temperature fitted after training;
+    1.0 for a model that has none), so its probabilities are the calibrated ones.
 
     `tta`: "none"; "flip" adds the horizontal flip; "flip_crop" adds the flip and 4 views
     shifted by 1/8 of the side towards each corner (the 4 corner crops of the batch padded with
@@ -70,7 +74,7 @@ class Predictor:
         device: torch.device | str = "cpu",
     ) -> None:
         if tta not in TTA_MODES:
-            raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
+            raise UserError(f"tta must be one of {list(TTA_MODES)}, got {tta!r}")
         if not members:
             raise ValueError("a Predictor needs at least one model")
         self.members = list(members)
@@ -83,19 +87,22 @@ class Predictor:
     @classmethod
     def from_trained(
         cls,
-        models: Sequence[TrainedModel],
+        models: Sequence[ImageClassifier],
         tta: str = "none",
         device: torch.device | str = "cpu",
+        paths: Sequence[str | Path] = (),
     ) -> Predictor:
-        """An ensemble (or a single model) of loaded checkpoints, which must share their classes."""
+        """An ensemble (or a single model) of loaded checkpoints, which must share their classes;
+        `paths`, the checkpoints' files, name them in that error."""
+        names = [str(p) for p in paths] or [f"checkpoint {i}" for i in range(1, len(models) + 1)]
         first = models[0]
-        for other in models[1:]:
+        for name, other in zip(names[1:], models[1:], strict=True):
             if other.classes != first.classes:
-                raise ValueError(
+                raise UserError(
                     f"an ensemble needs checkpoints with the same classes in the same order: "
-                    f"{first.path} has {first.classes}, {other.path} has {other.classes}"
+                    f"{names[0]} has {first.classes}, {name} has {other.classes}"
                 )
-        members = [Member(m.model.to(device), m.preprocessing) for m in models]
+        members = [Member(m.to(device), m.preprocessing, m.postprocessing) for m in models]
         return cls(members, first.classes, tta, device)
 
     @classmethod
@@ -103,14 +110,20 @@ class Predictor:
         cls, paths: Sequence[str | Path], tta: str = "none", device: torch.device | str = "cpu"
     ) -> Predictor:
         cuda = torch.device(device).type == "cuda"
-        return cls.from_trained([load_trained(p, channels_last=cuda) for p in paths], tta, device)
+        models = [load_trained(p, channels_last=cuda) for p in paths]
+        return cls.from_trained(models, tta, device, paths)
 
     @classmethod
     def from_onnx(cls, path: str | Path, tta: str = "none") -> Predictor:
         """An exported ONNX model, run by ONNX Runtime on the CPU."""
         model = OnnxModel(path)
         meta = model.metadata
-        member = Member(model, meta.preprocessing, normalize=meta.input_layout != UINT8_INPUT)
+        member = Member(
+            model,
+            meta.preprocessing,
+            meta.postprocessing,
+            normalize=meta.input_layout != UINT8_INPUT,
+        )
         return cls([member], meta.classes, tta)
 
     def prepare(self, image: Image.Image | Path) -> list[torch.Tensor]:
@@ -130,7 +143,7 @@ class Predictor:
         for member, batch in zip(self.members, batches, strict=True):
             views = tta_views(batch.to(self.device), self.tta, member.black.to(self.device))
             logits = member.model(torch.cat(views)).float()
-            softmax = (logits / member.preprocessing.temperature).softmax(dim=-1)
+            softmax = member.postprocessing.probabilities(logits)
             softmaxes.append(softmax.view(len(views), len(batch), -1).mean(dim=0))
         return torch.stack(softmaxes).mean(dim=0).cpu()
 

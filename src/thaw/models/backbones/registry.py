@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from thaw.checkpoint import RUN_KEY, read_checkpoint
+from thaw.checkpoint import MODEL_PREFIX, RUN_KEY, read_checkpoint
+from thaw.errors import UserError
 from thaw.models.layer_groups import Block
 from thaw.models.stem import set_stem_stride
 
@@ -30,7 +31,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserError):
     """Pretrained weights that cannot be found, downloaded or fitted to the backbone."""
 
 
@@ -88,7 +89,7 @@ def backbone_spec(
 ) -> BackboneSpec:
     """The spec of backbone `name` of `family` (its preprocessing may depend on `weights`)."""
     if family not in FAMILIES:
-        raise ValueError(f"model.family={family!r} is not one of {list(FAMILIES)}")
+        raise UserError(f"model.family={family!r} is not one of {list(FAMILIES)}")
     module = importlib.import_module(f"thaw.models.backbones.{family}")
     return module.backbone_spec(name, None if weights is None else str(weights))
 
@@ -130,7 +131,8 @@ def _load_weights(spec: BackboneSpec, weights: str) -> dict[str, torch.Tensor]:
 
 def _read_weights_file(path: Path, architecture: str) -> dict[str, torch.Tensor]:
     """A plain state_dict (.pth, .safetensors), or a thaw checkpoint whose backbone weights sit
-    under `backbone.`; anything else is a WeightsError naming the file."""
+    under `model.backbone.` (read_checkpoint upgrades older ones); anything else is a
+    WeightsError naming the file."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -151,7 +153,7 @@ def _read_weights_file(path: Path, architecture: str) -> dict[str, torch.Tensor]
             f"but this run's model is {architecture}; set model.name={trained_as}"
         )
     if isinstance(state.get("state_dict"), dict):
-        prefix = "backbone."
+        prefix = MODEL_PREFIX + "backbone."
         weights = state["state_dict"].items()
         state = {k[len(prefix) :]: v for k, v in weights if k.startswith(prefix)}
     not_tensors = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]

@@ -1,4 +1,5 @@
-"""The LightningModule: backbone + head, loss, metrics, and an optimizer over fixed layer groups."""
+"""The training task: an ImageClassifier with its loss, metrics and an optimizer over its layer
+groups."""
 
 from __future__ import annotations
 
@@ -8,15 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from torch import nn
 from torchmetrics import ConfusionMatrix, MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from thaw.checkpoint import RUN_KEY
-from thaw.models.backbones import HEAD, Backbone
-from thaw.models.layer_groups import LayerGroup, build_layer_groups, single_group
+from thaw.checkpoint import FORMAT, RUN_KEY, upgrade
+from thaw.errors import UserError
 from thaw.models.loss import ClassificationLoss
-from thaw.preprocess import Preprocessing
+from thaw.models.network import ImageClassifier
 
 if TYPE_CHECKING:
     from thaw.finetune import FinetuneStrategy
@@ -34,58 +33,37 @@ def metric_tag(class_name: str) -> str:
     return class_name.replace("/", "_").replace(" ", "_")
 
 
-class Classifier(pl.LightningModule):
-    """An image classifier whose parameters are organised in layer groups, lowest first, head last.
+class ClassificationTask(pl.LightningModule):
+    """Training around an ImageClassifier: its loss, metrics and an optimizer over its layer
+    groups. The classifier (`model`) is what a checkpoint's weights, record and every consumer
+    are about; the task is never loaded for inference.
 
-    `run_config` (the composed config), `classes` and `preprocessing` travel in every checkpoint,
-    so evaluation, prediction and export need nothing but the checkpoint (see thaw.trained).
-    Training needs an `optimizer` factory and the `finetune` strategy, which gives the layer
-    groups their learning rates; a model loaded for inference has neither. With `distillation`,
-    the training loss also follows a teacher's softened outputs.
-    """
+    The `finetune` strategy gives the layer groups their learning rates; with `distillation`,
+    the training loss also follows a teacher's softened outputs."""
 
     def __init__(
         self,
-        backbone: Backbone,
-        classes: list[str],
-        preprocessing: Preprocessing,
-        optimizer: OptimizerFactory | None = None,
-        finetune: FinetuneStrategy | None = None,
-        scheduler: SchedulerFactory | None = None,
-        head_dropout: float = 0.0,
-        label_smoothing: float = 0.0,
-        class_weights: Sequence[float] | None = None,
-        focal_gamma: float = 0.0,
-        run_config: dict[str, Any] | None = None,
-        channels_last: bool = False,
+        model: ImageClassifier,
+        optimizer: OptimizerFactory | None,
+        finetune: FinetuneStrategy | None,
+        scheduler: SchedulerFactory | None,
+        label_smoothing: float,
+        class_weights: Sequence[float] | None,
+        focal_gamma: float,
         compile: bool = False,
         distillation: Distillation | None = None,
     ) -> None:
         super().__init__()
-        num_classes = len(classes)
-        if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got {classes}")
-        self.backbone = backbone.model
-        self.backbone_blocks = backbone.blocks
-        self.backbone_groups = backbone.groups  # stage -> parameter names, lowest first
-        self.no_weight_decay = backbone.no_weight_decay
-        self.head = nn.Sequential(
-            nn.Dropout(head_dropout), nn.Linear(backbone.feature_dim, num_classes)
-        )
-        self.channels_last = channels_last
-        if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)
+        self.model = model
         if compile:
-            self.backbone.compile()  # in place: state_dict keys stay those of the eager model
-        self.classes = list(classes)
-        self.preprocessing = preprocessing
+            model.backbone.compile()  # in place: state_dict keys stay those of the eager model
+        num_classes = len(model.classes)
         # One input of the trained size: the model summary counts its FLOPs per image with it.
-        side = preprocessing.input_size
+        side = model.preprocessing.input_size
         self.example_input_array = torch.zeros(1, 3, side, side)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.finetune = finetune
-        self.run_config = run_config or {}
         self.distillation = distillation
         self.criterion = ClassificationLoss(label_smoothing, class_weights, focal_gamma)
 
@@ -107,21 +85,16 @@ class Classifier(pl.LightningModule):
         self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes, **alone)
         self.test_report: dict[str, Any] = {}
 
+    @classmethod
+    def for_testing(cls, model: ImageClassifier) -> ClassificationTask:
+        """The task that tests a trained classifier (eval.py): no optimizer, and the test loss
+        as its training computed it, with its config's label smoothing."""
+        smoothing = model.config["model"]["label_smoothing"]
+        return cls(model, None, None, None, smoothing, class_weights=None, focal_gamma=0.0)
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Logits of images (B, C, H, W), or of backbone features (B, D) that a FeatureCache
-        computed once while the backbone was frozen."""
-        return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.backbone(images)
-
-    def layer_groups(self) -> dict[str, LayerGroup]:
-        """Backbone stages lowest first, then the head: the unit of freezing and of LR."""
-        groups = build_layer_groups(self.backbone, self.backbone_blocks, self.no_weight_decay)
-        groups[HEAD] = single_group(self.head, HEAD)
-        return groups
+        """The classifier's logits (of images, or of cached backbone features)."""
+        return self.model(inputs)
 
     def on_fit_start(self) -> None:
         if self.distillation is not None:  # not a submodule: Lightning does not move it
@@ -179,10 +152,11 @@ class Classifier(pl.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         per_class = self.test_acc_per_class.compute().tolist()
-        for name, acc in zip(self.classes, per_class, strict=True):
+        classes = self.model.classes
+        for name, acc in zip(classes, per_class, strict=True):
             self.log(f"test/acc_class/{metric_tag(name)}", acc)
         self.test_report = {
-            "per_class_acc": dict(zip(self.classes, per_class, strict=True)),
+            "per_class_acc": dict(zip(classes, per_class, strict=True)),
             "confusion_matrix": self.test_confusion.compute().tolist(),
         }
         self.test_acc_per_class.reset()
@@ -191,11 +165,11 @@ class Classifier(pl.LightningModule):
     # -- optimization -------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None or self.finetune is None:
-            raise RuntimeError("this Classifier was built for inference: it has no optimizer")
-        groups = self.layer_groups()
+            raise RuntimeError("this task was built for testing: it has no optimizer")
+        groups = self.model.layer_groups()
         base = getattr(self.optimizer_factory, "keywords", {})
         if "lr" not in base:
-            raise ValueError("the optimizer config needs an `lr` (optimizer.lr=...)")
+            raise UserError("the optimizer config needs an `lr` (optimizer.lr=...)")
         param_groups = self.finetune.param_groups(groups, base["lr"], base.get("weight_decay", 0.0))
         optimizer = self.optimizer_factory(param_groups)
         if self.scheduler_factory is None:
@@ -209,7 +183,7 @@ class Classifier(pl.LightningModule):
         names = [group["group"] for group in optimizer.param_groups]
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs > 0 else total_steps
         thaw = self.finetune.thaw_warmup(
-            names, list(self.backbone_groups), steps_per_epoch, max_epochs
+            names, list(self.model.backbone_groups), steps_per_epoch, max_epochs
         )
         extra = {} if thaw is None else {"group_factors": thaw}
         scheduler = self.scheduler_factory(
@@ -219,8 +193,8 @@ class Classifier(pl.LightningModule):
 
     # -- checkpoint contents ------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[RUN_KEY] = {
-            "config": self.run_config,
-            "classes": self.classes,
-            "preprocessing": self.preprocessing.to_dict(),
-        }
+        checkpoint[RUN_KEY] = {**self.model.record(), "format": FORMAT}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming from a checkpoint of an older thaw: its weights in today's layout first."""
+        upgrade(checkpoint)

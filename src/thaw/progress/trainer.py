@@ -1,33 +1,24 @@
-"""Progress that shows wherever the output goes: Lightning's rich bar on a terminal, and plain
-log lines in a file (a SLURM log, `> run.log`), where a bar shows nothing until the end.
-
-Lines go through the `thaw.progress` logger, so Hydra also writes them to the run's log file.
-"""
+"""The training loop's progress (see thaw.progress): Lightning's rich bar on a terminal, and one
+log line per epoch in a file."""
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import RichProgressBar
 from pytorch_lightning.callbacks.progress import ProgressBar
-from rich.progress import track as rich_track
 
+from thaw.errors import UserError
 from thaw.models.backbones import HEAD
+from thaw.progress import duration, on_terminal
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-def on_terminal() -> bool:
-    """Whether stdout is an interactive terminal (not a file, pipe or cluster log)."""
-    return sys.stdout.isatty()
+log = logging.getLogger("thaw.progress")  # one logger for every progress line
 
 
 def progress_bar(every_n_steps: int = 100) -> ProgressBar:
@@ -47,39 +38,10 @@ def with_progress(callbacks: list[pl.Callback], trainer_cfg: Any) -> list[pl.Cal
     return [*callbacks, progress_bar()]
 
 
-def track(items: Iterable[T], description: str, total: int, every: int = 0) -> Iterator[T]:
-    """`items`, with a bar on a terminal, else a log line every `every` items (default: about
-    every tenth of `total`) and one at the end, with the rate."""
-    if on_terminal():
-        yield from rich_track(items, description, total=total)
-        return
-    every = every or max(1, total // 10)
-    started = time.perf_counter()
-    done = 0
-    for item in items:
-        yield item
-        done += 1
-        if done % every == 0 or done == total:
-            rate = done / max(time.perf_counter() - started, 1e-9)
-            log.info("%s: %d/%d (%.1f/s)", description, done, total, rate)
-
-
 def epoch_of(trainer: pl.Trainer) -> str:
     """`3/10`, counting from 1; `3` for a run bounded by steps alone (max_epochs -1)."""
     epoch = trainer.current_epoch + 1
     return f"{epoch}/{trainer.max_epochs}" if (trainer.max_epochs or 0) > 0 else str(epoch)
-
-
-def duration(seconds: float) -> str:
-    """`1h02m`, `4m05s`, `12s`: short enough for a log line; `?` when not known."""
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = max(0, round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m"
-    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def batch_size(batch: Any) -> int:
@@ -102,7 +64,7 @@ class LogProgress(ProgressBar):
     def __init__(self, every_n_steps: int = 100) -> None:
         super().__init__()
         if every_n_steps < 1:
-            raise ValueError(f"callbacks.progress.every_n_steps={every_n_steps} must be >= 1")
+            raise UserError(f"callbacks.progress.every_n_steps={every_n_steps} must be >= 1")
         self.every_n_steps = every_n_steps
         self._enabled = True
         self._epoch_started = 0.0

@@ -1,11 +1,11 @@
-"""Temperature scaling after training: one scalar T, fitted on the validation split, that makes
-softmax(logits / T) mean what it says (Guo et al., 2017). It is stored in the best checkpoint's
-Preprocessing, so predict, export and serve apply it; accuracy does not change.
+"""Fitting the post-processing record after training, on the validation split, into the best
+checkpoint (thaw.postprocess). Today that is temperature scaling: one scalar T that makes
+softmax(logits / T) mean what it says (Guo et al., 2017); predict, export and serve apply it, and
+accuracy does not change.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from itertools import islice
 
@@ -23,8 +23,9 @@ from thaw.analysis.calibration import (
 from thaw.checkpoint import update_run_record
 from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last
-from thaw.models import Classifier
-from thaw.trained import load_trained
+from thaw.models import load_trained
+from thaw.models.task import ClassificationTask
+from thaw.postprocess import Postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,16 @@ log = logging.getLogger(__name__)
 def calibrate(
     cfg: DictConfig,
     trainer: pl.Trainer,
-    model: Classifier,
+    task: ClassificationTask,
     datamodule: ImageDataModule,
     best: str,
 ) -> dict[str, float]:
     """Temperature scaling after training: fit T on the best checkpoint's validation logits,
-    write it into that checkpoint's preprocessing (atomically) and into `model`'s, so the test
-    that follows and everything that loads the checkpoint apply it. Returns the figures for the
-    run's metrics: `temperature`, and the validation NLL and ECE before (`val/nll`, `val/ece`)
-    and after it (`val/nll_calibrated`, `val/ece_calibrated`); {} (nothing changed) without a
-    best checkpoint or validation images.
+    write it into that checkpoint's postprocessing (atomically) and into the task's model's, so
+    the test that follows and everything that loads the checkpoint apply it. Returns the figures
+    for the run's metrics: `temperature`, and the validation NLL and ECE before (`val/nll`,
+    `val/ece`) and after it (`val/nll_calibrated`, `val/ece_calibrated`); {} (nothing changed)
+    without a best checkpoint or validation images.
 
     Global rank 0 fits and writes; the other ranks (DDP) receive T from it."""
     if not best:
@@ -67,21 +68,9 @@ def calibrate(
     figures = trainer.strategy.broadcast(figures, src=0)
     if isinstance(figures, str):
         raise RuntimeError(f"fitting the temperature failed on global rank 0: {figures}")
-    model.preprocessing = dataclasses.replace(
-        model.preprocessing, temperature=figures["temperature"]
-    )
+    task.model.postprocessing = Postprocessing(figures["temperature"])
     images = int(figures.pop("images"))
-    if not MIN_TEMPERATURE * 1.001 < figures["temperature"] < MAX_TEMPERATURE * 0.999:
-        log.warning(
-            "The fitted temperature %.4g is at the end of the searched range [%g, %g]: the "
-            "validation NLL kept falling towards it, as it does when the model gets every "
-            "validation image right (the low end) or guesses no better than chance (the high "
-            "end). More validation images give a better fit (data.val_fraction); "
-            "calibrate=false keeps the model's own probabilities",
-            figures["temperature"],
-            MIN_TEMPERATURE,
-            MAX_TEMPERATURE,
-        )
+    warn_at_the_range_end(figures["temperature"])
     log.info(
         "Temperature %.4f fitted on %d validation images: NLL %.4f -> %.4f, ECE %.4f -> %.4f "
         "(written into %s)",
@@ -96,6 +85,22 @@ def calibrate(
     return figures
 
 
+def warn_at_the_range_end(temperature: float) -> None:
+    """A fitted temperature at an end of the searched range is no fit: say why, and what helps."""
+    if MIN_TEMPERATURE * 1.001 < temperature < MAX_TEMPERATURE * 0.999:
+        return
+    log.warning(
+        "The fitted temperature %.4g is at the end of the searched range [%g, %g]: the "
+        "validation NLL kept falling towards it, as it does when the model gets every "
+        "validation image right (the low end) or guesses no better than chance (the high "
+        "end). More validation images give a better fit (data.val_fraction); "
+        "calibrate=false keeps the model's own probabilities",
+        temperature,
+        MIN_TEMPERATURE,
+        MAX_TEMPERATURE,
+    )
+
+
 def fit_checkpoint_temperature(
     checkpoint: str,
     datamodule: ImageDataModule,
@@ -106,8 +111,7 @@ def fit_checkpoint_temperature(
     """Fit the temperature of `checkpoint` on the first `n_batches` validation batches of
     `datamodule` (in eval mode, on `device`) and store it in the checkpoint; `calibrate`'s
     figures, and the number of `images` it was fitted on."""
-    trained = load_trained(checkpoint, channels_last=channels_last)
-    network = trained.model.to(device)
+    network = load_trained(checkpoint, channels_last=channels_last).to(device)
     logits, labels = [], []
     with torch.inference_mode():
         for images, targets in islice(datamodule.val_dataloader(), n_batches):
@@ -116,8 +120,7 @@ def fit_checkpoint_temperature(
     del network
     all_logits, all_labels = torch.cat(logits), torch.cat(labels)
     temperature = fit_temperature(all_logits, all_labels)
-    preprocessing = dataclasses.replace(trained.preprocessing, temperature=temperature)
-    update_run_record(checkpoint, preprocessing=preprocessing.to_dict())
+    update_run_record(checkpoint, postprocessing=Postprocessing(temperature).to_dict())
     return {
         "temperature": temperature,
         "val/nll": negative_log_likelihood(all_logits, all_labels),

@@ -37,7 +37,7 @@ from thaw.analysis.interpretation import (
     most_confused,
     per_class,
 )
-from thaw.models.classifier import Classifier
+from thaw.models.network import ImageClassifier
 from thaw.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ BINS = 15
 
 
 def write_report(
-    model: Classifier,
+    model: ImageClassifier,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     output_dir: Path,
     run_config: dict[str, Any],
@@ -63,7 +63,7 @@ def write_report(
     Returns report.json's content."""
     model.eval()
     preprocessing: Preprocessing = model.preprocessing
-    temperature = preprocessing.temperature
+    temperature = model.postprocessing.temperature
     data = collect(model, batches, temperature, mistakes=CONFUSED_PAIRS * EXAMPLES_PER_PAIR * 8)
     classes = model.classes
     logits, labels = data.logits, data.labels
@@ -71,39 +71,18 @@ def write_report(
     table = per_class(matrix, classes)
     images: dict[str, bytes] = {"confusion": confusion_figure(matrix, classes)}
 
-    pairs = []
-    for true, predicted, count in most_confused(matrix, CONFUSED_PAIRS):
-        chosen = [x for x in data.mistakes if (x.label, x.predicted) == (true, predicted)]
-        chosen = chosen[:EXAMPLES_PER_PAIR]
-        for i, example in enumerate(chosen):
-            images[f"confused_{true}_{predicted}_{i}"] = png_bytes(_view(example, preprocessing))
-        pairs.append(
-            {
-                "true": classes[true],
-                "predicted": classes[predicted],
-                "true_index": true,
-                "predicted_index": predicted,
-                "count": count,
-                "examples": [x.index for x in chosen],
-            }
-        )
-
+    pairs = _confused_pairs(matrix, data, classes, preprocessing, images)
     top_losses = data.mistakes[:TOP_LOSSES]
     loss_overlays = _explained(model, top_losses, [x.predicted for x in top_losses])
-    for i, picture in enumerate(loss_overlays):
-        images[f"top_loss_{i}"] = png_bytes(picture)
     correct = _stratified_correct(data, GRADCAM_CLASSES)
     correct_overlays = _explained(model, correct, [x.label for x in correct])
-    for i, picture in enumerate(correct_overlays):
-        images[f"gradcam_{i}"] = png_bytes(picture)
+    for name, pictures in (("top_loss", loss_overlays), ("gradcam", correct_overlays)):
+        images.update({f"{name}_{i}": png_bytes(p) for i, p in enumerate(pictures)})
 
     calibration = _calibration(logits, labels, temperature)
-    images["reliability"] = reliability_figure(
-        {
-            "before": calibration["bins"],
-            f"after (T={temperature:.2f})": calibration["bins_calibrated"],
-        }
-    )
+    after = f"after (T={temperature:.2f})"
+    bins = {"before": calibration["bins"], after: calibration["bins_calibrated"]}
+    images["reliability"] = reliability_figure(bins)
     report = {
         "summary": summary(run_config, classes, checkpoint, wall_time_s),
         "metrics": headline(logits, labels, table),
@@ -129,6 +108,34 @@ def write_report(
         _to_tensorboard(writer, images, loss_overlays, correct_overlays)
     log.info("Report written to %s", output_dir / "report.html")
     return report
+
+
+def _confused_pairs(
+    matrix: torch.Tensor,
+    data: Collected,
+    classes: list[str],
+    preprocessing: Preprocessing,
+    images: dict[str, bytes],
+) -> list[dict[str, Any]]:
+    """The most confused (true, predicted) pairs with a few of their test images, whose
+    pictures are added to `images`."""
+    pairs = []
+    for true, predicted, count in most_confused(matrix, CONFUSED_PAIRS):
+        chosen = [x for x in data.mistakes if (x.label, x.predicted) == (true, predicted)]
+        chosen = chosen[:EXAMPLES_PER_PAIR]
+        for i, example in enumerate(chosen):
+            images[f"confused_{true}_{predicted}_{i}"] = png_bytes(_view(example, preprocessing))
+        pairs.append(
+            {
+                "true": classes[true],
+                "predicted": classes[predicted],
+                "true_index": true,
+                "predicted_index": predicted,
+                "count": count,
+                "examples": [x.index for x in chosen],
+            }
+        )
+    return pairs
 
 
 def summary(
@@ -187,7 +194,9 @@ def _stratified_correct(data: Collected, max_classes: int) -> list[Example]:
     return [data.correct[c][0] for c in with_examples]
 
 
-def _explained(model: Classifier, examples: list[Example], targets: list[int]) -> list[Image.Image]:
+def _explained(
+    model: ImageClassifier, examples: list[Example], targets: list[int]
+) -> list[Image.Image]:
     """Each example's view with the Grad-CAM map of its target class on top."""
     if not examples:
         return []
@@ -217,7 +226,7 @@ def _describe(example: Example, classes: list[str]) -> dict[str, Any]:
     }
 
 
-def _layer_name(model: Classifier) -> str:
+def _layer_name(model: ImageClassifier) -> str:
     """Where Grad-CAM looked, e.g. backbone.layer2 (see target_layer)."""
     layer = target_layer(model)
     return next(name for name, module in model.named_modules() if module is layer)

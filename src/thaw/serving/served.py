@@ -1,4 +1,4 @@
-"""The model a server answers with, and what /info says about it.
+"""Loading what a server answers with: its Predictor, and what /info says about the model.
 
 A checkpoint is loaded with `load_trained`, an exported file through its own metadata: the same
 Predictor and preprocessing as predict.py, so a served answer equals predict's. /info adds the
@@ -13,8 +13,9 @@ from typing import Any
 
 from thaw import __version__
 from thaw.checkpoint import read_record, run_dir
+from thaw.errors import UserError
 from thaw.inference.predictor import Predictor
-from thaw.trained import load_trained
+from thaw.models import load_trained
 
 METRICS = "metrics.json"
 EXPORT_RECORD = "export.json"
@@ -26,7 +27,7 @@ def load_served(
     """(the Predictor, the model's /info): from checkpoints (several: an ensemble) or from one
     exported ONNX file, never both."""
     if bool(ckpt_paths) == bool(model_path):
-        raise ValueError(
+        raise UserError(
             "give either ckpt_path=<file.ckpt> or model_path=<model.onnx>, "
             f"not {'both' if ckpt_paths else 'neither'}"
         )
@@ -39,10 +40,10 @@ def load_served(
         metrics_dir = path.parent
     else:
         trained = [load_trained(p, channels_last=device == "cuda") for p in ckpt_paths]
-        predictor = Predictor.from_trained(trained, tta, device)
+        predictor = Predictor.from_trained(trained, tta, device, ckpt_paths)
         name = "+".join(t.config["model"]["name"] for t in trained)
         model = {"name": name, "format": "checkpoint", "path": ", ".join(ckpt_paths)}
-        export, metrics_dir = None, run_dir(trained[0].path)
+        export, metrics_dir = None, run_dir(Path(ckpt_paths[0]))
     preprocessing = predictor.members[0].preprocessing
     metrics = read_record(metrics_dir / METRICS) if len(ckpt_paths) <= 1 else {}
     info = {
