@@ -1,5 +1,6 @@
 """Small fake datasets in the real on-disk formats, and a loopback HTTP server to serve them, so
-the readers and the download path are tested without the internet or the real data."""
+the readers and the download path are tested without the internet or the real data; and what the
+data tests share (normalisation statistics, class counts, the `loopback` fixture)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ import tarfile
 import tempfile
 import threading
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
 CIFAR10_CLASSES = [
@@ -33,6 +37,22 @@ CIFAR10_CLASSES = [
     "truck",
 ]
 CIFAR10_FOLDER = "cifar-10-batches-py"
+
+# The mean and std a test passes for the backbone's, where their values do not matter.
+MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.1]
+
+
+def counts(labels: torch.Tensor) -> dict[int, int]:
+    return dict(Counter(labels.tolist()))
+
+
+@pytest.fixture(name="loopback")
+def loopback_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `loopback` fixture: requests to 127.0.0.1 must not go through a proxy set in the
+    environment. A test module that asks for it imports it (`from data_formats import
+    loopback_fixture  # noqa: F401`); the other name keeps the argument from shadowing it."""
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
 def write_cifar_batch(path: Path, data: np.ndarray, labels: Sequence[int], name: str) -> None:
@@ -174,6 +194,15 @@ def closed_port_url() -> str:
 
 
 TINY_IMAGENET_FOLDER = "tiny-imagenet-200"
+# words.txt and wnids.txt of a 4-class Tiny ImageNet, for write_tiny_imagenet.
+WORDS = {
+    "n01443537": "goldfish, Carassius auratus",
+    "n02085620": "Chihuahua",
+    "n02125311": "cougar, puma, catamount",
+    "n03000000": "cougar",  # a second class named "cougar"
+    "n09999999": "a WordNet entry that is not a class",
+}
+WNIDS = ["n03000000", "n01443537", "n02125311", "n02085620"]  # wnids.txt is not sorted
 
 
 def write_tiny_imagenet(

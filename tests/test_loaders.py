@@ -10,6 +10,7 @@ import torch
 from torchvision.transforms import v2
 
 from data_formats import write_cifar10, write_image_folder
+from datamodules import make_datamodule
 from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.datamodule import ImageDataModule
@@ -25,7 +26,7 @@ AUTO_DEVICE = "data.loader=auto: in memory, every augmentation batches"
 
 def cifar(tmp_path: Path, augment: dict | None = None, **kwargs: object) -> ImageDataModule:
     write_cifar10(tmp_path, n_per_class=3)
-    dm = ImageDataModule(
+    dm = make_datamodule(
         CIFAR10(tmp_path, download=False), augment, MEAN, STD, batch_size=8, seed=3, **kwargs
     )
     dm.setup()
@@ -83,7 +84,7 @@ def test_choose_loader_refuses_an_explicit_device_path_naming_the_fix() -> None:
 
 def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path) -> None:
     basic = cifar(tmp_path / "basic", BASIC)
-    assert basic.requested_loader == "auto" and basic.loader == "device"
+    assert basic.settings.loader == "auto" and basic.loader == "device"
     assert basic.loader_choice == ("device", AUTO_DEVICE)
     assert isinstance(basic.train_transform, BatchAugment) and basic.train_transform.train
     assert isinstance(basic.eval_transform, BatchAugment) and not basic.eval_transform.train
@@ -95,7 +96,7 @@ def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path)
     assert isinstance(policy.eval_transform, v2.Compose)
     assert isinstance(policy.train_dataloader(), ResumableLoader)
     write_image_folder(tmp_path / "photos", ["a", "b"], n_per_class=5)
-    folder = ImageDataModule(ImageFolder(tmp_path / "photos"), None, MEAN, STD, image_size=8)
+    folder = make_datamodule(ImageFolder(tmp_path / "photos"), None, MEAN, STD, image_size=8)
     with pytest.raises(RuntimeError, match="setup"):
         _ = folder.loader  # chosen at setup, from the data found there
     folder.setup()
@@ -105,21 +106,21 @@ def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path)
 
 def test_an_explicit_device_path_it_cannot_take_says_why_at_setup(tmp_path: Path) -> None:
     write_cifar10(tmp_path, n_per_class=2)
-    policy = ImageDataModule(
+    policy = make_datamodule(
         CIFAR10(tmp_path, download=False), {"policy": "randaugment"}, MEAN, STD, loader="device"
     )
-    assert policy.requested_loader == "device"
+    assert policy.settings.loader == "device"
     policy.prepare_data()
     with pytest.raises(ValueError, match="policy=randaugment.*data.loader=dataloader"):
         policy.setup()
     write_image_folder(tmp_path / "photos", ["a", "b"], n_per_class=5)
-    folder = ImageDataModule(
+    folder = make_datamodule(
         ImageFolder(tmp_path / "photos"), None, MEAN, STD, image_size=8, loader="device"
     )
     with pytest.raises(ValueError, match="held in memory.*data.loader=dataloader"):
         folder.setup()
     # The same data and augmentation on the path that can take them.
-    explicit = ImageDataModule(
+    explicit = make_datamodule(
         CIFAR10(tmp_path, download=False), {"policy": "randaugment"}, MEAN, STD, loader="dataloader"
     )
     explicit.setup()

@@ -60,12 +60,3 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     with open_dict(cfg):
         del cfg.hydra  # as in a real app, whose task function sees no `hydra` node
     return cfg
-
-
-def check_number(key: str, value: object, integer: bool = True, minimum: float = 1) -> None:
-    """A ValueError naming `key` unless `value` is a number (an integer, if `integer`; a bool is
-    neither) of at least `minimum`: config values that Hydra would pass on as they are."""
-    kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < minimum:
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{key} must be {kind} >= {minimum:g}, got {value!r}")

@@ -1,5 +1,6 @@
-"""Seeded, stratified index arithmetic on labels: validation/test splits, class subsets and
-few-shot limits. Pure functions, so the same seed gives the same split on every process."""
+"""Planning the splits: seeded, stratified index arithmetic on labels (validation/test splits,
+class subsets, K-fold and few-shot limits). Pure functions of the labels and the settings, so
+the same seed gives the same split on every process; no image is read."""
 
 from __future__ import annotations
 
@@ -7,7 +8,62 @@ from collections.abc import Sequence
 
 import torch
 
-from thaw.data.sources.base import ImageSet
+from thaw.data.settings import SplitSettings
+from thaw.data.sources.base import ImageSet, Splits
+from thaw.errors import UserError
+
+
+def plan_splits(splits: Splits, settings: SplitSettings) -> Splits:
+    """The train/val/test sets a run uses, from the source's (already class-filtered) sets.
+
+    Stratified, seeded `test_fraction` and `val_fraction` splits of train for the sets the
+    source lacks (val_fraction 0 leaves validation empty); the `samples_per_class` limit on
+    train only, so few-shot runs are still validated and tested on full sets. With `folds`
+    (K-fold cross-validation) the training pool, the source's own validation set included, is
+    first limited to `samples_per_class`, then fold `fold` of a stratified, seeded split into
+    `folds` parts is the validation set and the others train; `val_fraction` is then unused.
+    The test set stays fixed either way."""
+    train, val, test = splits.train, splits.val, splits.test
+    check_class_sizes(train, settings, split_test=test is None, split_val=val is None)
+    seed, limit = settings.split_seed, settings.samples_per_class
+    if test is None:
+        train, test = split_imageset(train, settings.test_fraction, seed)
+    if settings.folds is not None:
+        pool = train if val is None else join(train, val)
+        if limit is not None:
+            pool = limit_per_class(pool, limit, seed)
+        train, val = fold_split(pool, settings.folds, settings.fold, seed)
+    else:
+        if val is None:
+            train, val = split_imageset(train, settings.val_fraction, seed)
+        if limit is not None:
+            train = limit_per_class(train, limit, seed)
+    return Splits(train, test=test, val=val)
+
+
+def check_class_sizes(
+    train: ImageSet, settings: SplitSettings, split_test: bool, split_val: bool
+) -> None:
+    """Every class needs one training image plus one for each split taken off train: say
+    which class falls short, rather than fail inside the split arithmetic."""
+    if split_test and settings.test_fraction == 0:
+        raise UserError(
+            "the data has no test split of its own (no test/ folder) and data.test_fraction "
+            "is 0: give a test/ folder or a data.test_fraction in (0, 1)"
+        )
+    held = [f"test (data.test_fraction={settings.test_fraction:g})"] if split_test else []
+    if split_val and settings.val_fraction > 0 and settings.folds is None:
+        held.append(f"validation (data.val_fraction={settings.val_fraction:g})")
+    needed = 1 + len(held)
+    sizes = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
+    short = [(name, n) for name, n in zip(train.classes, sizes, strict=True) if n < needed]
+    if short:
+        listed = ", ".join(f"{name!r} has {n}" for name, n in short)
+        names = " and ".join(["training", *held])
+        raise UserError(
+            f"too few images per class: {listed}; each class needs at least {needed} "
+            f"(one for each of {names}). Add images, or give val/ and test/ folders"
+        )
 
 
 def stratified_split(
@@ -33,7 +89,7 @@ def stratified_split(
         if fraction > 0:
             if len(idx) < 2:
                 name = f"{class_names[c]!r} (label {c})" if class_names else f"label {c}"
-                raise ValueError(
+                raise UserError(
                     f"class {name} has {len(idx)} sample; splitting a fraction off needs 2 or more"
                 )
             n_held = min(max(n_held, 1), len(idx) - 1)
@@ -56,13 +112,13 @@ def select_classes(imageset: ImageSet, names: Sequence[str]) -> ImageSet:
     """Only the images of the classes `names`, relabelled 0..k-1 in the order of `names`."""
     names = list(names)
     if not names:
-        raise ValueError("classes must name at least one class")
+        raise UserError("classes must name at least one class")
     unknown = [name for name in names if name not in imageset.classes]
     if unknown:
-        raise ValueError(f"unknown classes {unknown}; valid classes: {imageset.classes}")
+        raise UserError(f"unknown classes {unknown}; valid classes: {imageset.classes}")
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
-        raise ValueError(f"classes {duplicated} are listed more than once")
+        raise UserError(f"classes {duplicated} are listed more than once")
     new_label = torch.full((len(imageset.classes),), -1, dtype=torch.long)
     for new, name in enumerate(names):
         new_label[imageset.classes.index(name)] = new
@@ -108,7 +164,7 @@ def fold_split(imageset: ImageSet, folds: int, fold: int, seed: int) -> tuple[Im
         f"{name!r} has {n}" for name, n in zip(imageset.classes, sizes, strict=True) if n < folds
     ]
     if short:
-        raise ValueError(
+        raise UserError(
             f"data.folds={folds} needs {folds} or more training images per class, but "
             f"{', '.join(short)}. Lower data.folds or add images"
         )
