@@ -31,11 +31,11 @@ from serving import loopback_server
 from thaw.analysis.gradcam import explain
 from thaw.config import compose_config
 from thaw.export import export_model
+from thaw.models import load_trained
 from thaw.predict import predict
 from thaw.serve import build_app, settings_from
 from thaw.serving.batcher import DynamicBatcher, Overloaded
 from thaw.serving.uploads import decode_upload
-from thaw.trained import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret"
@@ -243,7 +243,7 @@ def test_explain_adds_the_grad_cam_overlay_that_predict_draws(url, ckpt, test_im
     trained = load_trained(ckpt)
     decoded = decode_upload(image, trained.preprocessing.resize_size)
     target = trained.classes.index(answer["label"])
-    ((_, expected),) = explain(trained.model, trained.preprocessing, [decoded], [target])
+    ((_, expected),) = explain(trained, trained.preprocessing, [decoded], [target])
     assert served.size == expected.size == (28, 28)
     difference = np.abs(np.asarray(served, int) - np.asarray(expected, int))
     assert difference.max() <= 1  # the same map, up to rounding
@@ -275,7 +275,7 @@ def test_info_and_metrics_report_the_model_and_the_traffic(url, folder_run, test
 def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
     ckpt, test_images, tmp_path
 ):
-    model = export_model(load_trained(ckpt), "onnx", tmp_path, parity_images=24)
+    model = export_model(load_trained(ckpt), Path(ckpt), "onnx", tmp_path, parity_images=24)
     rows = json.loads(
         predict(
             compose_config(

@@ -11,10 +11,11 @@ import uvicorn
 from fastapi import FastAPI
 from omegaconf import DictConfig, OmegaConf
 
-from thaw.config import check_number
+from thaw import checks
+from thaw.errors import UserError
 from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
-from thaw.serving.model import load_served
+from thaw.serving.served import load_served
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +27,14 @@ WORKER_STARTUP_S = 120
 def settings_from(cfg: DictConfig) -> ServeSettings:
     """The server's bounds from the config, each checked and named if wrong."""
     for key in ("max_batch_size", "max_pending", "top_k", "workers", "port"):
-        check_number(key, cfg[key])
-    check_number("batch_timeout_ms", cfg.batch_timeout_ms, integer=False, minimum=0)
-    check_number("max_upload_mb", cfg.max_upload_mb, integer=False, minimum=0)
+        checks.integer(key, cfg[key], minimum=1)
+    checks.number("batch_timeout_ms", cfg.batch_timeout_ms, minimum=0)
+    checks.number("max_upload_mb", cfg.max_upload_mb, minimum=0)
     if cfg.max_upload_mb == 0:
-        raise ValueError("max_upload_mb must be above 0: it is the largest request body accepted")
-    if cfg.tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {list(TTA_MODES)}, got {cfg.tta!r}")
+        raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
+    checks.choice("tta", cfg.tta, TTA_MODES)
     if cfg.api_key is not None and not str(cfg.api_key):
-        raise ValueError("api_key is empty: set a secret, or null for an open server")
+        raise UserError("api_key is empty: set a secret, or null for an open server")
     return ServeSettings(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=float(cfg.batch_timeout_ms),

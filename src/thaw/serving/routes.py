@@ -1,0 +1,144 @@
+"""The routes, module-level: each reads its app's ServeState from `request.app.state.serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from starlette.datastructures import FormData, UploadFile
+
+from thaw.serving.state import MB, ServeState
+from thaw.serving.uploads import UploadError
+
+
+def state_of(request: Request) -> ServeState:
+    return request.app.state.serve
+
+
+def require_key(request: Request, authorization: str = Header(default="")) -> None:
+    """Lets a request through only with `Authorization: Bearer <api_key>` (every request,
+    where no key is set)."""
+    api_key = state_of(request).settings.api_key
+    expected = f"Bearer {api_key}".encode()
+    if api_key is not None and not hmac.compare_digest(authorization.encode(), expected):
+        raise HTTPException(
+            401,
+            "missing or wrong API key: send the header 'Authorization: Bearer <api_key>'",
+            {"WWW-Authenticate": "Bearer"},
+        )
+
+
+router = APIRouter()
+authorized = [Depends(require_key)]
+
+
+@router.post("/predict", dependencies=authorized)
+async def predict(request: Request, explain: bool = False) -> JSONResponse:
+    serve = state_of(request)
+    if explain and serve.explainer is None:
+        raise HTTPException(
+            400,
+            "explain=true needs the PyTorch model: serve a checkpoint (ckpt_path=...), "
+            "not an exported file or an ensemble",
+        )
+    body = await read_body(request, serve.upload_limit)
+    if _is_multipart(request):
+        form = await parse_form(request, body)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(400, "send the image as the multipart field 'file'")
+        body = await upload.read()
+    try:
+        result, image = await serve.classify(body)
+    except UploadError as err:
+        raise HTTPException(err.status, err.detail) from None
+    if explain:
+        result["explanation"] = await serve.explanation(image, result["label"])
+    return JSONResponse(result)
+
+
+@router.post("/predict/batch", dependencies=authorized)
+async def predict_batch(request: Request) -> JSONResponse:
+    serve = state_of(request)
+    body = await read_body(request, serve.upload_limit)
+    if not _is_multipart(request):
+        raise HTTPException(400, "send the images as multipart/form-data files")
+    uploads = [v for _, v in (await parse_form(request, body)).multi_items()]
+    uploads = [u for u in uploads if isinstance(u, UploadFile)]
+    if not uploads:
+        raise HTTPException(400, "the request holds no files: send them as multipart files")
+
+    async def one(upload: UploadFile) -> dict[str, Any]:
+        try:
+            result, _ = await serve.classify(await upload.read())
+            return {"file": upload.filename, **result}
+        except UploadError as err:
+            return {"file": upload.filename, "error": err.detail, "status": err.status}
+
+    return JSONResponse(await asyncio.gather(*(one(upload) for upload in uploads)))
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/info")
+async def model_info(request: Request) -> dict[str, Any]:
+    serve = state_of(request)
+    settings = serve.settings
+    return {
+        **serve.info,
+        "top_k": settings.top_k,
+        "max_batch_size": settings.max_batch_size,
+        "max_upload_mb": settings.max_upload_mb,
+        "auth": settings.api_key is not None,
+        "explain": serve.explainer is not None,
+    }
+
+
+@router.get("/metrics", response_model=None)
+async def report(request: Request, format: str = "json") -> dict[str, Any] | PlainTextResponse:
+    serve = state_of(request)
+    if format == "prometheus":
+        return PlainTextResponse(serve.metrics.prometheus(serve.batcher.batch_sizes))
+    return serve.metrics.summary(serve.batcher.batch_sizes)
+
+
+@router.get("/", response_class=HTMLResponse)
+async def index(request: Request) -> str:
+    return state_of(request).page
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes (by
+    its Content-Length, or while it streams in)."""
+    refuse = HTTPException(
+        413, f"the upload is over the limit of {limit / MB:g} MB (max_upload_mb)"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise refuse
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise refuse
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def parse_form(request: Request, body: bytes) -> FormData:
+    """The multipart form in `body`, already read under the size limit."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await Request(request.scope, replay).form()
+
+
+def _is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
