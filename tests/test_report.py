@@ -1,6 +1,6 @@
 """The evaluation report: per-class numbers as sklearn counts them, the most-confused pairs,
-every section of report.html with images that decode, a 2-class and a 100-class report, the
-figures in TensorBoard, and the report a training run writes."""
+every section of report.html with images that decode, HTML in class names escaped, a 2-class and
+a 100-class report, the figures in TensorBoard, and the report a training run writes."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
+from classifiers import classifier
 from conftest import FOLDER_CLASSES, PREPROCESSING
+from thaw.analysis.evaluation_report import write_report
 from thaw.analysis.figures import confused_classes
+from thaw.analysis.html import png_bytes, render
 from thaw.analysis.interpretation import confusion_matrix, headline, most_confused, per_class
-from thaw.analysis.report import write_report
+from thaw.models import ImageClassifier
 from thaw.models.backbones import create_backbone
-from thaw.models.classifier import Classifier
 
 SECTIONS = [
     "summary",
@@ -101,6 +103,54 @@ def assert_complete_page(page: str, report: dict) -> None:
     assert len(images) == pictures
 
 
+def test_html_in_a_class_name_is_escaped_not_run():
+    evil = "<script>alert(1)</script>"
+    cell = {"class": evil, "precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    report = {
+        "summary": {"model": "resnet18", "data": f"/data/{evil}", "classes": 2},
+        "metrics": {"acc": 0.5, "f1_macro": 0.5},
+        "test_images": 4,
+        "per_class": [cell, {**cell, "class": "cat"}],
+        "most_confused": [
+            {
+                "true": evil,
+                "predicted": "cat",
+                "true_index": 0,
+                "predicted_index": 1,
+                "count": 1,
+                "examples": [3],
+            }
+        ],
+        "top_losses": [{"true": evil, "predicted": "cat", "prob": 0.9}],
+        "gradcam": {
+            "layer": "layer4",
+            "max_classes": 16,
+            "correct": [{"class": evil, "prob": 0.8}],
+        },
+        "calibration": {
+            "temperature": 1.0,
+            "ece": 0.1,
+            "ece_calibrated": 0.1,
+            "nll": 0.7,
+            "nll_calibrated": 0.7,
+        },
+        "model_size": {
+            "parameters": 1234567,
+            "megabytes": 4.7,
+            "flops_per_image": 2e9,
+            "input_size": 224,
+        },
+    }
+    png = png_bytes(Image.new("RGB", (4, 4)))
+    names = ["confusion", "reliability", "confused_0_1_0", "top_loss_0", "gradcam_0"]
+    page = render(report, dict.fromkeys(names, png))
+    assert_complete_page(page, report)
+    assert evil not in page and page.count("<script>") == 1  # only the page's own sort script
+    # The heading, summary table, per-class row, pair heading, and two captions and their alts.
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 8
+    assert "<td>1,234,567</td>" in page and "2.000 G (224 px)" in page
+
+
 def test_the_training_run_writes_a_complete_report(folder_run):
     report = json.loads((folder_run / "report.json").read_text())
     metrics = json.loads((folder_run / "metrics.json").read_text())
@@ -121,11 +171,11 @@ def test_the_training_run_writes_a_complete_report(folder_run):
     assert_complete_page((folder_run / "report.html").read_text(), report)
 
 
-def random_classifier(classes: int) -> Classifier:
+def random_classifier(classes: int) -> ImageClassifier:
     torch.manual_seed(0)
     names = [f"class {i:03d}" for i in range(classes)]
     config = {"model": {"name": "resnet18"}, "finetune": {"_target_": "thaw.finetune.TwoPhase"}}
-    return Classifier(create_backbone("resnet18", None), names, PREPROCESSING, run_config=config)
+    return classifier(create_backbone("resnet18", None), names, PREPROCESSING, config=config)
 
 
 def random_batches(classes: int, n: int, size: int = 28) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -140,7 +190,7 @@ def test_two_and_a_hundred_classes_give_a_sane_report(classes, tmp_path):
     model = random_classifier(classes)
     writer = SummaryWriter(tmp_path / "tb")
     report = write_report(
-        model, random_batches(classes, 160), tmp_path, model.run_config, tensorboard=[writer]
+        model, random_batches(classes, 160), tmp_path, model.config, tensorboard=[writer]
     )
     writer.close()
     page = (tmp_path / "report.html").read_text()
