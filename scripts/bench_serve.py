@@ -29,7 +29,7 @@ import aiohttp
 import httpx
 
 from thaw.inference.inputs import resolve_inputs
-from thaw.report import markdown_table, text_table
+from thaw.renderings import markdown_table, text_table
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = (1, 8, 32)

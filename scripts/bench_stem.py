@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from thaw.config import QUIET, compose_config
-from thaw.report import markdown_table
+from thaw.renderings import markdown_table
 from thaw.train import run
 
 

@@ -30,11 +30,11 @@ import statistics
 import time
 from pathlib import Path
 
-from thaw.analysis.report import model_size
+from thaw.analysis.evaluation_report import model_size
 from thaw.config import QUIET, compose_config, config_dir
 from thaw.data.sources.fashion_mnist import CLASSES
 from thaw.models import create_backbone
-from thaw.report import markdown_table
+from thaw.renderings import markdown_table
 from thaw.train import run
 
 DEFAULT_MODEL = "resnet18"

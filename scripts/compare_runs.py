@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from thaw.report import text_table
+from thaw.renderings import text_table
 
 # test/acc_top5 is there only for runs of more than 5 classes: a column when any run has it.
 COLUMNS = ("test/acc", "test/acc_top5", "test/f1_macro")

@@ -6,7 +6,7 @@ import csv
 import sys
 from pathlib import Path
 
-from thaw.report import text_table
+from thaw.renderings import text_table
 
 COLUMNS = ("path", "label", "prob", "top2_label", "top2_prob", "error")
 

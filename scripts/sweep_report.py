@@ -7,7 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from thaw.search.report import write_sweep_report
+from thaw.errors import UserError
+from thaw.search.sweep_report import write_sweep_report
 
 
 def main() -> None:
@@ -17,7 +18,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         write_sweep_report(args.sweep_dir)
-    except FileNotFoundError as err:
+    except UserError as err:
         parser.exit(2, f"sweep_report: {err}\n")
 
 

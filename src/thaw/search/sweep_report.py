@@ -6,12 +6,10 @@ parameter importances as PNG. Optuna and matplotlib are imported only where a st
 from __future__ import annotations
 
 import csv
-import dataclasses
 import logging
 import math
 import statistics
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,54 +18,22 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from thaw.checkpoint import read_record
+from thaw.errors import UserError
 from thaw.search import STUDY_FILE
+from thaw.search.sweep_table import (
+    COLUMNS,
+    Row,
+    common_overrides,
+    for_display,
+    markdown_table,
+    sweep_markdown,
+)
 
 log = logging.getLogger(__name__)
 
-COLUMNS = [
-    "job",
-    "state",
-    "value",
-    "val/acc_best",
-    "test/acc",
-    "epochs",
-    "wall_time_s",
-    "overrides",
-    "run_dir",
-    "error",
-]
 SHOWN_ROWS = 5  # printed to the console
 # Keys a sweep sets for its own bookkeeping, not choices of the run.
 _BOOKKEEPING = ("callbacks.optuna_pruning", "hydra.")
-
-
-@dataclass
-class Row:
-    """One job of the sweep, or one trial of its study."""
-
-    job: str
-    state: str
-    overrides: list[str]
-    run_dir: str = ""
-    value: float | None = None
-    epochs: int | None = None
-    wall_time_s: float | None = None
-    error: str = ""
-    metrics: dict[str, float] = field(default_factory=dict)
-
-    def cells(self) -> dict[str, Any]:
-        return {
-            "job": self.job,
-            "state": self.state,
-            "value": self.value,
-            "val/acc_best": self.metrics.get("val/acc_best"),
-            "test/acc": self.metrics.get("test/acc"),
-            "epochs": self.epochs,
-            "wall_time_s": self.wall_time_s,
-            "overrides": " ".join(self.overrides),
-            "run_dir": self.run_dir,
-            "error": self.error,
-        }
 
 
 class SweepReport(Callback):
@@ -81,9 +47,7 @@ def write_sweep_report(sweep_dir: Path) -> list[Row]:
     """Write sweep.csv and sweep.md (and the study's plots) into `sweep_dir`, print the best
     rows, and return every row, best first."""
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(
-            f"{sweep_dir} is not a sweep dir (python train.py -m ... makes one)"
-        )
+        raise UserError(f"{sweep_dir} is not a sweep dir (python train.py -m ... makes one)")
     metric, direction = _objective(sweep_dir)
     study_file = sweep_dir / STUDY_FILE
     plots: list[str] = []
@@ -94,7 +58,7 @@ def write_sweep_report(sweep_dir: Path) -> list[Row]:
         common: list[str] = []  # a trial's overrides are its sampled values only
     else:
         rows = job_rows(sweep_dir, metric)
-        common = _common(rows)
+        common = common_overrides(rows)
     rows = ranked(rows, direction)
     folds = fold_summary(rows)
     with (sweep_dir / "sweep.csv").open("w", newline="") as file:
@@ -102,9 +66,9 @@ def write_sweep_report(sweep_dir: Path) -> list[Row]:
         writer.writeheader()
         writer.writerows(row.cells() for row in rows)
     (sweep_dir / "sweep.md").write_text(
-        _markdown(sweep_dir, metric, direction, rows, common, folds, plots)
+        sweep_markdown(sweep_dir, metric, direction, rows, common, folds, plots)
     )
-    shown = _table(_without(rows[:SHOWN_ROWS], common), with_paths=False)
+    shown = markdown_table(for_display(rows[:SHOWN_ROWS], common), with_paths=False)
     log.info(
         "Sweep %s: %d jobs, %s (%s), best first:\n%s\nThe report: %s",
         sweep_dir,
@@ -222,31 +186,6 @@ def _objective(sweep_dir: Path) -> tuple[str, str]:
     return metric, direction
 
 
-def _common(rows: Sequence[Row]) -> list[str]:
-    """The overrides every row has (when there are two rows or more), in the first's order."""
-    if len(rows) < 2:
-        return []
-    shared = set.intersection(*(set(r.overrides) for r in rows))
-    return [o for o in rows[0].overrides if o in shared]
-
-
-def _without(rows: Sequence[Row], common: Sequence[str]) -> list[Row]:
-    """The rows for display: without the overrides every job has, and numbers to 4 digits."""
-    return [
-        dataclasses.replace(r, overrides=[_short(o) for o in r.overrides if o not in common])
-        for r in rows
-    ]
-
-
-def _short(override: str) -> str:
-    key, _, value = override.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        return override
-    return f"{key}={number:.4g}" if "." in value or "e" in value else override
-
-
 def _choices(overrides: Iterable[str]) -> list[str]:
     return [o for o in overrides if not o.lstrip("+~").startswith(_BOOKKEEPING)]
 
@@ -291,58 +230,3 @@ def _study_plots(study: Any, sweep_dir: Path) -> list[str]:
         (sweep_dir / name).write_bytes(png(axes.figure))
         written.append(name)
     return written
-
-
-def _format(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
-
-
-def _table(rows: Sequence[Row], with_paths: bool = True) -> str:
-    columns = COLUMNS if with_paths else [c for c in COLUMNS if c not in ("run_dir", "error")]
-    lines = ["| rank | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for rank, row in enumerate(rows, start=1):
-        cells = row.cells()
-        lines.append(f"| {rank} | " + " | ".join(_format(cells[c]) for c in columns) + " |")
-    return "\n".join(lines)
-
-
-def _markdown(
-    sweep_dir: Path,
-    metric: str,
-    direction: str,
-    rows: Sequence[Row],
-    common: Sequence[str],
-    folds: Sequence[dict[str, Any]],
-    plots: Sequence[str],
-) -> str:
-    states = {
-        state: sum(r.state == state for r in rows) for state in dict.fromkeys(r.state for r in rows)
-    }
-    counts = ", ".join(f"{n} {state}" for state, n in states.items())
-    parts = [
-        f"# Sweep {sweep_dir}",
-        "",
-        f"{len(rows)} jobs ({counts}); value = {metric}, {direction}d, best first.",
-        "",
-    ]
-    if common:
-        parts += [f"Every job: `{' '.join(common)}`; the table shows what differs.", ""]
-    parts.append(_table(_without(rows, common)))
-    if folds:
-        parts += ["", "## Cross-validation (mean ± std over folds)", ""]
-        for group in folds:
-            parts.append(f"**{group['setting']}** ({group['folds']} folds)")
-            parts.append("")
-            parts.append("| metric | mean | std |\n|---|---|---|")
-            parts += [
-                f"| {name} | {mean:.4f} | {std:.4f} |"
-                for name, (mean, std) in group["stats"].items()
-            ]
-            parts.append("")
-    for name in plots:
-        parts += ["", f"![{name}]({name})"]
-    return "\n".join(parts) + "\n"
