@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from thaw.records import from_plain_values
+
 if TYPE_CHECKING:  # not imported: the sweep report reads run records before torch is needed
     import torch
 
@@ -44,11 +46,7 @@ class Postprocessing:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Postprocessing:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown postprocessing keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_plain_values(cls, values, "postprocessing")
 
 
 def split_legacy_preprocessing(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

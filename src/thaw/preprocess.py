@@ -17,6 +17,8 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from thaw.records import from_plain_values
+
 Triple = tuple[float, float, float]
 
 
@@ -60,11 +62,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Preprocessing:
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing keys {unknown}; known keys: {sorted(known)}")
-        return cls(**values)
+        return from_plain_values(cls, values, "preprocessing")
 
     def transform(
         self,
