@@ -284,6 +284,7 @@ def test_datamodule_loader_options(tmp_path: Path) -> None:
         ({"image_size": 0}, "image_size"),
         ({"skip_bad_images": "yes"}, "skip_bad_images"),
         ({"loader": "gpu"}, r"data.loader must be one of \['auto', 'device', 'dataloader'\]"),
+        ({"foo": 1}, "data.foo: not a data setting; the data settings are batch_size, "),
         (
             {"normalize": "imagenet"},
             r"data.normalize must be one of \['backbone', 'dataset'\], got 'imagenet'",

@@ -85,6 +85,12 @@ class DataSettings:
         """The settings from the data group's flat keys (the `_target_` of conf/data_base.yaml):
         the split keys are gathered into `splits`."""
         split_keys = [name for name in SplitSettings.__dataclass_fields__ if name in values]
+        known = [name for name in cls.__dataclass_fields__ if name not in ("source", "splits")]
+        unknown = sorted(set(values) - set(known) - set(split_keys))
+        if unknown:
+            listed = ", ".join(f"data.{name}" for name in unknown)
+            every = ", ".join(sorted([*known, *SplitSettings.__dataclass_fields__]))
+            raise UserError(f"{listed}: not a data setting; the data settings are {every}")
         splits = SplitSettings(**{name: values.pop(name) for name in split_keys})
         return cls(source=source, splits=splits, **values)
 
