@@ -50,18 +50,20 @@ class FashionMNIST:
     """Fashion-MNIST as uint8 tensors (N, 1, 28, 28): 60000 train, 10000 test, no validation split.
 
     The four idx files are looked for in `root`, then in `system_dir`; if neither has them all and
-    `download` is true, the missing ones are fetched from `url` (a base URL) into `root`.
+    `download` is true, the missing ones are fetched from `url` (a base URL; None: URL, the
+    publisher's) into `root`.
     """
 
     def __init__(
         self,
         root: str | Path,
         download: bool = True,
-        url: str = URL,
+        url: str | None = None,
         system_dir: str | Path | None = SYSTEM_DIR,
     ) -> None:
         self.root = Path(root)
         self.download = download
+        url = url or URL
         self.url = url if url.endswith("/") else url + "/"
         self.system_dir = Path(system_dir) if system_dir else None
 
