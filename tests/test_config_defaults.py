@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from thaw.config import config_dir
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.settings import DataSettings, SplitSettings
+from thaw.export import export_model
 from thaw.models.network import ImageClassifier
 from thaw.models.task import ClassificationTask
 from thaw.serving.state import ServeSettings
@@ -48,3 +49,10 @@ def test_the_model_and_its_task_take_their_config_values_without_defaults() -> N
         assert model[name].default is inspect.Parameter.empty, name
     for name in ("label_smoothing", "class_weights", "focal_gamma", "optimizer", "finetune"):
         assert task[name].default is inspect.Parameter.empty, name
+
+
+def test_export_defaults_are_the_yamls() -> None:
+    exported = yaml("export.yaml")
+    for name, parameter in inspect.signature(export_model).parameters.items():
+        if parameter.default is not inspect.Parameter.empty:
+            assert parameter.default == exported[name], name

@@ -27,7 +27,7 @@ from thaw.evaluate import evaluate
 from thaw.export import export_model
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT
-from thaw.inference.predictor import tta_views
+from thaw.inference.predictor import channels_last_on, tta_views
 from thaw.models import load_trained
 from thaw.predict import predict
 from thaw.preprocess import Preprocessing
@@ -351,3 +351,8 @@ def test_inference_and_serving_import_no_training_code():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+def test_a_model_is_laid_out_nhwc_on_any_cuda_device_and_only_there():
+    assert channels_last_on("cuda") and channels_last_on("cuda:1")
+    assert not channels_last_on("cpu") and not channels_last_on(torch.device("cpu"))

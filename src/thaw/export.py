@@ -25,6 +25,7 @@ from thaw.data.splits import limit_per_class, select_classes
 from thaw.inference.export_formats import (
     FILE_NAMES,
     INT8,
+    OPSET,
     ExportError,
     check_format,
     load_exported,
@@ -71,7 +72,7 @@ def export_model(
     normalize_in_graph: bool = False,
     calibration_images: int = 256,
     parity_images: int = 512,
-    opset: int = 18,
+    opset: int = OPSET,
     seed: int = 0,
 ) -> Path:
     """Export `trained` (the model of `checkpoint`) as `format` into `out_dir` (as model.onnx,
@@ -111,7 +112,7 @@ def write_gated(
     out_dir: Path,
     check: CheckImages,
     calibration: torch.Tensor | None = None,
-    opset: int = 18,
+    opset: int = OPSET,
     notes: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` as `format`, compare it with `reference` (the checkpoint's model) on

@@ -24,6 +24,8 @@ from thaw.inference.onnx_model import EXTRA, OnnxModel, import_onnxruntime
 FILE_NAMES = {"onnx": "model.onnx", "onnx_int8": "model_int8.onnx", "torch_export": "model.pt2"}
 FORMATS = tuple(FILE_NAMES)
 INT8 = "onnx_int8"
+# The ONNX opset written unless export.yaml's `opset` says otherwise (it holds the same value).
+OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 _CALIBRATION_BATCH = 32
@@ -75,7 +77,7 @@ def write_exported(
     metadata: ExportMetadata,
     path: Path,
     calibration: torch.Tensor | None = None,
-    opset: int = 18,
+    opset: int = OPSET,
 ) -> None:
     """Write `classifier` (eval mode, CPU) as `format` to `path`. INT8 needs `calibration`:
     images laid out as the graph takes them (the caller has run `check_format`)."""

@@ -109,8 +109,8 @@ class Predictor:
     def from_checkpoints(
         cls, paths: Sequence[str | Path], tta: str = "none", device: torch.device | str = "cpu"
     ) -> Predictor:
-        cuda = torch.device(device).type == "cuda"
-        models = [load_trained(p, channels_last=cuda) for p in paths]
+        nhwc = channels_last_on(device)
+        models = [load_trained(p, channels_last=nhwc) for p in paths]
         return cls.from_trained(models, tta, device, paths)
 
     @classmethod
@@ -227,6 +227,12 @@ def prediction_row(result: FileResult, predictor: Predictor, top_k: int) -> dict
         row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
     row["error"] = result.error
     return row
+
+
+def channels_last_on(device: torch.device | str) -> bool:
+    """Whether a model served on `device` lays its convolutions out in NHWC: on any CUDA device
+    (`cuda`, `cuda:1`), whose kernels want it, as training's `trainer.channels_last=auto`."""
+    return torch.device(device).type == "cuda"
 
 
 def best_device(name: str) -> str:

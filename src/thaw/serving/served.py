@@ -14,7 +14,7 @@ from typing import Any
 from thaw import __version__
 from thaw.checkpoint import read_record, run_dir
 from thaw.errors import UserError
-from thaw.inference.predictor import Predictor
+from thaw.inference.predictor import Predictor, channels_last_on
 from thaw.models import load_trained
 
 METRICS = "metrics.json"
@@ -39,7 +39,7 @@ def load_served(
         model = {"name": name, "format": "onnx", "path": str(path)}
         metrics_dir = path.parent
     else:
-        trained = [load_trained(p, channels_last=device == "cuda") for p in ckpt_paths]
+        trained = [load_trained(p, channels_last=channels_last_on(device)) for p in ckpt_paths]
         predictor = Predictor.from_trained(trained, tta, device, ckpt_paths)
         name = "+".join(t.config["model"]["name"] for t in trained)
         model = {"name": name, "format": "checkpoint", "path": ", ".join(ckpt_paths)}
