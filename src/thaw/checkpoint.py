@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -24,6 +25,15 @@ DATA_TARGET = "thaw.data.settings.DataSettings.of"  # conf/data_base.yaml's _tar
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable, or not what the caller needs."""
+
+
+def file_identity(path: str | Path) -> dict[str, str]:
+    """How an open route or an exported file names a file: its basename and SHA-256, which
+    tell the file apart without revealing the server's directories."""
+    path = Path(path)
+    with path.open("rb") as file:
+        digest = hashlib.file_digest(file, "sha256").hexdigest()
+    return {"file": path.name, "sha256": digest}
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
