@@ -5,7 +5,9 @@ model that does not; and bad input that writes nothing."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -24,13 +26,22 @@ from thaw.config import compose_config
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
 from thaw.errors import UserError
-from thaw.export import check_images, export, export_model, stratified_sample, write_gated
+from thaw.export import (
+    MIN_CALIBRATION_IMAGES,
+    check_images,
+    export,
+    export_model,
+    stratified_sample,
+    write_gated,
+)
 from thaw.inference.export_formats import ExportError
 from thaw.inference.metadata import ExportMetadata
 from thaw.inference.onnx_model import OnnxModel
 from thaw.inference.parity import CheckImages, ParityError, check_parity
+from thaw.inference.predictor import Predictor
 from thaw.models import ImageClassifier, load_trained
 from thaw.preprocess import Preprocessing
+from thaw.serving.served import load_served
 
 ROOT = Path(__file__).resolve().parents[1]
 N_VAL = FOLDER_SPLITS["val"] * len(FOLDER_CLASSES)
@@ -96,7 +107,8 @@ def test_onnx_export_writes_the_model_and_its_record_and_agrees_with_the_checkpo
     assert record["max_softmax_diff"] <= TOLERANCE
     assert record["top1_agreement"] == 1.0
     assert record["accuracy_exported"] == record["accuracy_checkpoint"] > 1 / len(FOLDER_CLASSES)
-    assert record["source_checkpoint"] == str(checkpoint.resolve())
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert record["source_checkpoint"] == {"file": "best.ckpt", "sha256": digest}
     assert record["input_layout"] == "float32_normalized"
 
     model = OnnxModel(onnx_path)
@@ -185,6 +197,19 @@ def test_int8_passes_its_gate_in_a_quarter_of_the_size(
     assert agree >= 0.9
 
 
+def test_int8_calibration_on_too_few_images_warns_in_the_log_and_the_record(
+    checkpoint, trained, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING, logger="thaw.export"):
+        path = export_model(trained, checkpoint, "onnx_int8", tmp_path, calibration_images=90)
+    record = records(path)["model_int8.onnx"]
+    assert record["calibration_images"] == 90 < MIN_CALIBRATION_IMAGES
+    (warning,) = record["warnings"]
+    assert warning in caplog.messages
+    assert "INT8 calibration on 90 images, fewer than 100" in warning
+    assert "calibration_images" in warning and "images=<folder" in warning  # the fixes
+
+
 def test_calibration_images_are_seeded_and_stratified():
     # 3 classes of 50, 20 and 8 images; image i is filled with the value i to identify it.
     labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 8)
@@ -218,6 +243,45 @@ def test_torch_export_program_loads_with_its_metadata_and_agrees(
     with torch.inference_mode():
         assert (module(batch).softmax(1) - expected).abs().max() <= TOLERANCE
         assert (module(batch[:1]).softmax(1) - expected[:1]).abs().max() <= TOLERANCE
+
+
+def test_the_exported_file_names_its_checkpoint_by_basename_and_digest_not_by_path(
+    checkpoint, onnx_path
+):
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
+    assert json.loads(props["thaw.source_checkpoint"]) == {"file": "best.ckpt", "sha256": digest}
+    assert OnnxModel(onnx_path).metadata.source_checkpoint["sha256"] == digest
+    record = (onnx_path.parent / "export.json").read_text()
+    for text in (record, *props.values()):
+        for folder in (checkpoint.parent, onnx_path.parent, Path("/tmp")):
+            assert str(folder) not in text
+
+
+def test_a_file_exported_with_the_checkpoints_path_is_read_by_its_basename(onnx_path, tmp_path):
+    model = onnx.load(str(onnx_path))
+    for prop in model.metadata_props:
+        if prop.key == "thaw.source_checkpoint":
+            prop.value = "/home/someone/runs/a/checkpoints/best.ckpt"  # as older files hold
+    old = tmp_path / "old.onnx"
+    onnx.save(model, str(old))
+    assert OnnxModel(old).metadata.source_checkpoint == {"file": "best.ckpt"}
+
+
+@pytest.mark.parametrize("damage", ["text", "half"])
+def test_a_text_or_truncated_onnx_file_is_refused_naming_it_for_predict_and_serve(
+    onnx_path, tmp_path, damage
+):
+    bad = tmp_path / "model.onnx"
+    if damage == "text":
+        bad.write_text("not an ONNX model\n")
+    else:
+        data = onnx_path.read_bytes()
+        bad.write_bytes(data[: len(data) // 2])
+    message = rf"model_path={bad} is not an ONNX model .* Export it again"
+    for load in (Predictor.from_onnx, lambda path: load_served([], str(path), "cpu")):
+        with pytest.raises(UserError, match=message):
+            load(bad)
 
 
 # ------------------------------------------------------------------------------- the gate
@@ -278,6 +342,17 @@ def test_the_int8_gate_refuses_an_accuracy_drop(trained, val_check):
 # ------------------------------------------------------------------------------- bad input
 def export_cfg(tmp_path: Path, *overrides: str):
     return compose_config("export", [f"out={tmp_path / 'out'}", *overrides], tmp_path / "run")
+
+
+@pytest.mark.parametrize("out", ["{tmp}/afile/export", "/proc/thaw_export"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_checkpoint_is_read(tmp_path, out):
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    missing = tmp_path / "missing.ckpt"  # were it read first, this would be the error
+    cfg = compose_config(
+        "export", [f"ckpt_path={missing}", f"out={out.format(tmp=tmp_path)}"], tmp_path / "run"
+    )
+    with pytest.raises(UserError, match=r"out=.* cannot be written: .* Give out=<a folder"):
+        export(cfg)
 
 
 def test_a_checkpoint_that_is_not_thaws_is_refused(tmp_path):

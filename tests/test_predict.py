@@ -309,6 +309,23 @@ def test_bad_input_is_refused_before_anything_is_written(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("out", ["{tmp}/afile/preds.csv", "/proc/thaw_predictions.csv"])
+def test_an_out_that_cannot_be_written_is_refused_before_the_model_is_loaded(
+    photo_folder, tmp_path, out
+):
+    (tmp_path / "afile").write_text("a file, not a folder\n")
+    missing = tmp_path / "missing.ckpt"  # were it loaded first, this would be the error
+    overrides = [f"ckpt_path={missing}", f"inputs={photo_folder / 'test'}"]
+    cfg = compose_config(
+        "predict", [*overrides, f"out={out.format(tmp=tmp_path)}"], tmp_path / "run"
+    )
+    message = r"out=.* cannot be written: .* Give out=<a file"
+    with pytest.raises(ValueError, match=message) as refused:
+        predict(cfg)
+    assert is_user_error(refused.value)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(("layout", "tta"), [(FLOAT_INPUT, "none"), (UINT8_INPUT, "flip_crop")])
 def test_onnx_predictions_match_the_checkpoints(
     plain_rows, ckpt, photo_folder, tmp_path, layout, tta

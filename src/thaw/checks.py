@@ -7,7 +7,10 @@ of these, and each raises a UserError (one paragraph, exit 2 at the command line
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from thaw.errors import UserError
@@ -82,7 +85,43 @@ def choice(key: str, value: Any, options: Sequence[Any]) -> None:
         raise UserError(f"{key} must be one of {list(options)}, got {value!r}")
 
 
-def flag(key: str, value: Any) -> None:
-    """`value` is true or false (not a string or a number)."""
+def flag(key: str, value: Any, nullable: bool = False) -> None:
+    """`value` is true or false (not a string or a number), or None where `nullable`."""
+    if nullable and value is None:
+        return
     if not isinstance(value, bool):
-        raise UserError(f"{key} must be true or false, got {value!r}")
+        what = "true, false or null" if nullable else "true or false"
+        raise UserError(f"{key} must be {what}, got {value!r}")
+
+
+def writable(key: str, path: str | Path, folder: bool = False) -> None:
+    """`path` (a file, or with `folder` a folder) can be written, checked before the work whose
+    result goes there, so that a mistake costs a second rather than the whole run.
+
+    Nothing is created: the nearest folder that exists is probed with an unnamed temporary file
+    (nothing is left behind if the process is killed). A permission check alone would pass for
+    root, where a read-only mount, a parent that is a file or a pseudo-filesystem still fail."""
+    path = Path(path)
+    wanted = "a folder" if folder else "a file"
+    if path.exists() and path.is_dir() != folder:
+        raise UserError(f"{key}={path} is {'a file' if folder else 'a folder'}: give {wanted}")
+    nearest = path if path.is_dir() else path.parent
+    while not nearest.exists():
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise UserError(
+            f"{key}={path} cannot be written: {nearest} is a file, not a folder. Give "
+            f"{key}=<{wanted} you can write to>"
+        )
+    if path.is_file() and not os.access(path, os.W_OK):
+        raise UserError(
+            f"{key}={path} cannot be written: the file is read-only. Give {key}=<another file>"
+        )
+    try:
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"{key}={path} cannot be written: creating a file in {nearest} fails "
+            f"({err.strerror or err}). Give {key}=<{wanted} you can write to>"
+        ) from None

@@ -17,7 +17,7 @@ from torch import nn
 
 from thaw import __version__, checks
 from thaw.build import build_datamodule, trained_run_config
-from thaw.checkpoint import run_dir
+from thaw.checkpoint import file_identity, run_dir
 from thaw.data.dataset import ImageDataset
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
@@ -40,17 +40,24 @@ from thaw.progress import track
 log = logging.getLogger(__name__)
 
 RECORD = "export.json"
+# Fewer INT8 calibration images than this get a warning: min/max calibration sets each
+# activation's range from what it sees, and 100 is the default sample of Hugging Face Optimum's
+# and Intel Neural Compressor's calibration.
+MIN_CALIBRATION_IMAGES = 100
 
 
 def export(cfg: DictConfig) -> Path:
-    """Check the format and its tools, load the checkpoint, export; returns the written file."""
+    """Check the format, its tools and the output folder, load the checkpoint, export; returns
+    the written file."""
     check_format(cfg.format)
     checkpoint = Path(cfg.ckpt_path)
+    out_dir = Path(cfg.out) if cfg.out else run_dir(checkpoint)
+    checks.writable("out", out_dir, folder=True)
     return export_model(
         load_trained(checkpoint),
         checkpoint,
         cfg.format,
-        Path(cfg.out) if cfg.out else run_dir(checkpoint),
+        out_dir,
         data_root=cfg.data_root,
         images=cfg.images,
         normalize_in_graph=cfg.normalize_in_graph,
@@ -82,10 +89,14 @@ def export_model(
     check_format(format)
     checks.integer("calibration_images", calibration_images, 1)
     checks.integer("parity_images", parity_images, 1)
+    checks.writable("out", out_dir, folder=True)
     layout = UINT8_INPUT if normalize_in_graph else FLOAT_INPUT
-    source = str(checkpoint.resolve())
     metadata = ExportMetadata(
-        trained.classes, trained.preprocessing, trained.postprocessing, layout, source
+        trained.classes,
+        trained.preprocessing,
+        trained.postprocessing,
+        layout,
+        file_identity(checkpoint),
     )
     pools = image_pools(trained, checkpoint, data_root, images)
     calibration_pool, check_pool, images_from = pools
@@ -93,15 +104,29 @@ def export_model(
         stratified_sample(check_pool, parity_images, seed), trained.preprocessing, layout
     )
     calibration = None
+    notes: dict[str, Any] = {"model": trained.config["model"]["name"], "images_from": images_from}
     if format == INT8:
         chosen = stratified_sample(calibration_pool, calibration_images, seed)
+        notes.update(calibration_notes(len(chosen)))
         calibration = load_images(chosen, trained.preprocessing, normalize=not normalize_in_graph)
-    notes: dict[str, Any] = {"model": trained.config["model"]["name"], "images_from": images_from}
-    if calibration is not None:
-        notes["calibration_images"] = len(calibration)
     return write_gated(
         format, trained, trained, metadata, Path(out_dir), check, calibration, opset, notes
     )
+
+
+def calibration_notes(count: int) -> dict[str, Any]:
+    """export.json's record of the INT8 calibration, with a warning (logged too) where `count`
+    images are too few to trust the activation ranges."""
+    if count >= MIN_CALIBRATION_IMAGES:
+        return {"calibration_images": count}
+    warning = (
+        f"INT8 calibration on {count} images, fewer than {MIN_CALIBRATION_IMAGES}: the "
+        "activation ranges may miss what real inputs reach, and accuracy drop on them beyond "
+        "what the parity gate sees. Raise calibration_images, or give more training images "
+        "with images=<folder of class folders>"
+    )
+    log.warning(warning)
+    return {"calibration_images": count, "warnings": [warning]}
 
 
 def write_gated(

@@ -46,6 +46,7 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
     out = Path(cfg.paths.output_dir) / cfg.out  # an absolute `out` replaces the run dir
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise UserError(f"out={cfg.out!r} must end in .csv or .json (the format to write)")
+    checks.writable("out", out)  # explain/ goes beside it, in the same folder
     paths = resolve_inputs(cfg.inputs)
     ckpts, model_path = checkpoint_paths(cfg.ckpt_path), cfg.get("model_path")
     if bool(ckpts) == bool(model_path):

@@ -29,6 +29,7 @@ from thaw.finetune import FinetuneStrategy
 from thaw.fit_postprocessing import calibrate
 from thaw.models.backbones import STAGES
 from thaw.resume import check_resumable, resolve_ckpt_path
+from thaw.training_checks import check_training_config
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     """Train as `cfg` says and return every logged metric (val and, if tested, test).
     `callbacks` run before thaw's own (so that they can time them, as scripts/bench_speed.py
     does)."""
+    check_training_config(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     if cfg.get("seed") is not None:

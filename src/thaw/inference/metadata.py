@@ -2,8 +2,9 @@
 
 Every exported file holds these as string key/value pairs (ONNX `metadata_props`, the
 `extra_files` of a .pt2 archive): the class names, the Preprocessing, the Postprocessing, the
-input layout, thaw's version and the checkpoint it came from. A third party can rebuild the
-preprocessing from them alone; the values are JSON where they are not plain strings.
+input layout, thaw's version and the checkpoint it came from (by basename and SHA-256, which
+tell it apart without revealing where it was). A third party can rebuild the preprocessing from
+them alone; the values are JSON where they are not plain strings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PureWindowsPath
 
 from thaw import __version__
 from thaw.errors import UserError
@@ -31,7 +33,9 @@ class ExportMetadata:
     preprocessing: Preprocessing
     postprocessing: Postprocessing
     input_layout: str
-    source_checkpoint: str
+    # thaw.checkpoint.file_identity of the checkpoint: {"file": basename, "sha256": hex}. A path
+    # (what files exported before the digest hold) is kept as its basename alone.
+    source_checkpoint: Mapping[str, str] | str
     thaw_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -39,6 +43,10 @@ class ExportMetadata:
             raise UserError(
                 f"input_layout must be one of {list(INPUT_LAYOUTS)}, got {self.input_layout!r}"
             )
+        source = self.source_checkpoint
+        if isinstance(source, str):  # either separator: the file may come from another system
+            source = {"file": PureWindowsPath(source).name}
+        object.__setattr__(self, "source_checkpoint", dict(source))
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -52,7 +60,7 @@ class ExportMetadata:
             "preprocessing": json.dumps(self.preprocessing.to_dict()),
             "postprocessing": json.dumps(self.postprocessing.to_dict()),
             "input_layout": self.input_layout,
-            "source_checkpoint": self.source_checkpoint,
+            "source_checkpoint": json.dumps(self.source_checkpoint),
             "thaw_version": self.thaw_version,
         }
         return {_PREFIX + key: value for key, value in values.items()}
@@ -73,7 +81,7 @@ class ExportMetadata:
                 preprocessing=Preprocessing.from_dict(preprocessing),
                 postprocessing=Postprocessing.from_dict(postprocessing),
                 input_layout=pairs[_PREFIX + "input_layout"],
-                source_checkpoint=pairs[_PREFIX + "source_checkpoint"],
+                source_checkpoint=_source(pairs[_PREFIX + "source_checkpoint"]),
                 thaw_version=pairs[_PREFIX + "thaw_version"],
             )
         except KeyError as err:
@@ -86,3 +94,12 @@ class ExportMetadata:
                 f"{source} holds thaw metadata that cannot be read ({err}): export it again "
                 "with thaw-export"
             ) from err
+
+
+def _source(text: str) -> Mapping[str, str] | str:
+    """The stored source checkpoint: its identity (JSON), or the path an older file holds."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text

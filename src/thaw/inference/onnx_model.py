@@ -26,6 +26,20 @@ def import_onnxruntime() -> ModuleType:
     return onnxruntime
 
 
+def _unreadable(ort: ModuleType) -> tuple[type[BaseException], ...]:
+    """What ONNX Runtime raises for a file it cannot load as a model (not parseable, no graph, a
+    graph or operator it refuses), as against a failure of the runtime itself."""
+    state = ort.capi.onnxruntime_pybind11_state
+    return (
+        state.InvalidProtobuf,
+        state.InvalidArgument,
+        state.InvalidGraph,
+        state.NoModel,
+        state.Fail,
+        state.NotImplemented,
+    )
+
+
 class OnnxModel:
     """`model(batch)` -> logits (N, classes) as a float32 torch tensor, for a batch laid out as
     `metadata.input_layout` says (a torch tensor or numpy array).
@@ -41,9 +55,17 @@ class OnnxModel:
             raise UserError(f"model_path={self.path} does not exist")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
-        self.session = ort.InferenceSession(
-            str(self.path), options, providers=["CPUExecutionProvider"]
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except _unreadable(ort) as err:
+            reason = str(err).splitlines()[0].rstrip(".") if str(err) else type(err).__name__
+            raise UserError(
+                f"model_path={self.path} is not an ONNX model ONNX Runtime can load: it is "
+                f"truncated, corrupt or another kind of file ({reason}). Export it again: "
+                "python export.py ckpt_path=<its checkpoint> format=onnx"
+            ) from None
         pairs = self.session.get_modelmeta().custom_metadata_map
         self.metadata = ExportMetadata.from_strings(pairs, str(self.path))
         self.input_name = self.session.get_inputs()[0].name

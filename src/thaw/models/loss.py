@@ -14,9 +14,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from thaw import checks
 from thaw.errors import UserError
 
 BALANCED = "balanced"
+
+
+def check_settings(label_smoothing: object, focal_gamma: object) -> None:
+    """The loss's settings (`model.*`), checked before a run reads its data as well as here:
+    smoothing of 1 or more leaves no trace of the label, and a negative gamma weights the easy
+    examples up."""
+    checks.fraction("model.label_smoothing", label_smoothing)
+    checks.number("model.focal_gamma", focal_gamma, minimum=0)
 
 
 def resolve_class_weights(
@@ -50,8 +59,7 @@ class ClassificationLoss(nn.Module):
         focal_gamma: float = 0.0,
     ) -> None:
         super().__init__()
-        if focal_gamma < 0:
-            raise UserError(f"model.focal_gamma={focal_gamma} must be >= 0 (0: cross-entropy)")
+        check_settings(label_smoothing, focal_gamma)
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         weight = None if class_weights is None else torch.tensor(class_weights)

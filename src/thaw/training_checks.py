@@ -1,0 +1,78 @@
+"""The checks of a training config that need no data, run first: a mistaken learning rate or
+epoch count is refused in a second, before data is read or weights are downloaded, instead of
+after (or, for some, without) an error deep inside the run.
+
+Only what the builders check too late is checked here; a value the fine-tuning strategy checks
+when it is built (which also happens before any data is read) is left to it, past its type.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+
+from thaw import checks
+from thaw.errors import UserError
+from thaw.models.loss import check_settings
+
+# The optimizer settings of conf/optimizer/*.yaml, as torch checks them when the optimizer is
+# built (which is after the data is read): each number >= 0, each switch a bool (a string such
+# as `nesterov=yes` would pass torch as true); `fused` may be null, torch's own default.
+OPTIMIZER_NUMBERS = ("lr", "weight_decay", "momentum")
+OPTIMIZER_FLAGS = {"nesterov": False, "fused": True}  # name: nullable
+# The strategy's numbers, whose ranges it checks itself, with a comparison that a string breaks.
+FINETUNE_NUMBERS = {"backbone_lr_ratio": False, "layer_decay": True, "thaw_warmup_epochs": False}
+
+
+def check_training_config(cfg: DictConfig) -> None:
+    """Refuse, naming the key and the fix, what would otherwise fail only once data is read."""
+    check_optimizer(cfg.optimizer)
+    check_finetune(cfg.finetune)
+    check_settings(cfg.model.label_smoothing, cfg.model.focal_gamma)
+    check_length(cfg.trainer)
+
+
+def check_optimizer(optimizer: DictConfig) -> None:
+    for key in OPTIMIZER_NUMBERS:
+        if key in optimizer:
+            checks.number(f"optimizer.{key}", optimizer[key], minimum=0)
+    for key, nullable in OPTIMIZER_FLAGS.items():
+        if key in optimizer:
+            checks.flag(f"optimizer.{key}", optimizer[key], nullable=nullable)
+
+
+def check_finetune(finetune: DictConfig) -> None:
+    for key, nullable in FINETUNE_NUMBERS.items():
+        if key in finetune:
+            checks.number(f"finetune.{key}", finetune[key], nullable=nullable)
+    for group, lr in (finetune.get("group_lrs") or {}).items():
+        checks.number(f"finetune.group_lrs.{group}", lr, minimum=0)
+
+
+def check_length(trainer: DictConfig) -> None:
+    """How long the run is: `max_epochs` an integer >= 1, or -1 or null (no end) where
+    `max_steps` or `max_time` ends the run. 0 trains nothing (and would test random weights)."""
+    epochs, steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if not (_is_int(steps) and (steps == -1 or steps >= 1)):  # -1, Lightning's default: no bound
+        raise UserError(
+            f"trainer.max_steps must be an integer >= 1, or -1 for no bound, got {steps!r}"
+        )
+    if _is_int(epochs) and epochs == 0:
+        raise UserError(
+            "trainer.max_epochs=0 trains nothing: set trainer.max_epochs=1 or more, or run eval.py "
+            "ckpt_path=<checkpoint> to test a trained model"
+        )
+    if _is_int(epochs) and epochs >= 1:
+        return
+    endless = epochs is None or (_is_int(epochs) and epochs == -1)
+    if endless and (steps != -1 or trainer.get("max_time") is not None):
+        return
+    raise UserError(
+        f"trainer.max_epochs must be an integer >= 1, got {epochs!r}: set trainer.max_epochs=<n>"
+        " (-1 or null, no end, only where +trainer.max_steps=<n> ends the run)"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
