@@ -58,6 +58,16 @@ _QUIET_TRAINER = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The user's caches (thaw's record of image files that decode) in a folder of this
+    session's, which the processes tests start inherit: tests neither read nor fill the real
+    ones."""
+    cache = tmp_path_factory.mktemp("user_cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache
+
+
 @pytest.fixture(scope="session")
 def quiet_trainer() -> Callable[..., pl.Trainer]:
     """quiet_trainer(max_epochs=2, ...): a pl.Trainer with the quiet settings; keyword

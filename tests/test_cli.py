@@ -138,7 +138,7 @@ def mistakes(f: dict[str, Path], fmnist_root: Path) -> dict[str, Mistake]:
         "ckpt_path=last, new dir": Mistake(
             "train", [*train, "ckpt_path=last"], ["ckpt_path=last", "hydra.run.dir="]
         ),
-        "corrupt image in a worker": Mistake(
+        "corrupt image at setup": Mistake(
             "train",
             [
                 *[o for o in CLI_TINY if not o.startswith("data.num_workers")],
@@ -252,7 +252,7 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, SimpleNamesp
         "tensor as ckpt_path",
         "tensor as weights",
         "ckpt_path=last, new dir",
-        "corrupt image in a worker",
+        "corrupt image at setup",
         "eval: tensor",
         "eval: text file",
         "eval: not thaw's",

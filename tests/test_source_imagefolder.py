@@ -1,5 +1,6 @@
 """The ImageFolder source: classes from folders, split folders used or a stratified split made,
-what the errors say, and bad image files failing by path or skipped, counted and logged."""
+what the errors say, and bad image files failing at setup by path or skipped, counted and
+logged."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from data_formats import (
 from datamodules import make_datamodule
 from thaw.data import DataUnavailableError
 from thaw.data.datamodule import ImageDataModule
+from thaw.data.images import ImageDecodeError
 from thaw.data.sources.imagefolder import ImageFolder
 
 
@@ -128,17 +130,16 @@ def photo_folder(root: Path) -> list[Path]:
     return sorted(bad)
 
 
-def test_a_bad_file_fails_with_its_path_when_not_skipping(tmp_path: Path) -> None:
+def test_a_bad_file_fails_at_setup_with_its_path_and_split(tmp_path: Path) -> None:
     bad = photo_folder(tmp_path)
     dm = make_datamodule(
         ImageFolder(tmp_path), None, MEAN, STD, image_size=16, val_fraction=0, batch_size=64
     )
-    dm.setup()
-    assert len(dm.train_set) + len(dm.test_set) == 14
-    with pytest.raises(OSError, match="could not decode image") as err:
-        for loader in (dm.train_dataloader(), dm.test_dataloader()):
-            list(loader)
-    assert any(str(path) in str(err.value) for path in bad)
+    with pytest.raises(ImageDecodeError, match="do not decode \\(2, checked before") as err:
+        dm.setup()
+    for path in bad:
+        assert f"could not decode image {path} (train split)" in str(err.value)
+    assert "data.skip_bad_images=true" in str(err.value)
 
 
 def test_bad_files_are_skipped_counted_and_logged(

@@ -16,7 +16,7 @@ from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.mixing import BatchMix
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.augment.per_image import build_train_transform
-from thaw.data.dataset import ImageDataset, drop_unreadable
+from thaw.data.dataset import ImageDataset, readable_splits
 from thaw.data.loader_choice import LoaderChoice, choose_loader
 from thaw.data.resumable import (
     DeviceLoader,
@@ -40,9 +40,10 @@ class ImageDataModule(pl.LightningDataModule):
     the data group (thaw.data.settings.DataSettings).
 
     `setup` applies, in order: the `classes` filter (every split, labels renumbered in the order
-    given); with `skip_bad_images`, drops the files that do not decode (checked once, so a bad
-    photo cannot stop a long run mid-epoch; without it the first bad file fails with its path);
-    the split plan (thaw.data.splits.plan_splits). Then it resolves the run's `preprocessing`
+    given); the check that every file of every split decodes (thaw.data.verify, cached for
+    unchanged files), so a bad photo cannot stop a long run mid-epoch or after it: a bad file is
+    an error naming it, or with `skip_bad_images` is dropped; the split plan
+    (thaw.data.splits.plan_splits). Then it resolves the run's `preprocessing`
     (see thaw.data.stats: `image_size`, and `mean`/`std`, the backbone's, or with
     `normalize="dataset"` the training split's) unless one is given, as a trained model's is,
     chooses the data path (thaw.data.loader_choice) and builds that path's transforms.
@@ -131,25 +132,34 @@ class ImageDataModule(pl.LightningDataModule):
             self.mixer = BatchMix(self.augment, len(self.classes))
 
     def _load(self) -> None:
-        """The sets, filtered and planned; with `test_only`, only the source's own test set
-        where it has one."""
+        """The sets, filtered, checked to decode and planned; with `test_only`, only the
+        source's own test set where it has one."""
         test = self.source.load_test() if self.test_only else None
         if test is not None:
-            (self.test_set,) = self._filter(test)
+            self.test_set = self._checked(test=self._filter(test))["test"]
             return
         loaded = self.source.load()
-        train, val, test = self._filter(loaded.train, loaded.val, loaded.test)
-        planned = plan_splits(Splits(train, test=test, val=val), self.settings.splits)
+        found = self._checked(
+            train=self._filter(loaded.train),
+            val=self._filter(loaded.val),
+            test=self._filter(loaded.test),
+        )
+        planned = plan_splits(Splits(**found), self.settings.splits)  # type: ignore[arg-type]
         self.train_set, self.val_set, self.test_set = planned.train, planned.val, planned.test
 
-    def _filter(self, *imagesets: ImageSet | None) -> tuple[ImageSet | None, ...]:
-        """The `classes` filter, then (with `skip_bad_images`) the files that decode."""
+    def _filter(self, imageset: ImageSet | None) -> ImageSet | None:
+        """The `classes` filter (None stays None)."""
         names = self.settings.splits.classes
-        if names is not None:
-            imagesets = tuple(s if s is None else select_classes(s, names) for s in imagesets)
-        if self.settings.skip_bad_images:
-            imagesets, self.skipped_images = drop_unreadable(imagesets, self._decode_size)
-        return imagesets
+        if names is None or imageset is None:
+            return imageset
+        return select_classes(imageset, names)
+
+    def _checked(self, **splits: ImageSet | None) -> dict[str, ImageSet | None]:
+        """`splits` once every file decodes (see readable_splits); skipped files are kept."""
+        checked, self.skipped_images = readable_splits(
+            splits, self._decode_size, self.settings.skip_bad_images
+        )
+        return checked
 
     def train_dataloader(self) -> PositionedLoader:
         """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image)."""

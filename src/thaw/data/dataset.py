@@ -1,4 +1,5 @@
-"""An ImageSet as a torch Dataset, and the ImageSets without their unreadable files."""
+"""An ImageSet as a torch Dataset, and the sets checked to decode: an error, or without the
+files that do not."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from thaw.data.images import find_unreadable, load_image
+from thaw.data.images import ImageDecodeError, load_image
 from thaw.data.sources.base import ImageSet
+from thaw.data.verify import verify_files
 
 log = logging.getLogger(__name__)
 
@@ -41,28 +43,47 @@ class ImageDataset(Dataset):
         return self.transform(image), int(self.images.labels[index])
 
 
-def drop_unreadable(
-    imagesets: tuple[ImageSet | None, ...], decode_size: int | None
-) -> tuple[tuple[ImageSet | None, ...], list[Path]]:
-    """The sets without the files that fail to decode, and those files (logged, a few by
-    path); in-memory sets are kept as they are."""
-    kept: list[ImageSet | None] = []
-    skipped: list[Path] = []
-    for imageset in imagesets:
-        if imageset is None or imageset.in_memory:
-            kept.append(imageset)
-            continue
-        bad = set(find_unreadable(imageset.images, decode_size))
-        skipped += [path for path in imageset.images if path in bad]
-        good = [i for i, path in enumerate(imageset.images) if path not in bad]
-        kept.append(imageset.subset(torch.tensor(good, dtype=torch.long)))
-    if skipped:
-        shown = ", ".join(str(p) for p in skipped[:_SHOWN_BAD_FILES])
-        more = len(skipped) - _SHOWN_BAD_FILES
-        log.warning(
-            "Skipped %d images that could not be decoded (data.skip_bad_images=true): %s%s",
-            len(skipped),
-            shown,
-            f" and {more} more" if more > 0 else "",
+def readable_splits(
+    splits: dict[str, ImageSet | None], decode_size: int | None, skip: bool
+) -> tuple[dict[str, ImageSet | None], list[Path]]:
+    """`splits` (by name: "train", "val", "test") once every file of every split is checked to
+    decode (thaw.data.verify), before any training, so a bad test image cannot end a long run.
+    A bad file is an ImageDecodeError naming it and its split, unless `skip`
+    (data.skip_bad_images): then the sets are returned without the bad files, which are logged,
+    a few by path, and returned too. In-memory sets are decoded already and kept as they are."""
+    on_disk = {name: s for name, s in splits.items() if s is not None and not s.in_memory}
+    files = [path for imageset in on_disk.values() for path in imageset.images]
+    bad = verify_files(files, decode_size).bad if files else {}
+    found = [(name, path) for name, s in on_disk.items() for path in s.images if path in bad]
+    if not found:
+        return splits, []
+    if not skip:
+        shown = "; ".join(
+            f"could not decode image {path} ({name} split): {bad[path]}"
+            for name, path in found[:_SHOWN_BAD_FILES]
         )
-    return tuple(kept), skipped
+        raise ImageDecodeError(
+            f"Image files that do not decode ({len(found)}, checked before the first step): "
+            f"{shown}{_more(len(found))}. Replace or remove them, or set "
+            "data.skip_bad_images=true to skip them"
+        )
+    skipped = [path for _, path in found]
+    log.warning(
+        "Skipped %d images that could not be decoded (data.skip_bad_images=true): %s%s",
+        len(skipped),
+        ", ".join(str(p) for p in skipped[:_SHOWN_BAD_FILES]),
+        _more(len(skipped)),
+    )
+    return {name: _without(s, bad) for name, s in splits.items()}, skipped
+
+
+def _without(imageset: ImageSet | None, bad: dict[Path, str]) -> ImageSet | None:
+    if imageset is None or imageset.in_memory:
+        return imageset
+    good = [i for i, path in enumerate(imageset.images) if path not in bad]
+    return imageset.subset(torch.tensor(good, dtype=torch.long))
+
+
+def _more(count: int) -> str:
+    more = count - _SHOWN_BAD_FILES
+    return f" and {more} more" if more > 0 else ""

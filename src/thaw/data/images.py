@@ -77,16 +77,3 @@ def map_files(function: Callable[[Path], T], paths: Sequence[Path]) -> Iterator[
     with ThreadPoolExecutor(max_workers=decode_workers()) as pool:
         for start in range(0, len(paths), _CHUNK):
             yield from pool.map(function, paths[start : start + _CHUNK])
-
-
-def find_unreadable(paths: Sequence[Path], min_size: int | None = None) -> list[Path]:
-    """The files among `paths` that `load_image` cannot decode, in order."""
-
-    def unreadable(path: Path) -> bool:
-        try:
-            load_image(path, min_size)
-        except OSError:
-            return True
-        return False
-
-    return [path for path, bad in zip(paths, map_files(unreadable, paths), strict=True) if bad]

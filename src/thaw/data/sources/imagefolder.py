@@ -9,6 +9,8 @@ DataModule splits off the validation and test sets that have no folder.
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,8 @@ import torch
 from thaw.data.sources.base import ImageSet, Splits
 from thaw.data.sources.download import DataUnavailableError
 from thaw.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # What cameras, scanners and web shops write and Pillow reads; any other file is not an image.
 IMAGE_SUFFIXES = frozenset(
@@ -79,22 +83,40 @@ def _class_folders(directory: Path) -> list[str]:
 
 
 def _scan(directory: Path, classes: list[str]) -> ImageSet:
-    """Every image file under each class folder (recursively, hidden files and folders skipped),
-    sorted."""
+    """Every image file under each class folder, sorted (see _image_files)."""
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        class_dir = directory / name
-        files = sorted(
-            path
-            for path in class_dir.rglob("*")
-            if path.suffix.lower() in IMAGE_SUFFIXES
-            and path.is_file()
-            and not any(part.startswith(".") for part in path.relative_to(class_dir).parts)
-        )
+        files = _image_files(directory / name)
         paths += files
         labels += [label] * len(files)
     return ImageSet(paths, torch.tensor(labels, dtype=torch.long), classes)
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    """The image files under `class_dir` at any depth, sorted, hidden files and folders skipped.
+    Symlinked folders are followed (photos are often linked in from elsewhere), each real folder
+    once: a link to a folder already read, such as a loop back up, is skipped and named, as is a
+    broken link, so no image goes missing without a word."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for top, folders, files in os.walk(class_dir, followlinks=True):
+        stat = os.stat(top)
+        if (stat.st_dev, stat.st_ino) in seen:
+            log.warning("Skipped %s: it links to a folder already read (a loop or a copy)", top)
+            folders.clear()
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in files:
+            path = Path(top) / name
+            if name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            if path.is_file():
+                found.append(path)
+            else:
+                log.warning("Skipped %s: a link to a file that does not exist", path)
+    return sorted(found)
 
 
 def _scan_split(directory: Path, classes: list[str], train_dir: Path) -> ImageSet | None:
