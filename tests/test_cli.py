@@ -337,9 +337,12 @@ INPUT_ERRORS = [
     ("thaw.inference.parity", "ParityError"),
     ("thaw.checkpoint", "CheckpointError"),
     ("thaw.models.backbones.registry", "WeightsError"),
+    ("thaw.checkpoint_io", "CheckpointSaveError"),
+    ("thaw.run_dir", "RunDirInUseError"),
 ]
-# Those that never reach the command line: the server answers them over HTTP (4xx, 503).
-NOT_INPUT_ERRORS = {"UploadError", "Overloaded"}
+# Those that never reach the command line as errors: the server answers them over HTTP (4xx,
+# 503), and a training stopped by a signal exits 128 + its number.
+NOT_INPUT_ERRORS = {"UploadError", "Overloaded", "BudgetExhausted", "TrainingStopped"}
 
 
 @pytest.mark.parametrize(("module", "name"), INPUT_ERRORS)

@@ -26,7 +26,7 @@ from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import create_backbone
 from thaw.models.task import ClassificationTask
-from thaw.resume import ResumeState
+from thaw.resume import ResumeState, TrainingStopped
 from thaw.train import run
 
 STEPS_PER_EPOCH = 3  # 24 images, batches of 8
@@ -186,7 +186,7 @@ def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
     ]
     run(train_config(*common, run="whole"))
     sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=7"]
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(TrainingStopped):
         run(train_config(*common, *sigterm, run="stopped"))  # 5 steps an epoch: mid-phase-2
     run(train_config(*common, "ckpt_path=last", run="stopped"))
 
@@ -219,7 +219,7 @@ def test_the_epoch_a_run_resumes_in_is_timed_from_the_resume(train_config, monke
         "calibrate=false",
     ]
     sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=7"]
-    with pytest.raises(SIGTERMException):
+    with pytest.raises(TrainingStopped):
         run(train_config(*log_progress, *sigterm))  # 5 steps an epoch: in the second
     with caplog.at_level(logging.INFO, logger="thaw.progress"):
         run(train_config(*log_progress, "ckpt_path=last"))

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
+from thaw.checkpoint_io import DurableCheckpointIO
 from thaw.data.datamodule import ImageDataModule
 from thaw.errors import UserError
 from thaw.finetune import FeatureCache, FinetuneStrategy, FreezeUnfreeze, wants_cache
@@ -112,11 +113,14 @@ def build_distillation(cfg: DictConfig, datamodule: ImageDataModule) -> Distilla
 
 
 def build_run_callbacks(
-    strategy: FinetuneStrategy, datamodule: ImageDataModule, task: ClassificationTask
+    strategy: FinetuneStrategy,
+    datamodule: ImageDataModule,
+    task: ClassificationTask,
+    resume: ResumeState,
 ) -> list[pl.Callback]:
     """The callbacks every training run gets, whatever the callbacks group says: the phase of
     the strategy, the resume state, and the feature cache where it applies."""
-    callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), ResumeState()]
+    callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), resume]
     distilling = task.distillation is not None
     if wants_cache(strategy, datamodule.augment, list(task.model.backbone_groups), distilling):
         callbacks.append(FeatureCache(strategy))
@@ -124,13 +128,15 @@ def build_run_callbacks(
 
 
 def build_trainer(cfg: DictConfig, extra_callbacks: list[pl.Callback]) -> pl.Trainer:
-    """The Trainer with the callbacks and loggers groups, then `extra_callbacks`."""
+    """The Trainer with the callbacks and loggers groups, then `extra_callbacks`; checkpoints
+    are written durably, and a failed save stops the run (thaw.checkpoint_io)."""
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(c) for c in cfg.get("logger", {}).values() if c is not None]
     return instantiate_trainer(
         cfg.trainer,
         callbacks=with_progress(callbacks + extra_callbacks, cfg.trainer),
         logger=loggers or False,
+        plugins=[DurableCheckpointIO()],
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,6 +14,8 @@ from typing import Any
 from thaw.errors import UserError
 from thaw.postprocess import split_legacy_preprocessing
 
+log = logging.getLogger(__name__)
+
 # The key under which a thaw checkpoint carries its RunRecord.
 RUN_KEY = "thaw"
 # The layout of a thaw checkpoint: 2 holds the model module's weights under `model.` (the
@@ -21,6 +24,12 @@ RUN_KEY = "thaw"
 FORMAT = 2
 MODEL_PREFIX = "model."
 DATA_TARGET = "thaw.data.settings.DataSettings.of"  # conf/data_base.yaml's _target_
+# The record's entry holding weights_digest of the checkpoint's weights, set on every save.
+DIGEST_KEY = "weights_sha256"
+# Set to 1 to load a checkpoint whose weights do not match its digest, with a warning.
+ALLOW_MISMATCH_ENV = "THAW_ALLOW_DIGEST_MISMATCH"
+# The temporary files save_atomically writes beside a checkpoint (`.<name>.<random>.tmp`).
+TEMP_GLOB = ".*.tmp"
 
 
 class CheckpointError(UserError):
@@ -59,7 +68,45 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} holds a {type(checkpoint).__name__}, not a checkpoint: give a .ckpt that "
             "thaw wrote (checkpoints/best.ckpt of a run) or a state_dict saved with torch.save"
         )
-    return upgrade(checkpoint)
+    upgrade(checkpoint)
+    check_digest(checkpoint, path)
+    return checkpoint
+
+
+def weights_digest(state_dict: dict[str, Any]) -> str:
+    """SHA-256 of the model's weights (the `model.` entries: names, dtypes, shapes and bytes),
+    which a flipped bit on disk or a half-copied file changes while torch may still load it."""
+    import torch  # noqa: PLC0415 (see read_checkpoint)
+
+    digest = hashlib.sha256()
+    for name in sorted(k for k in state_dict if k.startswith(MODEL_PREFIX)):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def check_digest(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """A thaw checkpoint's weights against the digest it was saved with (older checkpoints have
+    none): a mismatch is a CheckpointError naming the file, or with THAW_ALLOW_DIGEST_MISMATCH=1
+    a warning, and the weights load as they are."""
+    record = checkpoint.get(RUN_KEY)
+    state = checkpoint.get("state_dict")
+    if not isinstance(record, dict) or DIGEST_KEY not in record or not isinstance(state, dict):
+        return
+    if weights_digest(state) == record[DIGEST_KEY]:
+        return
+    problem = (
+        f"checkpoint {path}: its weights do not match the digest saved with them, so the file "
+        "changed on disk (a flipped bit, a partial copy) or was edited"
+    )
+    if os.environ.get(ALLOW_MISMATCH_ENV) == "1":
+        log.warning("%s. Loading it anyway, as %s=1 asks", problem, ALLOW_MISMATCH_ENV)
+        return
+    raise CheckpointError(
+        f"{problem}. Copy it again from its source, or set {ALLOW_MISMATCH_ENV}=1 to load it "
+        "as it is"
+    )
 
 
 def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -152,10 +199,15 @@ def update_run_record(path: str | Path, **values: Any) -> None:
 
 
 def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> None:
-    """`torch.save` to a temporary file beside `path`, then rename it over `path`: a reader
-    (or a crash) sees the old file or the new one, never half of one. The new file keeps the
-    old one's permissions."""
+    """`torch.save` to a temporary file beside `path` (matching TEMP_GLOB), then rename it
+    over `path`: a reader (or a crash) sees the old file or the new one, never half of one. The
+    new file keeps the old one's permissions (a new one gets the usual ones). A thaw
+    checkpoint's record gets the digest of its weights (see check_digest). Errors are raised as
+    they are, never swallowed."""
     path = Path(path)
+    record, state = checkpoint.get(RUN_KEY), checkpoint.get("state_dict")
+    if isinstance(record, dict) and isinstance(state, dict):
+        record[DIGEST_KEY] = weights_digest(state)
     descriptor, temporary = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=".tmp", dir=path.parent
     )
@@ -166,9 +218,15 @@ def save_atomically(checkpoint: dict[str, Any], path: str | Path) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.chmod(temporary, path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode())
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _new_file_mode() -> int:
+    """The mode `open` gives a new file (mkstemp's is 0o600): 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,7 @@ from pytorch_lightning.loggers import MLFlowLogger, TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from thaw import run_dir
 from thaw.build import (
     build_datamodule,
     build_run_callbacks,
@@ -28,7 +30,7 @@ from thaw.evaluate import report_test_metrics
 from thaw.finetune import FinetuneStrategy
 from thaw.fit_postprocessing import calibrate
 from thaw.models.backbones import STAGES
-from thaw.resume import check_resumable, resolve_ckpt_path
+from thaw.resume import ResumeState, TrainingStopped, check_resumable, resolve_ckpt_path
 from thaw.training_checks import check_training_config
 
 log = logging.getLogger(__name__)
@@ -37,10 +39,24 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train as `cfg` says and return every logged metric (val and, if tested, test).
     `callbacks` run before thaw's own (so that they can time them, as scripts/bench_speed.py
-    does)."""
+    does). Stopped by SIGTERM or Ctrl-C, it saves last.ckpt and raises TrainingStopped."""
     check_training_config(cfg)
-    started = time.perf_counter()
+    resume = ResumeState(started=time.perf_counter())
     output_dir = Path(cfg.paths.output_dir)
+    run_dir.check_writable(output_dir, checkpoint_dirs(cfg))
+    with run_dir.holding(output_dir):
+        return _train(cfg, [*callbacks], resume, output_dir)
+
+
+def checkpoint_dirs(cfg: DictConfig) -> list[Path]:
+    """The folders the callbacks group saves checkpoints to (checkpoints/ by default)."""
+    entries = (c for c in cfg.get("callbacks", {}).values() if c is not None)
+    return sorted({Path(c.dirpath) for c in entries if c.get("dirpath")})
+
+
+def _train(
+    cfg: DictConfig, callbacks: list[pl.Callback], resume: ResumeState, output_dir: Path
+) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
@@ -54,10 +70,18 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     task = build_task(cfg, datamodule, strategy)
-    trainer = build_trainer(cfg, [*callbacks, *build_run_callbacks(strategy, datamodule, task)])
+    run_callbacks = build_run_callbacks(strategy, datamodule, task, resume)
+    trainer = build_trainer(cfg, [*callbacks, *run_callbacks])
 
     log.info("Run dir: %s", output_dir)
-    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except SIGTERMException:
+        raise TrainingStopped(resume.stopped_by or signal.SIGTERM) from None
+    except SystemExit:
+        if trainer.interrupted:  # a KeyboardInterrupt, which Lightning ends with exit 1
+            raise TrainingStopped(signal.SIGINT) from None
+        raise
     metrics = fitted_metrics(trainer)
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
 
@@ -82,7 +106,7 @@ def run(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any
                 best or None,
                 extra={**fitted, **calibration},
                 report=cfg.get("report", True),
-                wall_time_s=time.perf_counter() - started,
+                wall_time_s=resume.wall_time_s(),
             )
         )
         record_in_loggers(trainer, cfg, metrics, calibration, best)
@@ -157,9 +181,9 @@ def task(cfg: DictConfig) -> float | None:
     """The command line's job (thaw.cli.train): the metrics shown, the sweep's value returned."""
     try:
         metrics = run(cfg)
-    except SIGTERMException:
-        # Terminated, not finished (ResumeState saved last.ckpt): 128 + SIGTERM, as a shell says.
-        raise SystemExit(143) from None
+    except TrainingStopped as stopped:
+        # Stopped, not finished (last.ckpt saved): 128 + the signal, as a shell reports it.
+        raise SystemExit(128 + stopped.signum) from None
     shown = ("val/acc_best", "temperature")
     summary = {k: v for k, v in metrics.items() if k.startswith("test/") or k in shown}
     summary = {k: v for k, v in summary.items() if isinstance(v, float)}
