@@ -159,8 +159,8 @@ def test_a_batch_answers_each_file_and_a_bad_one_gets_its_own_error(
     [
         ("POST", "/predict", {"content": b"plain text, not a picture"}, 415, "not an image"),
         ("POST", "/predict", {"files": {"file": ("a.txt", b"%PDF-1.4")}}, 415, "not an image"),
-        ("POST", "/predict", {"content": png_declaring(100_000, 100_000)}, 400, "too large"),
-        ("POST", "/predict", {"content": png_declaring(12_000, 12_000)}, 400, "12000x12000"),
+        ("POST", "/predict", {"content": png_declaring(100_000, 100_000)}, 413, "too large"),
+        ("POST", "/predict", {"content": png_declaring(12_000, 12_000)}, 413, "12000x12000"),
         ("POST", "/predict", {"content": b""}, 400, "empty"),
         ("POST", "/predict", {"files": {"image": ("a.png", b"x")}}, 400, "field 'file'"),
         ("POST", "/predict/batch", {"content": b"raw"}, 400, "multipart"),
@@ -372,6 +372,9 @@ def test_a_failing_batch_fails_its_requests_and_a_full_queue_refuses_more():
         ("workers=1.5", "workers must be an integer"),
         ("tta=rotate", "tta must be one of"),
         ("api_key=''", "api_key is empty"),
+        ("max_image_pixels=0", "max_image_pixels must be an integer >= 1"),
+        ("max_pixels_in_flight=1000", "an image at the limit could never be decoded"),
+        ("decode_wait_s=-1", "decode_wait_s must be a number >= 0"),
     ],
 )
 def test_a_wrong_setting_is_named(override, words, tmp_path):

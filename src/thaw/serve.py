@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
+from typing import Any
 
 import torch
 import uvicorn
@@ -15,6 +17,7 @@ from thaw import checks
 from thaw.errors import UserError
 from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
+from thaw.serving.memory import give_back_large_blocks
 from thaw.serving.served import load_served
 
 log = logging.getLogger(__name__)
@@ -26,9 +29,17 @@ WORKER_STARTUP_S = 120
 
 def settings_from(cfg: DictConfig) -> ServeSettings:
     """The server's bounds from the config, each checked and named if wrong."""
-    for key in ("max_batch_size", "max_pending", "top_k", "workers", "port"):
+    for key in ("max_batch_size", "max_pending", "top_k", "workers", "max_image_pixels"):
         checks.integer(key, cfg[key], minimum=1)
+    checks.integer("max_pixels_in_flight", cfg.max_pixels_in_flight, minimum=1)
+    if cfg.max_pixels_in_flight < cfg.max_image_pixels:
+        raise UserError(
+            f"max_pixels_in_flight={cfg.max_pixels_in_flight} is below max_image_pixels="
+            f"{cfg.max_image_pixels}: an image at the limit could never be decoded. Raise "
+            "max_pixels_in_flight or lower max_image_pixels"
+        )
     checks.number("batch_timeout_ms", cfg.batch_timeout_ms, minimum=0)
+    checks.number("decode_wait_s", cfg.decode_wait_s, minimum=0)
     checks.number("max_upload_mb", cfg.max_upload_mb, minimum=0)
     if cfg.max_upload_mb == 0:
         raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
@@ -39,10 +50,33 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=float(cfg.batch_timeout_ms),
         max_upload_mb=float(cfg.max_upload_mb),
+        max_image_pixels=cfg.max_image_pixels,
+        max_pixels_in_flight=cfg.max_pixels_in_flight,
+        decode_wait_s=float(cfg.decode_wait_s),
         max_pending=cfg.max_pending,
         top_k=cfg.top_k,
         api_key=None if cfg.api_key is None else str(cfg.api_key),
     )
+
+
+def check_listening(host: Any, port: Any) -> None:
+    """The port is a TCP port and `host:port` can be listened on, found before the model loads
+    rather than as uvicorn's traceback after it."""
+    try:
+        checks.integer("port", port, minimum=1, maximum=65535)
+    except UserError as err:
+        raise UserError(f"{err}: give the TCP port to listen on, e.g. port=8000") from None
+    if not isinstance(host, str):
+        raise UserError(f"host must be an address such as 127.0.0.1, got {host!r}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):
+            pass
+    except OSError as err:
+        raise UserError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}. Give a free port=<1-65535> "
+            "(below 1024 needs root) and a host of this machine (127.0.0.1, 0.0.0.0)"
+        ) from None
 
 
 def build_app(cfg: DictConfig) -> FastAPI:
@@ -58,12 +92,15 @@ def app_from_environment() -> FastAPI:
     """The app of one worker process (`workers > 1`): each loads its own model, with its share
     of the cores for intra-op threads."""
     cfg = OmegaConf.create(json.loads(os.environ[CONFIG_ENV]))
+    give_back_large_blocks()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.workers))
     return build_app(cfg)
 
 
 def serve(cfg: DictConfig) -> None:
     """Load the model (a mistake stops here, before the port opens), then serve until stopped."""
+    check_listening(cfg.host, cfg.port)
+    give_back_large_blocks()
     app = build_app(cfg)
     log.info("Serving on http://%s:%d (the page at /, the API at /predict)", cfg.host, cfg.port)
     if cfg.workers == 1:

@@ -63,6 +63,11 @@ class DynamicBatcher(Generic[Item, Result]):
         await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    @property
+    def waiting(self) -> int:
+        """Items queued and not yet taken into a batch, for /metrics."""
+        return self._queue.qsize()
+
     async def run_alone(self, function: Callable[[], Result]) -> Result:
         """`function()` on the inference thread, between batches: work that must not overlap a
         batch (Grad-CAM hooks the model it runs through)."""

@@ -52,12 +52,9 @@ async def predict(request: Request, explain: bool = False) -> JSONResponse:
             raise HTTPException(400, "send the image as the multipart field 'file'")
         body = await upload.read()
     try:
-        result, image = await serve.classify(body)
+        return JSONResponse(await serve.classify(body, explain))
     except UploadError as err:
         raise HTTPException(err.status, err.detail) from None
-    if explain:
-        result["explanation"] = await serve.explanation(image, result["label"])
-    return JSONResponse(result)
 
 
 @router.post("/predict/batch", dependencies=authorized)
@@ -70,15 +67,31 @@ async def predict_batch(request: Request) -> JSONResponse:
     uploads = [u for u in uploads if isinstance(u, UploadFile)]
     if not uploads:
         raise HTTPException(400, "the request holds no files: send them as multipart files")
+    limit = serve.settings.max_pending
+    if len(uploads) > limit:  # the queue could never hold them: a retry cannot succeed
+        raise HTTPException(
+            413,
+            f"the batch holds {len(uploads)} files, more than the {limit} the server queues "
+            f"at once (max_pending): send at most {limit} files a request",
+        )
+
+    turn = asyncio.Lock()  # the files wait for the decode budget one after another
 
     async def one(upload: UploadFile) -> dict[str, Any]:
         try:
-            result, _ = await serve.classify(await upload.read())
-            return {"file": upload.filename, **result}
+            answer = await serve.classify(await upload.read(), turn=turn)
+            return {"file": upload.filename, **answer}
         except UploadError as err:
             return {"file": upload.filename, "error": err.detail, "status": err.status}
 
-    return JSONResponse(await asyncio.gather(*(one(upload) for upload in uploads)))
+    # A refusal (503) answers the whole request: the other files' work is cancelled, and the
+    # batcher drops their queued images before they reach the model.
+    tasks = [asyncio.ensure_future(one(upload)) for upload in uploads]
+    try:
+        return JSONResponse(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 @router.get("/health")

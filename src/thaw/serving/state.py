@@ -6,6 +6,8 @@ here rather than in a closure; several apps in one process (the tests) stay apar
 
 from __future__ import annotations
 
+import asyncio
+from contextlib import AsyncExitStack, nullcontext
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -19,19 +21,24 @@ from thaw.analysis import gradcam
 from thaw.analysis.html import data_uri, png_bytes
 from thaw.inference.predictor import Member, Predictor, stack_inputs
 from thaw.serving.batcher import DynamicBatcher, Overloaded
+from thaw.serving.budget import BudgetExhausted, PixelBudget
 from thaw.serving.metrics import RequestMetrics
-from thaw.serving.uploads import decode_upload
+from thaw.serving.uploads import decode_upload, decoded_pixels
 
 MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What bounds the server: batching, upload size, queue length, and the answer's top-k."""
+    """What bounds the server: batching, upload size, decoded pixels, queue length, and the
+    answer's top-k."""
 
     max_batch_size: int = 32
     batch_timeout_ms: float = 5.0
     max_upload_mb: float = 10.0
+    max_image_pixels: int = 40_000_000
+    max_pixels_in_flight: int = 50_000_000
+    decode_wait_s: float = 10.0
     max_pending: int = 256
     top_k: int = 5
     api_key: str | None = None
@@ -45,6 +52,7 @@ class ServeState:
     info: dict[str, Any]
     settings: ServeSettings
     batcher: DynamicBatcher
+    budget: PixelBudget
     metrics: RequestMetrics
     explainer: Member | None
     page: str
@@ -59,27 +67,58 @@ class ServeState:
             settings.batch_timeout_ms / 1000,
             settings.max_pending,
         )
+        budget = PixelBudget(settings.max_pixels_in_flight, settings.decode_wait_s)
         page = files("thaw.serving").joinpath("page.html").read_text()
         return cls(
-            predictor, info, settings, batcher, RequestMetrics(), _explainer(predictor), page
+            predictor,
+            info,
+            settings,
+            batcher,
+            budget,
+            RequestMetrics(),
+            _explainer(predictor),
+            page,
         )
 
     @property
     def upload_limit(self) -> int:
         return int(self.settings.max_upload_mb * MB)
 
-    async def classify(self, data: bytes) -> tuple[dict[str, Any], Image.Image]:
-        """One upload's answer and its decoded image, or the UploadError that says what is
-        wrong with it."""
-        with self.batcher.coming():
-            image, inputs = await run_in_threadpool(self._prepare, data)
+    async def classify(
+        self, data: bytes, explain: bool = False, turn: asyncio.Lock | None = None
+    ) -> dict[str, Any]:
+        """One upload's answer (with its Grad-CAM overlay where `explain`), or the UploadError
+        that says what is wrong with it. Its decoded pixels are held in the budget for as long
+        as the decoded image lives: until it is preprocessed, or drawn on with `explain`.
+
+        The files of one batch share a `turn`: one at a time waits for the budget, so each
+        file's wait starts when the one before it got its pixels, and a batch larger than the
+        budget is decoded in order rather than timing out together."""
+        size = self.predictor.decode_size
+        limit = self.settings.max_image_pixels
+        pixels = await run_in_threadpool(decoded_pixels, data, size, limit)
+        try:
+            async with AsyncExitStack() as held:
+                async with turn or nullcontext():
+                    await held.enter_async_context(self.budget.hold(pixels))
+                with self.batcher.coming():
+                    image, inputs = await run_in_threadpool(self._prepare, data, explain)
+                if image is not None:  # explain
+                    answer = await self._classified(inputs)
+                    answer["explanation"] = await self._explanation(image, answer["label"])
+                    return answer
+        except BudgetExhausted as err:
+            raise _busy(err) from None
+        return await self._classified(inputs)
+
+    async def _classified(self, inputs: list[torch.Tensor]) -> dict[str, Any]:
         try:
             probabilities = await self.batcher.submit(inputs)
         except Overloaded as err:
-            raise HTTPException(503, f"the server is busy: {err}", {"Retry-After": "1"}) from None
-        return self._answer(probabilities), image
+            raise _busy(err) from None
+        return self._answer(probabilities)
 
-    async def explanation(self, image: Image.Image, label: str) -> str:
+    async def _explanation(self, image: Image.Image, label: str) -> str:
         """The Grad-CAM overlay of `label` on the model's view of `image`, as a PNG data URI."""
         assert self.explainer is not None
         target = self.predictor.classes.index(label)
@@ -89,9 +128,12 @@ class ServeState:
         )
         return data_uri(png_bytes(picture))
 
-    def _prepare(self, data: bytes) -> tuple[Image.Image, list[torch.Tensor]]:
+    def _prepare(
+        self, data: bytes, keep_image: bool
+    ) -> tuple[Image.Image | None, list[torch.Tensor]]:
+        """The model's inputs, and the decoded image only where it is still needed."""
         image = decode_upload(data, self.predictor.decode_size)
-        return image, self.predictor.prepare(image)
+        return (image if keep_image else None), self.predictor.prepare(image)
 
     def _answer(self, probabilities: torch.Tensor) -> dict[str, Any]:
         ranked = self.predictor.top_k(probabilities[None], self.settings.top_k)[0]
@@ -100,6 +142,10 @@ class ServeState:
             "prob": ranked[0][1],
             "top_k": [{"label": label, "prob": prob} for label, prob in ranked],
         }
+
+
+def _busy(err: Exception) -> HTTPException:
+    return HTTPException(503, f"the server is busy: {err}", {"Retry-After": "1"})
 
 
 def _explainer(predictor: Predictor) -> Member | None:
