@@ -435,7 +435,9 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
     )
 
 
-def test_the_page_shows_the_top_label_of_a_dropped_photo(url, test_images, predicted):
+def test_the_page_shows_one_state_at_a_time_an_answer_or_an_error(
+    url, test_images, predicted, tmp_path
+):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -448,19 +450,41 @@ def test_the_page_shows_the_top_label_of_a_dropped_photo(url, test_images, predi
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(driver_path), options=options)
+
+    def shown() -> set[str]:
+        """The page's parts a user sees."""
+        parts = ("status", "error", "result", "preview", "overlay", "bars")
+        return {part for part in parts if driver.find_element(By.ID, part).is_displayed()}
+
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "resnet18" in d.find_element(By.ID, "model").text)
+        assert shown() == set()  # empty: no answer, no error, no image (a broken one least)
+        upload = driver.find_element(By.ID, "file")
         image = test_images[0]
-        driver.find_element(By.ID, "file").send_keys(str(image))
+        upload.send_keys(str(image))
         top = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar .label"))
         expected = predicted[key(image)]
         assert top[0].text == max(expected, key=expected.get)
         assert [e.text for e in top] == sorted(expected, key=expected.get, reverse=True)
-        assert driver.find_element(By.ID, "error").text == ""
         overlay = driver.find_element(By.ID, "overlay")  # Grad-CAM of the top label
         wait.until(lambda d: overlay.is_displayed())
         assert overlay.get_attribute("src").startswith("data:image/png;base64,")
+        assert shown() == {"result", "preview", "overlay", "bars"}
+
+        notes = tmp_path / "notes.txt"
+        notes.write_text("not a photo")
+        upload.send_keys(str(notes))
+        error = driver.find_element(By.ID, "error")
+        wait.until(lambda d: error.is_displayed())
+        assert "not an image" in error.text
+        assert shown() == {"error"}  # the previous answer is gone with it
+        assert driver.find_elements(By.CSS_SELECTOR, "#bars .bar") == []
+
+        upload.send_keys(str(test_images[1]))
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
+        wait.until(lambda d: "overlay" in shown())
+        assert shown() == {"result", "preview", "overlay", "bars"} and error.text == ""
     finally:
         driver.quit()
