@@ -20,7 +20,7 @@ from thaw.analysis.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from thaw.checkpoint import FORMAT, update_run_record
+from thaw.checkpoint import FORMAT, update_run_record, weights_digest
 from thaw.inference.metadata import FLOAT_INPUT, ExportMetadata
 from thaw.inference.predictor import Member, Predictor
 from thaw.models import load_trained
@@ -282,7 +282,8 @@ def test_update_run_record_rewrites_only_what_it_is_given(tmp_path):
     post = Postprocessing(temperature=1.5).to_dict()
     update_run_record(path, postprocessing=post)
     saved = torch.load(path, weights_only=True)
-    assert saved["thaw"] == {**record, "postprocessing": post}
+    digest = weights_digest(saved["state_dict"])  # every save stamps the weights' digest
+    assert saved["thaw"] == {**record, "postprocessing": post, "weights_sha256": digest}
     assert torch.equal(saved["state_dict"]["w"], torch.ones(2))
     assert path.stat().st_mode & 0o777 == 0o640
     assert [p.name for p in tmp_path.iterdir()] == ["model.ckpt"]
