@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import secrets
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,12 +22,13 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import load_script, run_cli
+from conftest import REPO, load_script, run_cli
 from serving import loopback_server
 from thaw.config import compose_config
 from thaw.errors import UserError
 from thaw.serve import build_app, check_listening
 from thaw.serving.budget import BudgetExhausted, PixelBudget
+from thaw.serving.keys import api_key
 from thaw.serving.state import ServeState
 from thaw.serving.uploads import UploadError, decode_upload, decoded_pixels
 
@@ -259,3 +266,103 @@ def test_a_bad_port_or_one_in_use_is_exit_2_before_the_model_loads(tmp_path):
     assert answer.returncode == 2, answer.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in answer.stderr
     assert "Traceback" not in answer.stderr
+
+
+# ----------------------------------------------------------------------------- the API key
+def start_serve(run_dir: Path, *args: str, env: dict[str, str] | None = None) -> tuple:
+    """serve.py on a free port in its own session (its workers go with it), logging to a file;
+    (the process, its base URL, the log)."""
+    port, log = free_port(), run_dir.parent / f"{run_dir.name}.log"
+    with log.open("w") as out:  # a file: a pipe nobody reads while the test waits could fill
+        process = subprocess.Popen(
+            [sys.executable, "serve.py", f"port={port}", *args, f"hydra.run.dir={run_dir}"],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1500):  # 300 s: several processes load torch on a busy machine
+        assert process.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return process, url, log
+        except httpx.TransportError:
+            time.sleep(0.2)
+    stop(process)
+    raise AssertionError(f"no /health after 300 s:\n{log.read_text()}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Ctrl-C, then (if it hangs) SIGKILL to its whole session."""
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_key_from_the_environment_guards_the_server_and_never_reaches_the_run_dir(
+    ckpt, good, tmp_path
+):
+    secret = secrets.token_hex(16)
+    run_dir = tmp_path / "run"
+    process, url, log = start_serve(run_dir, f"ckpt_path={ckpt}", env={"THAW_API_KEY": secret})
+    try:
+        with httpx.Client(base_url=url) as client:
+            assert client.post("/predict", content=good).status_code == 401
+            auth = {"Authorization": f"Bearer {secret}"}
+            assert client.post("/predict", content=good, headers=auth).status_code == 200
+    finally:
+        stop(process)
+    written = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert any(path.parent.name == ".hydra" for path in written)  # what Hydra writes is there
+    for path in [*written, log]:
+        assert secret.encode() not in path.read_bytes(), path
+
+
+def test_the_key_is_read_from_a_file_and_a_bad_one_is_named(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("  k3y-from-a-file\n")
+    cfg = compose_config("serve", [f"api_key_file={key_file}"], tmp_path / "a")
+    assert api_key(cfg) == "k3y-from-a-file"
+    key_file.write_text("\n")
+    with pytest.raises(UserError, match=f"api_key_file={key_file} holds an empty API key"):
+        api_key(cfg)
+    key_file.write_text("two words")
+    with pytest.raises(UserError, match="whitespace or control characters"):
+        api_key(cfg)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("THAW_API_KEY", "other")
+        with pytest.raises(UserError, match="both THAW_API_KEY and api_key_file"):
+            api_key(cfg)
+        env.setenv("THAW_API_KEY", " ")
+        with pytest.raises(UserError, match="THAW_API_KEY holds an empty API key"):
+            api_key(compose_config("serve", [], tmp_path / "b"))
+
+
+@pytest.mark.parametrize("case", ["literal key", "missing file", "empty file"])
+def test_a_key_on_the_command_line_or_a_bad_key_file_is_exit_2_and_nothing_on_disk(case, tmp_path):
+    secret, run_dir = secrets.token_hex(16), tmp_path / "run"
+    key_file = tmp_path / "key"
+    if case == "empty file":
+        key_file.write_text("")
+    override = f"api_key={secret}" if case == "literal key" else f"api_key_file={key_file}"
+    answer = run_cli("serve", ["ckpt_path=missing.ckpt", override], run_dir)
+    assert answer.returncode == 2, answer.stderr
+    first = answer.stderr.strip().splitlines()[0]
+    assert first.startswith("Error: ") and "THAW_API_KEY" in first
+    assert secret not in answer.stderr + answer.stdout
+    if case == "literal key":
+        assert "api_key_file=<path>" in first
+        assert not run_dir.exists()  # refused before Hydra wrote anything
+    else:
+        assert f"api_key_file={key_file}" in first

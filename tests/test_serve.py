@@ -85,14 +85,12 @@ def url(ckpt: Path, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def strict_url(ckpt: Path, tmp_path_factory) -> str:
-    """A server with an API key and a 0.05 MB upload limit."""
-    cfg = serve_config(
-        tmp_path_factory.mktemp("strict"),
-        f"ckpt_path={ckpt}",
-        f"api_key={KEY}",
-        "max_upload_mb=0.05",
-    )
-    with loopback_server(build_app(cfg)) as base:
+    """A server with an API key (from THAW_API_KEY) and a 0.05 MB upload limit."""
+    cfg = serve_config(tmp_path_factory.mktemp("strict"), f"ckpt_path={ckpt}", "max_upload_mb=0.05")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("THAW_API_KEY", KEY)
+        app = build_app(cfg)
+    with loopback_server(app) as base:
         yield base
 
 
@@ -371,7 +369,8 @@ def test_a_failing_batch_fails_its_requests_and_a_full_queue_refuses_more():
         ("max_upload_mb=0", "max_upload_mb must be above 0"),
         ("workers=1.5", "workers must be an integer"),
         ("tta=rotate", "tta must be one of"),
-        ("api_key=''", "api_key is empty"),
+        ("api_key=''", "api_key= is refused: Hydra writes command-line overrides"),
+        ("api_key_file=/nonexistent/key", "api_key_file=/nonexistent/key cannot be read"),
         ("max_image_pixels=0", "max_image_pixels must be an integer >= 1"),
         ("max_pixels_in_flight=1000", "an image at the limit could never be decoded"),
         ("decode_wait_s=-1", "decode_wait_s must be a number >= 0"),

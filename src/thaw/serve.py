@@ -17,6 +17,7 @@ from thaw import checks
 from thaw.errors import UserError
 from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
+from thaw.serving.keys import api_key
 from thaw.serving.memory import give_back_large_blocks
 from thaw.serving.served import load_served
 
@@ -44,8 +45,6 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
     if cfg.max_upload_mb == 0:
         raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
     checks.choice("tta", cfg.tta, TTA_MODES)
-    if cfg.api_key is not None and not str(cfg.api_key):
-        raise UserError("api_key is empty: set a secret, or null for an open server")
     return ServeSettings(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=float(cfg.batch_timeout_ms),
@@ -55,7 +54,7 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         decode_wait_s=float(cfg.decode_wait_s),
         max_pending=cfg.max_pending,
         top_k=cfg.top_k,
-        api_key=None if cfg.api_key is None else str(cfg.api_key),
+        api_key=api_key(cfg),
     )
 
 
