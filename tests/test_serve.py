@@ -29,6 +29,7 @@ from conftest import FOLDER_CLASSES, run_cli
 from data_formats import write_truncated_jpeg
 from serving import loopback_server
 from thaw.analysis.gradcam import explain
+from thaw.checkpoint import file_identity
 from thaw.config import compose_config
 from thaw.export import export_model
 from thaw.models import load_trained
@@ -206,6 +207,32 @@ def test_an_upload_over_the_limit_gets_413_and_the_key_guards_predict(strict_url
         assert client.get("/info").json()["auth"] is True
 
 
+def test_with_a_key_only_the_page_health_and_info_are_open(strict_url, ckpt):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=strict_url) as client:
+        for route in ("/metrics", "/openapi.json", "/docs", "/redoc", "/no/such/route"):
+            response = client.get(route)
+            assert response.status_code == 401, route
+            assert "API key" in response.json()["detail"]
+        assert client.get("/metrics", headers=auth).status_code == 200
+        assert "/predict/batch" in client.get("/openapi.json", headers=auth).json()["paths"]
+        assert client.get("/docs", headers=auth).status_code == 404  # not served at all
+        info = client.get("/info")
+    assert info.status_code == 200
+    assert info.json()["model"]["files"] == [file_identity(ckpt)]
+    assert info.json()["model"]["files"][0]["file"] == "best.ckpt"
+
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for v in value.values() for s in strings(v)]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    assert not [s for s in strings(info.json()) if os.path.isabs(s)]  # no server path
+    assert str(ckpt.parent) not in info.text
+
+
 def test_sixteen_clients_at_once_all_get_predicts_answers(url, test_images, predicted):
     def client_session(offset: int) -> list[tuple[str, httpx.Response]]:
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -284,11 +311,19 @@ def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
         ).read_text()
     )
     expected = {rows[0][f"top{i}_label"]: rows[0][f"top{i}_prob"] for i in (1, 2, 3)}
+    records = json.loads((tmp_path / "export.json").read_text())
+    records["model.onnx"]["images_from"] = str(tmp_path / "photos")  # as after images=<folder>
+    (tmp_path / "export.json").write_text(json.dumps(records))
     app = build_app(serve_config(tmp_path / "serve", f"model_path={model}"))
     with loopback_server(app) as base, httpx.Client(base_url=base) as client:
         info = client.get("/info").json()
-        assert info["model"] == {"name": "resnet18", "format": "onnx", "path": str(model)}
-        record = json.loads((tmp_path / "export.json").read_text())["model.onnx"]
+        assert info["model"] == {
+            "name": "resnet18",
+            "format": "onnx",
+            "files": [file_identity(model)],
+        }
+        assert str(tmp_path) not in json.dumps(info)  # an open route names no server path
+        record = {**records["model.onnx"], "images_from": "photos"}
         assert info["export"] == record and info["export"]["top1_agreement"] == 1.0
         response = client.post("/predict", content=test_images[0].read_bytes())
         assert_same(response.json(), expected)

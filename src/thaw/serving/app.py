@@ -5,16 +5,22 @@ its Grad-CAM overlay, for a checkpoint), `POST /predict/batch` (several multipar
 result or error each, in order), `GET /health`, `GET /info`, `GET /metrics` (JSON, or
 `?format=prometheus`) and the page at `/`. The routes live in routes.py, one app's state in
 state.py; this module puts them together.
+
+With an API key, every path but OPEN needs it, /openapi.json and paths that do not exist
+included: what is open is listed, not what is closed. /docs and /redoc are not served (their
+pages load Swagger UI from a CDN).
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thaw.inference.predictor import Predictor
@@ -22,9 +28,10 @@ from thaw.serving.metrics import RequestMetrics
 from thaw.serving.routes import router
 from thaw.serving.state import MB, ServeSettings, ServeState
 
-__all__ = ["MB", "ROUTES", "Measured", "ServeSettings", "create_app"]
+__all__ = ["MB", "OPEN", "ROUTES", "Guarded", "Measured", "ServeSettings", "create_app"]
 
 ROUTES = ("/", "/predict", "/predict/batch", "/health", "/info", "/metrics")
+OPEN = frozenset({"/", "/health", "/info"})
 
 
 def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettings) -> FastAPI:
@@ -32,7 +39,9 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
     state = ServeState.build(predictor, info, settings)
     app = FastAPI(title="thaw", lifespan=_lifespan, docs_url=None, redoc_url=None)
     app.state.serve = state
-    app.add_middleware(Measured, metrics=state.metrics)
+    if settings.api_key is not None:
+        app.add_middleware(Guarded, api_key=settings.api_key)
+    app.add_middleware(Measured, metrics=state.metrics)  # outermost: it counts the 401s too
     app.include_router(router)
     return app
 
@@ -68,3 +77,27 @@ class Measured:
         finally:
             route = scope["path"] if scope["path"] in ROUTES else "other"
             self.metrics.record(route, status, time.perf_counter() - start)
+
+
+class Guarded:
+    """ASGI middleware that lets an HTTP request through to a path outside OPEN only with the
+    header `Authorization: Bearer <api_key>` (compared in constant time); 401 otherwise."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                refusal = JSONResponse(
+                    {
+                        "detail": "missing or wrong API key: send the header "
+                        "'Authorization: Bearer <api_key>'"
+                    },
+                    401,
+                    {"WWW-Authenticate": "Bearer"},
+                )
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
