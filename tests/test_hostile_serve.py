@@ -5,8 +5,10 @@ must not reach the model. Bounded in time and count; no assertion on wall-clock 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
+import re
 import secrets
 import signal
 import socket
@@ -366,3 +368,53 @@ def test_a_key_on_the_command_line_or_a_bad_key_file_is_exit_2_and_nothing_on_di
         assert not run_dir.exists()  # refused before Hydra wrote anything
     else:
         assert f"api_key_file={key_file}" in first
+
+
+# ---------------------------------------------------------------------------------- workers
+def children(parent: int) -> list[int]:
+    """The pids whose parent is `parent`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):  # it ended while being read
+            continue
+        if ppid == parent:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs: a zombie has ended, only its entry waits to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_killing_the_parent_of_two_workers_leaves_none_serving(ckpt, tmp_path):
+    process, url, log = start_serve(tmp_path / "run", f"ckpt_path={ckpt}", "workers=2")
+    try:
+        for _ in range(1500):  # both workers up: the first answers /health before the second
+            if log.read_text().count("Application startup complete") == 2:
+                break
+            time.sleep(0.2)
+        workers = {
+            int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", log.read_text())
+        }
+        spawned = children(process.pid)  # the workers, and multiprocessing's resource tracker
+        assert len(workers) == 2 and workers <= set(spawned), log.read_text()
+        answering = {httpx.get(f"{url}/metrics").json()["pid"] for _ in range(10)}
+        assert answering <= workers  # each answer names its worker
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        for _ in range(300):  # 60 s at most
+            if not any(running(pid) for pid in spawned):
+                break
+            time.sleep(0.2)
+        assert not any(running(pid) for pid in spawned), log.read_text()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/health")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)

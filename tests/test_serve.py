@@ -293,8 +293,12 @@ def test_info_and_metrics_report_the_model_and_the_traffic(url, folder_run, test
     assert counts["415"] == before.get("415", 0) + 1
     latency = after["routes"]["/predict"]["latency_ms"]
     assert 0 < latency["p50"] <= latency["p99"]
+    assert after["pid"] == os.getpid()  # the answering process: the tests serve in theirs
+    assert after["now"] == {"pending_images": 0, "pixels_in_flight": 0}
     text = httpx.get(f"{url}/metrics", params={"format": "prometheus"}).text
-    assert f'thaw_requests_total{{route="/predict",status="415"}} {counts["415"]}' in text
+    pid = f'pid="{os.getpid()}"'
+    assert f'thaw_requests_total{{{pid},route="/predict",status="415"}} {counts["415"]}' in text
+    assert f"thaw_pixels_in_flight{{{pid}}} 0" in text
 
 
 def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(

@@ -20,12 +20,14 @@ from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.keys import api_key
 from thaw.serving.memory import give_back_large_blocks
 from thaw.serving.served import load_served
+from thaw.serving.worker import PARENT_ENV, die_with_parent
 
 log = logging.getLogger(__name__)
 
 # The config a worker process of `workers > 1` reads to build its own app.
 CONFIG_ENV = "THAW_SERVE_CONFIG"
 WORKER_STARTUP_S = 120
+GRACE_S = 10
 
 
 def settings_from(cfg: DictConfig) -> ServeSettings:
@@ -89,7 +91,8 @@ def build_app(cfg: DictConfig) -> FastAPI:
 
 def app_from_environment() -> FastAPI:
     """The app of one worker process (`workers > 1`): each loads its own model, with its share
-    of the cores for intra-op threads."""
+    of the cores for intra-op threads, and ends when the process that started it does."""
+    die_with_parent(int(os.environ[PARENT_ENV]))
     cfg = OmegaConf.create(json.loads(os.environ[CONFIG_ENV]))
     give_back_large_blocks()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // cfg.workers))
@@ -102,21 +105,24 @@ def serve(cfg: DictConfig) -> None:
     give_back_large_blocks()
     app = build_app(cfg)
     log.info("Serving on http://%s:%d (the page at /, the API at /predict)", cfg.host, cfg.port)
+    # On SIGTERM (or its parent's death, for a worker) it stops listening at once and gives
+    # what it is answering GRACE_S to finish.
+    listening = {"host": cfg.host, "port": cfg.port, "timeout_graceful_shutdown": GRACE_S}
     if cfg.workers == 1:
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+        uvicorn.run(app, log_level="info", **listening)
         return
     del app  # each worker process builds its own from the environment
     os.environ[CONFIG_ENV] = json.dumps(OmegaConf.to_container(cfg, resolve=True))
+    os.environ[PARENT_ENV] = str(os.getpid())
     uvicorn.run(
         "thaw.serve:app_from_environment",
         factory=True,
-        host=cfg.host,
-        port=cfg.port,
         workers=cfg.workers,
         log_level="info",
         # uvicorn (>= 0.37) restarts a worker that misses its health check; loading torch and a
         # model takes longer than the 5 s default on a busy machine.
         timeout_worker_healthcheck=WORKER_STARTUP_S,
+        **listening,
     )
 
 

@@ -101,9 +101,10 @@ async def model_info(request: Request) -> dict[str, Any]:
 @router.get("/metrics", response_model=None)
 async def report(request: Request, format: str = "json") -> dict[str, Any] | PlainTextResponse:
     serve = state_of(request)
+    now = {"pending_images": serve.batcher.waiting, "pixels_in_flight": serve.budget.in_flight}
     if format == "prometheus":
-        return PlainTextResponse(serve.metrics.prometheus(serve.batcher.batch_sizes))
-    return serve.metrics.summary(serve.batcher.batch_sizes)
+        return PlainTextResponse(serve.metrics.prometheus(serve.batcher.batch_sizes, now))
+    return serve.metrics.summary(serve.batcher.batch_sizes, now)
 
 
 @router.get("/", response_class=HTMLResponse)
