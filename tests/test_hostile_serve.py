@@ -418,3 +418,40 @@ def test_killing_the_parent_of_two_workers_leaves_none_serving(ckpt, tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------- slow clients
+def read_until_closed(sock: socket.socket) -> bytes:
+    """All the server sends until it closes the connection (a 60 s stall fails the test)."""
+    sock.settimeout(60)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_heads_and_bodies_are_cut_off_and_the_others_are_answered(ckpt, good, tmp_path):
+    timeouts = ("header_timeout_s=1", "body_timeout_s=2")
+    process, url, _ = start_serve(tmp_path / "run", f"ckpt_path={ckpt}", *timeouts)
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    try:
+        with (
+            socket.create_connection(address) as half_head,
+            socket.create_connection(address) as second_head,
+            socket.create_connection(address) as slow_body,
+        ):
+            half_head.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Le")
+            second_head.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\nGET /hea")
+            head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+            slow_body.sendall(head + good[:10])
+            with httpx.Client(base_url=url) as client:  # the others go on meanwhile
+                assert client.post("/predict", content=good).status_code == 200
+                assert client.get("/health").status_code == 200
+            assert read_until_closed(half_head) == b""  # closed, nothing answered
+            answered = read_until_closed(second_head)  # the first request, not the stalled one
+            assert answered.startswith(b"HTTP/1.1 200") and answered.count(b"HTTP/1.1") == 1
+            late = read_until_closed(slow_body)
+            assert late.startswith(b"HTTP/1.1 408") and b"body_timeout_s" in late
+        assert httpx.post(f"{url}/predict", content=good).status_code == 200
+    finally:
+        stop(process)

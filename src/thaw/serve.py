@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import socket
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.keys import api_key
 from thaw.serving.memory import give_back_large_blocks
+from thaw.serving.protocol import HeadDeadlineProtocol
 from thaw.serving.served import load_served
 from thaw.serving.worker import PARENT_ENV, die_with_parent
 
@@ -43,6 +45,9 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         )
     checks.number("batch_timeout_ms", cfg.batch_timeout_ms, minimum=0)
     checks.number("decode_wait_s", cfg.decode_wait_s, minimum=0)
+    for key in ("header_timeout_s", "body_timeout_s"):
+        checks.number(key, cfg[key], minimum=0.001)
+    checks.integer("limit_concurrency", cfg.limit_concurrency, minimum=1)
     checks.number("max_upload_mb", cfg.max_upload_mb, minimum=0)
     if cfg.max_upload_mb == 0:
         raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
@@ -54,6 +59,7 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         max_image_pixels=cfg.max_image_pixels,
         max_pixels_in_flight=cfg.max_pixels_in_flight,
         decode_wait_s=float(cfg.decode_wait_s),
+        body_timeout_s=float(cfg.body_timeout_s),
         max_pending=cfg.max_pending,
         top_k=cfg.top_k,
         api_key=api_key(cfg),
@@ -105,9 +111,7 @@ def serve(cfg: DictConfig) -> None:
     give_back_large_blocks()
     app = build_app(cfg)
     log.info("Serving on http://%s:%d (the page at /, the API at /predict)", cfg.host, cfg.port)
-    # On SIGTERM (or its parent's death, for a worker) it stops listening at once and gives
-    # what it is answering GRACE_S to finish.
-    listening = {"host": cfg.host, "port": cfg.port, "timeout_graceful_shutdown": GRACE_S}
+    listening = uvicorn_options(cfg)
     if cfg.workers == 1:
         uvicorn.run(app, log_level="info", **listening)
         return
@@ -124,6 +128,19 @@ def serve(cfg: DictConfig) -> None:
         timeout_worker_healthcheck=WORKER_STARTUP_S,
         **listening,
     )
+
+
+def uvicorn_options(cfg: DictConfig) -> dict[str, Any]:
+    """How uvicorn listens: the address, the bounds on slow and many clients, and the grace
+    on SIGTERM (or its parent's death, for a worker): it stops listening at once and gives what
+    it is answering GRACE_S to finish."""
+    return {
+        "host": cfg.host,
+        "port": cfg.port,
+        "http": partial(HeadDeadlineProtocol, header_timeout_s=float(cfg.header_timeout_s)),
+        "limit_concurrency": cfg.limit_concurrency,
+        "timeout_graceful_shutdown": GRACE_S,
+    }
 
 
 def task(cfg: DictConfig) -> None:

@@ -29,7 +29,7 @@ async def predict(request: Request, explain: bool = False) -> JSONResponse:
             "explain=true needs the PyTorch model: serve a checkpoint (ckpt_path=...), "
             "not an exported file or an ensemble",
         )
-    body = await read_body(request, serve.upload_limit)
+    body = await read_body(request, serve.upload_limit, serve.settings.body_timeout_s)
     if _is_multipart(request):
         form = await parse_form(request, body)
         upload = form.get("file")
@@ -45,7 +45,7 @@ async def predict(request: Request, explain: bool = False) -> JSONResponse:
 @router.post("/predict/batch")
 async def predict_batch(request: Request) -> JSONResponse:
     serve = state_of(request)
-    body = await read_body(request, serve.upload_limit)
+    body = await read_body(request, serve.upload_limit, serve.settings.body_timeout_s)
     if not _is_multipart(request):
         raise HTTPException(400, "send the images as multipart/form-data files")
     uploads = [v for _, v in (await parse_form(request, body)).multi_items()]
@@ -112,22 +112,34 @@ async def index(request: Request) -> str:
     return state_of(request).page
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it is known to exceed `limit` bytes (by
-    its Content-Length, or while it streams in)."""
+    its Content-Length, or while it streams in), and with 408 (closing the connection) if it
+    has not all come within `timeout_s`: a client that drips its body holds a request open."""
     refuse = HTTPException(
         413, f"the upload is over the limit of {limit / MB:g} MB (max_upload_mb)"
     )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise refuse
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise refuse
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise refuse
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:  # noqa: UP041 (Python 3.10's is not the builtin)
+        raise HTTPException(
+            408,
+            f"the request body did not all arrive within {timeout_s:g} s (body_timeout_s)",
+            {"Connection": "close"},
+        ) from None
 
 
 async def parse_form(request: Request, body: bytes) -> FormData:

@@ -39,6 +39,7 @@ class ServeSettings:
     max_image_pixels: int = 40_000_000
     max_pixels_in_flight: int = 50_000_000
     decode_wait_s: float = 10.0
+    body_timeout_s: float = 30.0
     max_pending: int = 256
     top_k: int = 5
     api_key: str | None = None
