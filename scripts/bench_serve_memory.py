@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter
@@ -174,7 +175,11 @@ def scenarios(args: argparse.Namespace) -> list[tuple[str, Callable[[str], list]
 
 
 def measure(args: argparse.Namespace) -> tuple[list[list[str]], dict]:
-    server = Server(args.ckpt, args.out / "run")
+    with tempfile.TemporaryDirectory() as run_dir:  # the server's run dir and log
+        return measure_on(Server(args.ckpt, Path(run_dir)), args)
+
+
+def measure_on(server: Server, args: argparse.Namespace) -> tuple[list[list[str]], dict]:
     try:
         server.wait_until_ready()
         httpx.post(f"{server.url}/predict", content=one_colour_png(64, 64))  # warm
