@@ -44,7 +44,7 @@ test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
-	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py serve.py
+	$(VENV)/bin/ruff check src tests scripts train.py eval.py predict.py export.py serve.py fit_reject.py
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir logs

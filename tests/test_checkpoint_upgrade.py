@@ -14,21 +14,25 @@ import pytest
 import torch
 
 from conftest import FOLDER_RUN
-from thaw.checkpoint import FORMAT, read_checkpoint
+from thaw.checkpoint import DIGEST_KEY, FORMAT, REJECTION_PREFIX, read_checkpoint
 from thaw.config import compose_config
 from thaw.evaluate import evaluate
 from thaw.inference.metadata import ExportMetadata
 from thaw.inference.predictor import Predictor
 from thaw.models import load_trained
+from thaw.postprocess import Postprocessing
 from thaw.train import run
 
 
 def first_format(checkpoint: dict) -> dict:
     """`checkpoint` as thaw wrote it before its format 2."""
     old = copy.deepcopy(checkpoint)
-    old["state_dict"] = {k.removeprefix("model."): v for k, v in old["state_dict"].items()}
+    weights = old["state_dict"].items()  # no rejection rule, and no digest, then
+    old["state_dict"] = {
+        k.removeprefix("model."): v for k, v in weights if not k.startswith(REJECTION_PREFIX)
+    }
     record = old["thaw"]
-    del record["format"]
+    del record["format"], record[DIGEST_KEY]
     record["preprocessing"]["temperature"] = record.pop("postprocessing")["temperature"]
     config = record["config"]
     config["data"]["_target_"] = "thaw.data.datamodule.ImageDataModule"
@@ -59,11 +63,12 @@ def test_a_first_format_checkpoint_loads_and_predicts_the_same(
         load_trained(folder_run / "checkpoints" / "best.ckpt"),
         load_trained(old_files["best"]),
     )
-    assert old.postprocessing == new.postprocessing and old.postprocessing.temperature != 1.0
+    temperature = new.postprocessing.temperature
+    assert old.postprocessing == Postprocessing(temperature) and temperature != 1.0
     assert old.preprocessing == new.preprocessing and old.classes == new.classes
     assert old.config == new.config  # the newer keys set to what the first format built
-    for key, value in new.state_dict().items():
-        assert torch.equal(old.state_dict()[key], value), key
+    for key, value in old.state_dict().items():
+        assert torch.equal(new.state_dict()[key], value), key
     photos = sorted((photo_folder / "test").rglob("*.png"))
     answers = [Predictor.from_trained([m]).probabilities(photos) for m in (new, old)]
     assert torch.equal(*answers)
@@ -105,10 +110,13 @@ def test_a_file_exported_before_the_postprocessing_entry_keeps_its_temperature(
 ) -> None:
     model = load_trained(folder_run / "checkpoints" / "best.ckpt")
     layout, source = "float32_normalized", "best.ckpt"
-    today = ExportMetadata(model.classes, model.preprocessing, model.postprocessing, layout, source)
+    temperature = model.postprocessing.temperature  # and no rejection rule, then
+    today = ExportMetadata(
+        model.classes, model.preprocessing, Postprocessing(temperature), layout, source
+    )
     pairs = today.to_strings()
     del pairs["thaw.postprocessing"]  # the first format: the temperature in the preprocessing
     pairs["thaw.preprocessing"] = json.dumps(
-        {**model.preprocessing.to_dict(), **model.postprocessing.to_dict()}
+        {**model.preprocessing.to_dict(), "temperature": temperature}
     )
     assert ExportMetadata.from_strings(pairs, "model.onnx") == today

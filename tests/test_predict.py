@@ -34,7 +34,7 @@ from thaw.preprocess import Preprocessing
 
 CLASSES = sorted(FOLDER_CLASSES)  # an image folder's classes are its sorted folder names
 N_TEST = FOLDER_SPLITS["test"] * len(FOLDER_CLASSES)
-COLUMNS = ["path", "label", "prob"]
+COLUMNS = ["path", "label", "prob", "score", "known"]  # the model has a rejection rule
 COLUMNS += [f"top{i}_{v}" for i in range(1, len(CLASSES) + 1) for v in ("label", "prob")]
 COLUMNS += ["error"]
 

@@ -32,7 +32,6 @@ from thaw.data.sources.fashion_mnist import CLASSES, TEST_FILES
 from thaw.evaluate import evaluate
 from thaw.models import WeightsError, create_backbone, load_trained
 from thaw.models.backbones import IMAGENET_MEAN
-from thaw.postprocess import Postprocessing
 from thaw.train import optimized_value, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,9 +117,16 @@ def test_run_writes_checkpoints_events_metrics_and_eval_reproduces_them(
     assert trained.classes == list(CLASSES) and not trained.training
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
-    # The training split's statistics, and the temperature fitted after training (calibrate).
+    # The training split's statistics, the temperature fitted after training (calibrate) and
+    # the rejection rule fitted after it.
     assert trained.preprocessing == datamodule.preprocessing
-    assert trained.postprocessing == Postprocessing(metrics["temperature"])
+    assert trained.postprocessing.temperature == metrics["temperature"]
+    rule = trained.postprocessing.rejection
+    assert (rule.score, rule.keep, rule.threshold) == (
+        "mahalanobis",
+        0.95,
+        metrics["reject/threshold"],
+    )
     assert trained.preprocessing.grayscale and trained.preprocessing.mean != IMAGENET_MEAN
     test_only = tmp_path / "test_images_only"
     test_only.mkdir()

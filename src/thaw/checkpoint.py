@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ RUN_KEY = "thaw"
 # without a format are thaw's first layout, which `upgrade` turns into this one.
 FORMAT = 2
 MODEL_PREFIX = "model."
+# Where the model's rejection score keeps its buffers (ImageClassifier.rejection).
+REJECTION_PREFIX = MODEL_PREFIX + "rejection."
 DATA_TARGET = "thaw.data.settings.DataSettings.of"  # conf/data_base.yaml's _target_
 # The record's entry holding weights_digest of the checkpoint's weights, set on every save.
 DIGEST_KEY = "weights_sha256"
@@ -189,12 +192,22 @@ def read_record(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def update_run_record(path: str | Path, **values: Any) -> None:
-    """Set entries of the RunRecord of the thaw checkpoint at `path` (e.g. its `postprocessing`),
-    keeping everything else, and write it back atomically (see `save_atomically`)."""
+def update_run_record(
+    path: str | Path, module: tuple[str, Mapping[str, Any]] | None = None, **values: Any
+) -> None:
+    """Set entries of the RunRecord of the thaw checkpoint at `path` (e.g. its `postprocessing`)
+    and, with `module` = (prefix, tensors), replace every weight under `prefix` (e.g.
+    "model.rejection.") by `tensors` (named below it), keeping everything else, and write it back
+    atomically (see `save_atomically`)."""
     checkpoint = read_checkpoint(path)
     run_record(checkpoint, path)  # a clear error for a file that is not a thaw checkpoint
     checkpoint[RUN_KEY].update(values)
+    if module is not None:
+        prefix, tensors = module
+        state = checkpoint["state_dict"]
+        for name in [k for k in state if k.startswith(prefix)]:
+            del state[name]
+        state.update({prefix + name: tensor for name, tensor in tensors.items()})
     save_atomically(checkpoint, path)
 
 

@@ -82,6 +82,11 @@ def export() -> None:
     run_app("export", "thaw.export:task")
 
 
+def fit_reject() -> None:
+    """`python fit_reject.py`, `thaw-fit-reject`."""
+    run_app("fit_reject", "thaw.fit_reject:task")
+
+
 def serve() -> None:
     """`python serve.py`, `thaw-serve`."""
     run_app("serve", "thaw.serve:task")

@@ -17,9 +17,11 @@ from thaw.checkpoint import CheckpointError, read_record, run_dir
 from thaw.data.datamodule import ImageDataModule
 from thaw.errors import UserError
 from thaw.hardware import channels_last, instantiate_trainer, uses_cuda
-from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths
+from thaw.inference.inputs import resolve_inputs
+from thaw.inference.predictor import TTA_MODES, Predictor, checkpoint_paths, predict_files
 from thaw.models import ImageClassifier, load_trained
 from thaw.models.task import TOP5_MIN_CLASSES, ClassificationTask
+from thaw.openset.evaluation import open_set_metrics
 from thaw.preprocess import Preprocessing
 from thaw.progress.trainer import with_progress
 from thaw.renderings import confusion_matrix_image, write_metrics
@@ -44,6 +46,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     with_tta = {"_tta": tta} if tta != "none" else {}
     if len(models) > 1:
+        if cfg.get("ood"):
+            raise UserError(
+                f"ood= needs one checkpoint, not an ensemble of {len(models)}: an ensemble has "
+                "no rejection rule (each member's score has its own scale)"
+            )
         metrics = predictor_metrics(cfg, models, paths, data, {"": "none", **with_tta})
         metrics.update(checkpoint=paths, tta=tta)
         write_metrics(output_dir / "metrics.json", metrics)
@@ -54,6 +61,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             if with_tta
             else {}
         )
+        open_set = None
+        if cfg.get("ood"):
+            open_set = ood_figures(cfg, trained, path, data[trained.preprocessing])
+            extra.update({k: v for k, v in open_set.items() if k.startswith("test/")})
         shown = with_progress([], cfg.trainer)
         trainer = instantiate_trainer(cfg.trainer, logger=False, callbacks=shown)
         metrics = report_test_metrics(
@@ -66,9 +77,50 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             extra=extra,
             report=cfg.get("report", True),
             wall_time_s=training_wall_time(Path(path)),
+            open_set=open_set,
         )
     log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
+
+
+def ood_figures(
+    cfg: DictConfig, trained: ImageClassifier, path: str, datamodule: ImageDataModule
+) -> dict[str, Any]:
+    """The rejection rule of `trained` on its known test images and on the images of no known
+    class in `cfg.ood` (a folder, a glob, a file or a list, as predict's inputs), decoded as
+    predict decodes them (thaw.openset.evaluation.open_set_metrics, with `ood` the folder)."""
+    rule = trained.postprocessing.rejection
+    if rule is None:
+        raise UserError(
+            f"ood= needs the model's rejection rule, and {path} has none (it was trained before "
+            f"thaw fitted one): fit one without training, python fit_reject.py ckpt_path={path}"
+        )
+    device = "cuda" if uses_cuda(cfg.trainer.get("accelerator", "auto")) else "cpu"
+    predictor = Predictor.from_trained([trained], device=device)
+    known, correct = [], []
+    for images, labels in datamodule.test_dataloader():
+        probabilities, scores = predictor.batch_answers([images])
+        known.append(scores)
+        correct.append(probabilities.argmax(1) == labels.cpu())
+    files = resolve_inputs(cfg.ood, key="ood")
+    results = list(predict_files(predictor, files, datamodule.eval_batch_size))
+    unreadable = [r.path for r in results if r.score is None]
+    if unreadable:
+        log.warning("ood: %d files could not be decoded and are left out", len(unreadable))
+    unknown = torch.tensor([r.score for r in results if r.score is not None])
+    figures = open_set_metrics(torch.cat(known), torch.cat(correct), unknown, rule)
+    log.info(
+        "Open set on %d known test images and %d from ood=%s: AUROC %.4f, FPR at 95%% TPR %.4f; "
+        "the stored threshold keeps %.3f of the known and rejects %.3f of the others",
+        len(figures["curves"]["known_scores"]),
+        len(unknown),
+        cfg.ood,
+        figures["test/ood_auroc"],
+        figures["test/ood_fpr95"],
+        figures["test/known_kept"],
+        figures["test/ood_rejected"],
+    )
+    return {**figures, "ood": str(cfg.ood)}
 
 
 def training_wall_time(checkpoint: Path) -> float | None:
@@ -143,11 +195,12 @@ def report_test_metrics(
     extra: dict[str, Any] | None = None,
     report: bool = True,
     wall_time_s: float | None = None,
+    open_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Test the task's model (with the weights of `checkpoint` unless they are loaded already),
     then write metrics.json (with the `extra` values and `train/wall_time_s`, the time from the
     run's start to its test), log the confusion matrix as an image, and with `report` write
-    report.json and report.html beside it."""
+    report.json and report.html beside it (with the `open_set` section, see ood_figures)."""
     ckpt_path = checkpoint if load_checkpoint else None
     (results,) = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
@@ -177,6 +230,7 @@ def report_test_metrics(
             checkpoint,
             wall_time_s,
             writers,
+            open_set,
         )
     return metrics
 

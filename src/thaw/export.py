@@ -32,7 +32,7 @@ from thaw.inference.export_formats import (
     write_exported,
 )
 from thaw.inference.metadata import FLOAT_INPUT, UINT8_INPUT, ExportMetadata
-from thaw.inference.parity import CheckImages, check_parity
+from thaw.inference.parity import CheckImages, check_parity, rule_warning
 from thaw.models import ImageClassifier, load_trained
 from thaw.preprocess import Preprocessing
 from thaw.progress import track
@@ -149,6 +149,11 @@ def write_gated(
         write_exported(format, model, metadata, staged, calibration, opset)
         log.info("Checking it against the checkpoint on %d images", len(check.labels))
         figures = check_parity(reference, load_exported(staged), check, quantized=format == INT8)
+        warning = rule_warning(figures) if format == INT8 else None
+        if warning:
+            log.warning(warning)
+            notes = {**(notes or {})}
+            notes["warnings"] = [*notes.get("warnings", []), warning]
         out_dir.mkdir(parents=True, exist_ok=True)
         path = Path(shutil.move(staged, out_dir / staged.name))
     record = {

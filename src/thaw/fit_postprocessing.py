@@ -1,13 +1,15 @@
 """Fitting the post-processing record after training, on the validation split, into the best
-checkpoint (thaw.postprocess). Today that is temperature scaling: one scalar T that makes
-softmax(logits / T) mean what it says (Guo et al., 2017); predict, export and serve apply it, and
-accuracy does not change.
+checkpoint (thaw.postprocess): temperature scaling, one scalar T that makes softmax(logits / T)
+mean what it says (Guo et al., 2017), and accuracy does not change; then the rejection rule that
+says "none of these" (thaw.openset). Predict, export and serve apply both.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from itertools import islice
+from typing import TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -25,7 +27,10 @@ from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last
 from thaw.models import load_trained
 from thaw.models.task import ClassificationTask
+from thaw.openset.fit import RejectSettings, fit_rejection, store_rejection
 from thaw.postprocess import Postprocessing
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +57,14 @@ def calibrate(
     if n_batches == 0:
         log.info("No validation images: no temperature fitted")
         return {}
-    figures: dict[str, float] | str = {}
-    if trainer.is_global_zero:
-        try:
-            figures = fit_checkpoint_temperature(
-                best,
-                datamodule,
-                n_batches,
-                trainer.strategy.root_device,
-                channels_last(cfg.trainer),
-            )
-        except Exception as err:  # the other ranks must not wait for a T that never comes
-            trainer.strategy.broadcast(f"{type(err).__name__}: {err}", src=0)
-            raise
-    figures = trainer.strategy.broadcast(figures, src=0)
-    if isinstance(figures, str):
-        raise RuntimeError(f"fitting the temperature failed on global rank 0: {figures}")
+    device = trainer.strategy.root_device
+    figures = on_global_zero(
+        trainer,
+        "fitting the temperature",
+        lambda: fit_checkpoint_temperature(
+            best, datamodule, n_batches, device, channels_last(cfg.trainer)
+        ),
+    )
     task.model.postprocessing = Postprocessing(figures["temperature"])
     images = int(figures.pop("images"))
     warn_at_the_range_end(figures["temperature"])
@@ -83,6 +80,52 @@ def calibrate(
         best,
     )
     return figures
+
+
+def reject_unknown(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    task: ClassificationTask,
+    datamodule: ImageDataModule,
+    best: str,
+) -> dict[str, float]:
+    """Fit the rejection rule (thaw.openset, the `reject` group) of the best checkpoint, after
+    its temperature, and write it into the checkpoint and the task's model, as `calibrate`
+    does; returns `reject/threshold`, or {} where no rule is fitted (`reject.score=null`, no
+    best checkpoint or no validation images)."""
+    settings = RejectSettings.of(cfg.reject)
+    n_batches = _validation_batches(trainer, datamodule)
+    if settings.score is None or not best or n_batches == 0:
+        why = "reject.score=null" if settings.score is None else "no best checkpoint or val images"
+        log.info("No rejection rule fitted (%s): every image gets a known class", why)
+        return {}
+    device = trainer.strategy.root_device
+
+    def fit() -> None:
+        network = load_trained(best, channels_last=channels_last(cfg.trainer)).to(device)
+        store_rejection(best, *fit_rejection(network, datamodule, settings, n_batches, device))
+
+    on_global_zero(trainer, "fitting the rejection rule", fit)
+    trained = load_trained(best)  # every rank: the rule as the checkpoint now holds it
+    task.model.postprocessing = trained.postprocessing
+    task.model.rejection = trained.rejection.to(task.device)
+    return {"reject/threshold": trained.postprocessing.rejection.threshold}
+
+
+def on_global_zero(trainer: pl.Trainer, what: str, work: Callable[[], T]) -> T:
+    """`work()` on global rank 0, its result broadcast to the other ranks (DDP), which never
+    wait for a result that does not come: an error there is raised on every rank."""
+    result: T | str | None = None
+    if trainer.is_global_zero:
+        try:
+            result = work()
+        except Exception as err:
+            trainer.strategy.broadcast(f"{type(err).__name__}: {err}", src=0)
+            raise
+    result = trainer.strategy.broadcast(result, src=0)
+    if isinstance(result, str):
+        raise RuntimeError(f"{what} failed on global rank 0: {result}")
+    return result  # type: ignore[return-value]
 
 
 def warn_at_the_range_end(temperature: float) -> None:

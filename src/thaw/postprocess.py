@@ -1,9 +1,9 @@
 """Postprocessing: what turns a trained model's logits into its answer, saved beside its weights.
 
 Preprocessing says how an image becomes the network's input; this says how the network's output
-becomes probabilities. Today that is the temperature fitted after training (Guo et al., 2017);
-like Preprocessing it travels in checkpoints and exported files, so every consumer applies the
-same rule.
+becomes an answer: the temperature fitted after training (Guo et al., 2017), and the rule that
+says "none of these" (thaw.openset). Like Preprocessing it travels in checkpoints and exported
+files, so every consumer applies the same rule.
 """
 
 from __future__ import annotations
@@ -21,12 +21,46 @@ if TYPE_CHECKING:  # not imported: the sweep report reads run records before tor
 
 
 @dataclass(frozen=True)
-class Postprocessing:
-    """softmax(logits / temperature): 1.0 leaves the probabilities as the network gives them."""
+class Rejection:
+    """The rule that says "none of these": an image whose `score` (thaw.openset.scores, higher
+    means more like the training classes) is below `threshold` is of no known class, answered
+    as `label` where the user asks to reject. The threshold lets `keep` of the known
+    validation images pass. `k` and `bank_size` are the knn score's (0 for the others); what a
+    feature score needs lives in the model's weights."""
 
-    temperature: float = 1.0
+    score: str
+    threshold: float
+    keep: float
+    label: str = "unknown"
+    k: int = 0
+    bank_size: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.score, str) or not self.score:
+            raise ValueError(f"rejection score must be a name, got {self.score!r}")
+        if not 0 < self.keep < 1 or not math.isfinite(self.threshold):
+            raise ValueError(
+                f"rejection keep must be in (0, 1) and its threshold finite, got keep="
+                f"{self.keep!r}, threshold={self.threshold!r}"
+            )
+
+    def known(self, scores: torch.Tensor) -> torch.Tensor:
+        """True where a score passes the threshold."""
+        return scores >= self.threshold
+
+
+@dataclass(frozen=True)
+class Postprocessing:
+    """softmax(logits / temperature): 1.0 leaves the probabilities as the network gives them;
+    and the rejection rule, where one was fitted (None: every image gets a known class)."""
+
+    temperature: float = 1.0
+    rejection: Rejection | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rejection, Mapping):
+            rule = from_plain_values(Rejection, self.rejection, "postprocessing rejection")
+            object.__setattr__(self, "rejection", rule)
         value = self.temperature
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"postprocessing temperature must be a number > 0, got {value!r}")

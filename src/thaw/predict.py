@@ -67,11 +67,32 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
             f"explain=true needs one checkpoint, not an ensemble of {len(ckpts)}: give "
             "ckpt_path=<file.ckpt>"
         )
+    checks.flag("reject", cfg.reject)
     if model_path:
         predictor = Predictor.from_onnx(model_path, cfg.tta)
     else:
         predictor = Predictor.from_checkpoints(ckpts, cfg.tta, best_device(cfg.device))
+    check_rejection(predictor, cfg.reject, model_path or ckpts[0])
     return predictor, paths, out
+
+
+def check_rejection(predictor: Predictor, reject: bool, model: str) -> None:
+    """Say where there is no rejection rule (no score and known columns), and refuse
+    reject=true then, naming how to get one."""
+    if predictor.rejection is not None:
+        return
+    if len(predictor.members) > 1:
+        why = "an ensemble has no rejection rule (each member's score has its own scale)"
+        fix = "give one checkpoint"
+    else:
+        why = f"{model} has no rejection rule (it was trained before thaw fitted one)"
+        fix = (
+            "fit one without training: python fit_reject.py ckpt_path=<its checkpoint>, then "
+            "export it again where it is an exported file"
+        )
+    if reject:
+        raise UserError(f"reject=true: {why}. To reject, {fix}")
+    log.info("%s: no score and known columns. To add them, %s", why.capitalize(), fix)
 
 
 def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> Path:
@@ -79,7 +100,7 @@ def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> 
     log.info("Predicting %d images on %s (tta=%s)", len(paths), predictor.device, cfg.tta)
     results = predict_files(predictor, paths, cfg.batch_size)
     shown = track(results, "Predicting", total=len(paths))
-    rows = [prediction_row(result, predictor, cfg.top_k) for result in shown]
+    rows = [prediction_row(result, predictor, cfg.top_k, cfg.reject) for result in shown]
     if cfg.get("explain", False):
         explain_rows(rows, predictor, out.parent / EXPLAIN_DIR, cfg.batch_size)
     write_rows(out, rows)
@@ -93,7 +114,7 @@ def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> 
 def explain_rows(
     rows: list[dict[str, Any]], predictor: Predictor, folder: Path, batch_size: int
 ) -> None:
-    """Write the Grad-CAM overlay of each row's predicted class (the `label`, TTA included) on
+    """Write the Grad-CAM overlay of each row's predicted class (`top1_label`, TTA included) on
     the model's input view of its file to folder/<index>_<stem>.png (the index keeps two
     photos/a/1.jpg and photos/b/1.jpg apart), and add the path to the row as `explanation`:
     None where the file could not be decoded. The overlay has the model's input size."""
@@ -116,7 +137,7 @@ def explain_rows(
                 log.warning("could not explain %s: %s", row["path"], err)
                 continue
             chunk.append((index, row))
-        targets = [predictor.classes.index(row["label"]) for _, row in chunk]
+        targets = [predictor.classes.index(row["top1_label"]) for _, row in chunk]
         pictures = explain(member.model, member.preprocessing, images, targets)
         for (index, row), (_, picture) in zip(chunk, pictures, strict=True):
             path = folder / f"{index:0{width}d}_{Path(row['path']).stem}.png"

@@ -28,8 +28,10 @@ from thaw.config import flat_hparams
 from thaw.errors import UserError
 from thaw.evaluate import report_test_metrics
 from thaw.finetune import FinetuneStrategy
-from thaw.fit_postprocessing import calibrate
+from thaw.fit_postprocessing import calibrate, reject_unknown
+from thaw.models import load_trained
 from thaw.models.backbones import STAGES
+from thaw.openset.extend import Extension, extend_head, old_class_accuracy
 from thaw.resume import ResumeState, TrainingStopped, check_resumable, resolve_ckpt_path
 from thaw.training_checks import check_training_config
 
@@ -70,6 +72,10 @@ def _train(
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
     task = build_task(cfg, datamodule, strategy)
+    extension, old_before = None, None
+    if cfg.model.head == "extend":
+        extension = extend_head(task.model, cfg.model.weights, datamodule)
+        old_before = old_class_accuracy(extension.source, datamodule, extension.old)
     run_callbacks = build_run_callbacks(strategy, datamodule, task, resume)
     trainer = build_trainer(cfg, [*callbacks, *run_callbacks])
 
@@ -89,6 +95,7 @@ def _train(
     if cfg.get("calibrate"):
         calibration = calibrate(cfg, trainer, task, datamodule, best)
         metrics.update(calibration)
+    metrics.update(reject_unknown(cfg, trainer, task, datamodule, best))
 
     if cfg.get("test"):
         if not best:
@@ -97,6 +104,8 @@ def _train(
         # metrics.json also keeps what fitting ended with: a sweep's report reads it from there.
         fitted = {k: v for k, v in metrics.items() if k.startswith("val/")}
         fitted["train/epochs"] = trainer.current_epoch
+        if extension is not None and best:
+            fitted.update(old_classes_report(extension, old_before, best, datamodule))
         metrics.update(
             report_test_metrics(
                 tester,
@@ -112,6 +121,22 @@ def _train(
         record_in_loggers(trainer, cfg, metrics, calibration, best)
         log.info("Test metrics written to %s", output_dir / "metrics.json")
     return metrics
+
+
+def old_classes_report(
+    extension: Extension, before: float | None, best: str, datamodule: Any
+) -> dict[str, float]:
+    """The old classes' test accuracy before fine-tuning (the checkpoint's own model) and after
+    (the best checkpoint), each choosing among its own classes."""
+    after = old_class_accuracy(load_trained(best), datamodule, extension.old)
+    log.info(
+        "Accuracy on the test images of the %d old classes: %.4f before adding %s, %.4f after",
+        len(extension.old),
+        before,
+        ", ".join(extension.new) or "no class",
+        after,
+    )
+    return {"test/acc_old_classes_before": float(before or 0.0), "test/acc_old_classes": after}
 
 
 def log_phases(strategy: FinetuneStrategy, backbone_groups: list[str], max_epochs: Any) -> None:

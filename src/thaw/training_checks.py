@@ -8,6 +8,7 @@ when it is built (which also happens before any data is read) is left to it, pas
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
@@ -15,6 +16,8 @@ from omegaconf import DictConfig
 from thaw import checks
 from thaw.errors import UserError
 from thaw.models.loss import check_settings
+from thaw.openset.extend import HEADS
+from thaw.openset.fit import RejectSettings
 
 # The optimizer settings of conf/optimizer/*.yaml, as torch checks them when the optimizer is
 # built (which is after the data is read): each number >= 0, each switch a bool (a string such
@@ -31,6 +34,8 @@ def check_training_config(cfg: DictConfig) -> None:
     check_finetune(cfg.finetune)
     check_settings(cfg.model.label_smoothing, cfg.model.focal_gamma)
     check_length(cfg.trainer)
+    RejectSettings.of(cfg.reject)
+    check_head(cfg.model)
 
 
 def check_optimizer(optimizer: DictConfig) -> None:
@@ -76,3 +81,14 @@ def check_length(trainer: DictConfig) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_head(model: DictConfig) -> None:
+    """`model.head` is new or extend, and extend has a thaw checkpoint to extend."""
+    checks.choice("model.head", model.head, HEADS)
+    weights = str(model.weights)
+    if model.head == "extend" and not (weights.endswith(".ckpt") and Path(weights).is_file()):
+        raise UserError(
+            f"model.head=extend adds classes to a trained model: model.weights must be its thaw "
+            f"checkpoint (a .ckpt file), got {model.weights!r}"
+        )

@@ -25,7 +25,12 @@ from thaw.analysis.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from thaw.analysis.figures import confusion_figure, reliability_figure
+from thaw.analysis.figures import (
+    accuracy_coverage,
+    confusion_figure,
+    reliability_figure,
+    score_histograms,
+)
 from thaw.analysis.gradcam import grad_cam, overlay, target_layer
 from thaw.analysis.html import png_bytes, render
 from thaw.analysis.interpretation import (
@@ -57,10 +62,12 @@ def write_report(
     checkpoint: str | None = None,
     wall_time_s: float | None = None,
     tensorboard: Sequence[Any] = (),
+    open_set: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Analyse `model` on the test `batches` and write report.json and report.html into
     `output_dir`; the figures also go to each TensorBoard SummaryWriter of `tensorboard`.
-    Returns report.json's content."""
+    `open_set` (eval's `ood=`: thaw.openset.evaluation.open_set_metrics, with `ood` the folder)
+    adds the rejection rule's section. Returns report.json's content."""
     model.eval()
     preprocessing: Preprocessing = model.preprocessing
     temperature = model.postprocessing.temperature
@@ -101,6 +108,8 @@ def write_report(
         "calibration": calibration,
         "model_size": model_size(model, preprocessing.input_size),
     }
+    if open_set is not None:
+        report["open_set"] = _open_set(model, open_set, images)
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "report.html").write_text(render(report, images))
@@ -108,6 +117,29 @@ def write_report(
         _to_tensorboard(writer, images, loss_overlays, correct_overlays)
     log.info("Report written to %s", output_dir / "report.html")
     return report
+
+
+def _open_set(
+    model: ImageClassifier, figures: dict[str, Any], images: dict[str, bytes]
+) -> dict[str, Any]:
+    """The open-set section's values, its figures added to `images`."""
+    curves, rule = figures["curves"], model.postprocessing.rejection
+    images["ood_scores"] = score_histograms(
+        curves["known_scores"], curves["ood_scores"], curves["threshold"]
+    )
+    images["coverage"] = accuracy_coverage(
+        curves["coverage"], curves["accuracy"], figures["test/known_kept"]
+    )
+    values = {k.removeprefix("test/"): v for k, v in figures.items() if k.startswith("test/")}
+    return {
+        "score": rule.score,
+        "threshold": rule.threshold,
+        "keep": rule.keep,
+        "ood": figures["ood"],
+        "ood_images": len(curves["ood_scores"]),
+        **values,
+        "accuracy_coverage": {"coverage": curves["coverage"], "accuracy": curves["accuracy"]},
+    }
 
 
 def _confused_pairs(

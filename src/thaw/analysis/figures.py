@@ -1,4 +1,5 @@
-"""The report's figures as PNG bytes: the confusion matrix and the reliability diagram.
+"""The report's figures as PNG bytes: the confusion matrix, the reliability diagram and the
+open-set figures (score histograms, accuracy against coverage).
 
 matplotlib with the Agg backend (no display), one figure at a time, closed after saving.
 """
@@ -99,4 +100,29 @@ def reliability_figure(curves: dict[str, list[dict[str, float]]]) -> bytes:
     top.legend(loc="upper left")
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("share of images")
+    return png(figure)
+
+
+def score_histograms(known: Sequence[float], ood: Sequence[float], threshold: float) -> bytes:
+    """The rejection score of known test images and of OOD images, with the threshold."""
+    figure, axes = plt.subplots(figsize=(6, 3.5), layout="constrained")
+    bins = np.histogram_bin_edges(np.concatenate([known, ood]), bins=40)
+    axes.hist(known, bins=bins, alpha=0.6, density=True, label=f"known test ({len(known)})")
+    axes.hist(ood, bins=bins, alpha=0.6, density=True, label=f"ood ({len(ood)})")
+    axes.axvline(threshold, color="black", linestyle="--", label="threshold")
+    axes.set_xlabel("rejection score (higher: more like the training classes)")
+    axes.set_ylabel("density")
+    axes.legend()
+    return png(figure)
+
+
+def accuracy_coverage(coverage: Sequence[float], accuracy: Sequence[float], kept: float) -> bytes:
+    """Accuracy on the known images kept against the share kept, highest scores first."""
+    figure, axes = plt.subplots(figsize=(5, 3.5), layout="constrained")
+    axes.plot(coverage, accuracy, marker="o")
+    axes.axvline(kept, color="black", linestyle="--", label=f"the threshold keeps {kept:.0%}")
+    axes.set_xlabel("share of known test images kept")
+    axes.set_ylabel("accuracy on those kept")
+    axes.set_xlim(0, 1.02)
+    axes.legend(loc="lower left")
     return png(figure)

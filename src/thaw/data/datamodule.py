@@ -171,10 +171,15 @@ class ImageDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> PositionedLoader:
         return self._loader("test")
 
-    def plain_loader(self, split: str) -> PositionedLoader:
+    def plain_loader(
+        self, split: str, limit: int | None = None, labels: Sequence[int] | None = None
+    ) -> PositionedLoader:
         """Every image of `split` ("train", "val" or "test") once, in order, through the
-        deterministic evaluation transform: what a frozen backbone's features are cached from."""
-        return self._loader(split)
+        deterministic evaluation transform: what a frozen backbone's features are cached from.
+        With `labels`, only the images of those classes; with `limit`, a seeded random `limit`
+        of them (all, where there are fewer), in order: a sample of every class, where the set
+        is sorted by class."""
+        return self._loader(split, limit=limit, labels=labels)
 
     def mix(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """A training batch through MixUp/CutMix: (images, labels, soft_targets) when the augment
@@ -197,9 +202,16 @@ class ImageDataModule(pl.LightningDataModule):
             self.train_transform = build_train_transform(self.augment, preprocessing)
             self.eval_transform = preprocessing.transform()
 
-    def _loader(self, split: str, train: bool = False) -> PositionedLoader:
+    def _loader(
+        self,
+        split: str,
+        train: bool = False,
+        limit: int | None = None,
+        labels: Sequence[int] | None = None,
+    ) -> PositionedLoader:
         """Every loader of `split`, on either path: training ones shuffle (sharded across ranks)
-        and augment; the others see every image once, in order, on every rank."""
+        and augment; the others see every image once (or `limit` of them), in order, on every
+        rank."""
         images = self._require(getattr(self, f"{split}_set"))
         batch_size = self.batch_size if train else self.eval_batch_size
         balanced = train and self.settings.sampler == "balanced"
@@ -212,6 +224,7 @@ class ImageDataModule(pl.LightningDataModule):
                     images.images.to(device), images.labels.to(device), images.classes
                 )
                 setattr(self, f"{split}_set", images)
+            images = self._sample(images, limit, labels)
             transform = self.train_transform if train else self.eval_transform
             return DeviceLoader(
                 images.images,  # type: ignore[arg-type]
@@ -223,6 +236,7 @@ class ImageDataModule(pl.LightningDataModule):
                 device=device,
                 weights=weights,
             )
+        images = self._sample(images, limit, labels)
         return ResumableLoader(
             ImageDataset(
                 images, self.train_transform if train else self.eval_transform, self._decode_size
@@ -236,6 +250,18 @@ class ImageDataModule(pl.LightningDataModule):
             pin_memory=self.settings.pin_memory,
             persistent_workers=self.settings.num_workers > 0,
         )
+
+    def _sample(
+        self, images: ImageSet, limit: int | None, labels: Sequence[int] | None
+    ) -> ImageSet:
+        if labels is not None:
+            wanted = torch.tensor(list(labels), device=images.labels.device)
+            images = images.subset(torch.isin(images.labels, wanted).nonzero().flatten())
+        if limit is None or limit >= len(images):
+            return images
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(len(images), generator=generator)[:limit].sort().values
+        return images.subset(chosen.to(images.labels.device))
 
     @staticmethod
     def _require(value: T | None) -> T:

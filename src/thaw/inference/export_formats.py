@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ INT8 = "onnx_int8"
 OPSET = 18
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
+SCORE_NAME = "score"  # the rejection rule's score, an output where the model has a rule
 _CALIBRATION_BATCH = 32
 
 
@@ -64,10 +65,18 @@ class GraphModel(nn.Module):
         self.mean = list(metadata.preprocessing.mean)
         self.std = list(metadata.preprocessing.std)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    @property
+    def output_names(self) -> list[str]:
+        """The logits, and the rejection score where the classifier has a rule."""
+        scored = getattr(self.classifier, "rejection", None) is not None
+        return [OUTPUT_NAME, SCORE_NAME] if scored else [OUTPUT_NAME]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if self.normalize:
             images = F.to_dtype(images, torch.float32, scale=True)
             images = F.normalize(images, self.mean, self.std)
+        if len(self.output_names) == 2:
+            return self.classifier.scored(images)
         return self.classifier(images)
 
 
@@ -103,7 +112,7 @@ def write_exported(
 
 
 def _write_onnx(
-    module: nn.Module, example: torch.Tensor, batch: dict, path: Path, opset: int
+    module: GraphModel, example: torch.Tensor, batch: dict, path: Path, opset: int
 ) -> None:
     """fp32 ONNX with a dynamic batch axis, one self-contained file.
 
@@ -123,7 +132,7 @@ def _write_onnx(
         external_data=False,
         opset_version=opset,
         input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME],
+        output_names=module.output_names,
         dynamic_shapes=batch,
         verbose=False,
     )
@@ -132,10 +141,12 @@ def _write_onnx(
 def _quantize(fp32: Path, path: Path, calibration: torch.Tensor) -> None:
     """Static INT8 (QDQ, per-channel weights), calibrated with min/max on `calibration`.
 
-    ONNX Runtime's pre-processing (shape inference, graph optimisation) runs first, as its
-    documentation asks. Activations are uint8, weights int8 (U8S8): int8 activations (S8S8) are
-    slow on a CPU without VNNI (README, Export). U8S8 can saturate there; the parity gate would
-    catch the loss."""
+    ONNX Runtime's pre-processing (ONNX shape inference, graph optimisation) runs first, as its
+    documentation asks; its symbolic shape inference, which is for transformer graphs, is left
+    out: it fails on the rejection score's broadcast against the class means. Activations are
+    uint8, weights int8 (U8S8): int8 activations (S8S8) are slow on a CPU without VNNI (README,
+    Export). U8S8 can saturate there; the parity gate would catch the loss. The rejection
+    score's nodes stay float32: a threshold on distances is finer than INT8's steps."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -153,7 +164,7 @@ def _quantize(fp32: Path, path: Path, calibration: torch.Tensor) -> None:
             return None if batch is None else {INPUT_NAME: batch.numpy()}
 
     prepared = fp32.with_name("prepared.onnx")
-    quant_pre_process(str(fp32), str(prepared))
+    quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     quantize_static(
         str(prepared),
         str(path),
@@ -162,7 +173,21 @@ def _quantize(fp32: Path, path: Path, calibration: torch.Tensor) -> None:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=_score_nodes(fp32),
     )
+
+
+def _score_nodes(path: Path) -> list[str]:
+    """The names of the graph's nodes that compute the rejection score (the exporter records
+    each node's module path in its `name_scopes`)."""
+    import onnx
+
+    return [
+        node.name
+        for node in onnx.load(str(path)).graph.node
+        for prop in node.metadata_props
+        if prop.key == "pkg.torch.onnx.name_scopes" and "classifier.rejection" in prop.value
+    ]
 
 
 def _set_onnx_metadata(path: Path, metadata: ExportMetadata) -> None:
@@ -183,10 +208,25 @@ def load_pt2(path: str | Path) -> tuple[nn.Module, ExportMetadata]:
     return program.module(), ExportMetadata.from_strings(extra, str(path))
 
 
-def load_exported(path: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The exported file as `run(batch) -> logits`, run as its users run it: ONNX through ONNX
-    Runtime, a .pt2 as the loaded ExportedProgram."""
+class Pt2Model:
+    """A loaded .pt2 program with OnnxModel's interface: `model(batch)` -> logits, and
+    `model.scored(batch)` -> (logits, score) where it has a rejection score."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.module, self.metadata = load_pt2(path)
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        outputs = self.module(batch)
+        return outputs[0] if isinstance(outputs, tuple) else outputs
+
+    def scored(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, score = self.module(batch)
+        return logits, score
+
+
+def load_exported(path: Path) -> OnnxModel | Pt2Model:
+    """The exported file as its users run it: ONNX through ONNX Runtime, a .pt2 as the loaded
+    ExportedProgram; `model(batch)` -> logits, `model.scored(batch)` adds the score."""
     if path.suffix == ".onnx":
         return OnnxModel(path)
-    module, _ = load_pt2(path)
-    return module
+    return Pt2Model(path)

@@ -18,8 +18,9 @@ LIST_SUFFIX = ".txt"
 _GLOB_CHARS = frozenset("*?[")
 
 
-def resolve_inputs(value: str | Path) -> list[Path]:
-    """The image files `value` names; a ValueError that says what to give when there are none."""
+def resolve_inputs(value: str | Path, key: str = "inputs") -> list[Path]:
+    """The image files `value` (the setting `key`) names; an error that says what to give when
+    there are none."""
     text = str(value)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -38,7 +39,7 @@ def resolve_inputs(value: str | Path) -> list[Path]:
         files = []
     if not files:
         raise UserError(
-            f"inputs={text!r} matches no image file. Give a folder (searched recursively), a glob "
+            f"{key}={text!r} matches no image file. Give a folder (searched recursively), a glob "
             f"in quotes such as 'photos/**/*.jpg', one image file, or a {LIST_SUFFIX} file with "
             f"one image path per line; image files end in {', '.join(sorted(IMAGE_SUFFIXES))}"
         )

@@ -42,7 +42,8 @@ def _unreadable(ort: ModuleType) -> tuple[type[BaseException], ...]:
 
 class OnnxModel:
     """`model(batch)` -> logits (N, classes) as a float32 torch tensor, for a batch laid out as
-    `metadata.input_layout` says (a torch tensor or numpy array).
+    `metadata.input_layout` says (a torch tensor or numpy array); `model.scored(batch)` adds the
+    rejection score where the graph has one.
 
     `threads` defaults to every core this process may use: ONNX Runtime's own default counts
     physical cores, which is slower on a machine with hyper-threads (README, Inference speed).
@@ -72,6 +73,15 @@ class OnnxModel:
         self.dtype = np.uint8 if self.metadata.input_layout == UINT8_INPUT else np.float32
 
     def __call__(self, batch: torch.Tensor | np.ndarray) -> torch.Tensor:
+        return self._run(batch)[0]
+
+    def scored(self, batch: torch.Tensor | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the rejection rule's score (N,), where the graph computes one (a model
+        exported with a rule: `metadata.postprocessing.rejection`)."""
+        logits, score = self._run(batch)
+        return logits, score
+
+    def _run(self, batch: torch.Tensor | np.ndarray) -> list[torch.Tensor]:
         array = batch.numpy() if isinstance(batch, torch.Tensor) else batch
-        (logits,) = self.session.run(None, {self.input_name: array.astype(self.dtype, copy=False)})
-        return torch.from_numpy(logits)
+        outputs = self.session.run(None, {self.input_name: array.astype(self.dtype, copy=False)})
+        return [torch.from_numpy(output) for output in outputs]

@@ -3,7 +3,6 @@ measured on real images, so "the exported model gives different results" cannot 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +12,12 @@ from torch import nn
 from thaw.inference.export_formats import ExportError
 
 FP32_MAX_SOFTMAX_DIFF = 1e-4
+FP32_MAX_SCORE_DIFF = 1e-4  # the rejection score's
 INT8_MAX_ACCURACY_DROP = 0.01  # 1 point
+# INT8 moves the features, so images near the rejection threshold change sides; past this share
+# of the check images the export is kept with a warning (a few dozen check images decide it).
+INT8_KNOWN_FLIPS_WARNING = 0.05
 _BATCH = 64
-
-Model = Callable[[torch.Tensor], torch.Tensor]
 
 
 class ParityError(ExportError):
@@ -36,24 +37,34 @@ class CheckImages:
         return len(self.labels)
 
 
-def parity_figures(reference: nn.Module, exported: Model, images: CheckImages) -> dict[str, Any]:
+def parity_figures(reference: nn.Module, exported: Any, images: CheckImages) -> dict[str, Any]:
     """Checkpoint and exported model side by side: the largest |softmax difference| over every
-    image and class, the fraction of images whose top-1 class agrees, and both accuracies."""
+    image and class, the fraction of images whose top-1 class agrees, and both accuracies; for a
+    model with a rejection rule also the largest |score difference| and the fraction of images
+    known on one side only."""
+    rule = getattr(reference, "postprocessing", None)
+    rule = rule.rejection if rule is not None else None
     with torch.inference_mode():
-        expected = _logits(reference, images.reference).softmax(1)
-        got = _logits(exported, images.exported).float().softmax(1)
+        expected, expected_score = _outputs(reference, images.reference, rule is not None)
+        got, got_score = _outputs(exported, images.exported, rule is not None)
+    expected, got = expected.softmax(1), got.float().softmax(1)
     top1, top1_exported = expected.argmax(1), got.argmax(1)
-    return {
+    figures = {
         "images": len(images),
         "max_softmax_diff": float((expected - got).abs().max()),
         "top1_agreement": float((top1 == top1_exported).float().mean()),
         "accuracy_checkpoint": float((top1 == images.labels).float().mean()),
         "accuracy_exported": float((top1_exported == images.labels).float().mean()),
     }
+    if rule is not None:
+        flips = rule.known(expected_score) != rule.known(got_score.float())
+        figures["max_score_diff"] = float((expected_score - got_score.float()).abs().max())
+        figures["known_flips"] = float(flips.float().mean())
+    return figures
 
 
 def check_parity(
-    reference: nn.Module, exported: Model, images: CheckImages, quantized: bool
+    reference: nn.Module, exported: Any, images: CheckImages, quantized: bool
 ) -> dict[str, Any]:
     """The figures, or a ParityError. fp32 must match within FP32_MAX_SOFTMAX_DIFF with the
     same top-1 on every image; INT8 approximates by design, so it may only lose accuracy up to
@@ -74,6 +85,13 @@ def check_parity(
                 "it was not written. Calibrate on more images (calibration_images=) or export "
                 "fp32 (format=onnx)"
             )
+    elif figures.get("max_score_diff", 0.0) > FP32_MAX_SCORE_DIFF:
+        raise ParityError(
+            f"the exported model's rejection score differs from its checkpoint's by up to "
+            f"{figures['max_score_diff']:.3g} on {n} check images (at most "
+            f"{FP32_MAX_SCORE_DIFF:g} allowed), so it was not written. The exporter changed "
+            "what the model computes: report it with the checkpoint, or try another format"
+        )
     elif figures["max_softmax_diff"] > FP32_MAX_SOFTMAX_DIFF or agree != n:
         raise ParityError(
             f"the exported model disagrees with its checkpoint on {n} check images: max "
@@ -85,5 +103,23 @@ def check_parity(
     return figures
 
 
-def _logits(model: Model, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(batch) for batch in images.split(_BATCH)])
+def _outputs(model: Any, images: torch.Tensor, scored: bool) -> tuple[torch.Tensor, Any]:
+    """Logits, and with `scored` the rejection scores (else None), batch by batch."""
+    if not scored:
+        return torch.cat([model(batch) for batch in images.split(_BATCH)]), None
+    logits, scores = zip(*(model.scored(batch) for batch in images.split(_BATCH)), strict=True)
+    return torch.cat(logits), torch.cat(scores)
+
+
+def rule_warning(figures: dict[str, Any]) -> str | None:
+    """The warning for an INT8 model whose rejection rule decides too many check images
+    otherwise than its checkpoint's (see INT8_KNOWN_FLIPS_WARNING), None where it does not."""
+    flips = figures.get("known_flips", 0.0)
+    if flips <= INT8_KNOWN_FLIPS_WARNING:
+        return None
+    return (
+        f"the INT8 model's rejection rule decides {100 * flips:.1f}% of {figures['images']} "
+        f"check images otherwise than the checkpoint's (more than "
+        f"{100 * INT8_KNOWN_FLIPS_WARNING:g}%): its known column will differ near the "
+        "threshold. Export fp32 (format=onnx) where that matters"
+    )

@@ -22,7 +22,7 @@ from thaw.errors import UserError
 from thaw.inference.metadata import UINT8_INPUT
 from thaw.inference.onnx_model import OnnxModel
 from thaw.models import ImageClassifier, load_trained
-from thaw.postprocess import Postprocessing
+from thaw.postprocess import Postprocessing, Rejection
 from thaw.preprocess import Preprocessing
 
 TTA_MODES = ("none", "flip", "flip_crop")
@@ -132,20 +132,44 @@ class Predictor:
             image = load_image(Path(image), self.decode_size)
         return [member.transform(image) for member in self.members]
 
+    @property
+    def rejection(self) -> Rejection | None:
+        """The rule that says "none of these": a single model's, where it has one (an
+        ensemble's members each have their own score scale, so an ensemble has none)."""
+        return self.members[0].postprocessing.rejection if len(self.members) == 1 else None
+
     def probabilities(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
         """Class probabilities (N, classes) of decoded images or image files."""
         return self.batch_probabilities(stack_inputs([self.prepare(image) for image in images]))
 
-    @torch.inference_mode()
     def batch_probabilities(self, batches: Sequence[torch.Tensor]) -> torch.Tensor:
         """Class probabilities (N, classes) on the CPU from one preprocessed batch per member."""
-        softmaxes = []
+        return self._run(batches, scored=False)[0]
+
+    def batch_answers(
+        self, batches: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Class probabilities (N, classes) and the rejection rule's scores (N,) on the CPU,
+        averaged over the test-time views (None without a rule: see `rejection`)."""
+        return self._run(batches, scored=self.rejection is not None)
+
+    @torch.inference_mode()
+    def _run(
+        self, batches: Sequence[torch.Tensor], scored: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        softmaxes, scores = [], None
         for member, batch in zip(self.members, batches, strict=True):
-            views = tta_views(batch.to(self.device), self.tta, member.black.to(self.device))
-            logits = member.model(torch.cat(views)).float()
-            softmax = member.postprocessing.probabilities(logits)
-            softmaxes.append(softmax.view(len(views), len(batch), -1).mean(dim=0))
-        return torch.stack(softmaxes).mean(dim=0).cpu()
+            views = torch.cat(
+                tta_views(batch.to(self.device), self.tta, member.black.to(self.device))
+            )
+            if scored:
+                logits, score = member.model.scored(views)  # type: ignore[attr-defined]
+                scores = score.float().view(-1, len(batch)).mean(dim=0).cpu()
+            else:
+                logits = member.model(views)
+            softmax = member.postprocessing.probabilities(logits.float())
+            softmaxes.append(softmax.view(-1, len(batch), softmax.shape[-1]).mean(dim=0))
+        return torch.stack(softmaxes).mean(dim=0).cpu(), scores
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
         """The `k` most likely (class, probability) pairs of each row, most likely first (k is
@@ -184,11 +208,13 @@ def tta_views(batch: torch.Tensor, tta: str, black: torch.Tensor) -> list[torch.
 
 @dataclass(frozen=True)
 class FileResult:
-    """One file's probabilities (classes,), or the error that kept it from being read."""
+    """One file's probabilities (classes,) and rejection score (None without a rule), or the
+    error that kept it from being read."""
 
     path: Path
     probabilities: torch.Tensor | None
     error: str | None = None
+    score: float | None = None
 
 
 def predict_files(
@@ -207,22 +233,35 @@ def predict_files(
     for start in range(0, len(paths), batch_size):
         chunk = [(path, next(prepared)) for path in paths[start : start + batch_size]]
         good = [inputs for _, inputs in chunk if not isinstance(inputs, str)]
-        probabilities = iter(predictor.batch_probabilities(stack_inputs(good)) if good else [])
+        probabilities, scores = predictor.batch_answers(stack_inputs(good)) if good else ([], None)
+        row_scores = scores.tolist() if scores is not None else [None] * len(good)
+        answers = iter(zip(probabilities, row_scores, strict=True))
         for path, inputs in chunk:
             if isinstance(inputs, str):
                 yield FileResult(path, None, inputs)
             else:
-                yield FileResult(path, next(probabilities))
+                row_probabilities, score = next(answers)
+                yield FileResult(path, row_probabilities, score=score)
 
 
-def prediction_row(result: FileResult, predictor: Predictor, top_k: int) -> dict[str, Any]:
-    """path, label, prob, top1_label, top1_prob, ..., error: None where there is no value."""
+def prediction_row(
+    result: FileResult, predictor: Predictor, top_k: int, reject: bool = False
+) -> dict[str, Any]:
+    """path, label, prob, [score, known,] top1_label, top1_prob, ..., error: None where there is
+    no value. `score` and `known` come with a rejection rule; with `reject`, a row that is not
+    known is labelled as the rule says (its top-k keep the classes)."""
     k = min(top_k, len(predictor.classes))
     probabilities = result.probabilities
     ranked: list[tuple[Any, Any]] = [(None, None)] * k  # an error row: empty cells
     if probabilities is not None:
         ranked = predictor.top_k(probabilities[None], k)[0]
     row = {"path": str(result.path), "label": ranked[0][0], "prob": ranked[0][1]}
+    rule = predictor.rejection
+    if rule is not None:
+        known = None if result.score is None else result.score >= rule.threshold
+        row["score"], row["known"] = result.score, known
+        if reject and known is False:
+            row["label"] = rule.label
     for i, (label, prob) in enumerate(ranked, start=1):
         row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
     row["error"] = result.error

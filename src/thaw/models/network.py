@@ -17,7 +17,8 @@ from torch import nn
 from thaw.errors import UserError
 from thaw.models.backbones import HEAD, Backbone
 from thaw.models.layer_groups import LayerGroup, build_layer_groups, single_group
-from thaw.postprocess import Postprocessing
+from thaw.openset.scores import OpenSetScore
+from thaw.postprocess import Postprocessing, Rejection
 from thaw.preprocess import Preprocessing
 
 
@@ -52,7 +53,12 @@ class ImageClassifier(nn.Module):
         )
         self.classes = list(classes)
         self.preprocessing = preprocessing
+        self.feature_dim = backbone.feature_dim
         self.postprocessing = postprocessing
+        # The score of the rejection rule, with what it needs as buffers (None without a rule).
+        self.rejection: OpenSetScore | None = None
+        if postprocessing.rejection is not None:
+            self.rejection = self.new_score(postprocessing.rejection)
         self.config = config  # the composed config of the run that trained it
         self.channels_last = channels_last
         if channels_last:
@@ -62,6 +68,19 @@ class ImageClassifier(nn.Module):
         """Logits of images (B, C, H, W), or of backbone features (B, D) that a FeatureCache
         computed once while the backbone was frozen."""
         return self.head(inputs if inputs.ndim == 2 else self.features(inputs))
+
+    def scored(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, classes) and the rejection rule's score (B,) of images, from one pass
+        through the backbone; the model must have a rule."""
+        if self.rejection is None:
+            raise ValueError("this model has no rejection rule to score with")
+        features = self.features(images)
+        logits = self.head(features)
+        return logits, self.rejection(features, logits, self.postprocessing.temperature)
+
+    def new_score(self, rule: Rejection) -> OpenSetScore:
+        """An empty score module for `rule`, shaped for this model, to fit or to load."""
+        return OpenSetScore(rule.score, self.feature_dim, len(self.classes), rule.bank_size, rule.k)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's pooled features (B, D)."""

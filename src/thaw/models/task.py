@@ -12,7 +12,7 @@ import torch
 from torchmetrics import ConfusionMatrix, MaxMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from thaw.checkpoint import FORMAT, RUN_KEY, upgrade
+from thaw.checkpoint import FORMAT, REJECTION_PREFIX, RUN_KEY, upgrade
 from thaw.errors import UserError
 from thaw.models.loss import ClassificationLoss
 from thaw.models.network import ImageClassifier
@@ -196,5 +196,11 @@ class ClassificationTask(pl.LightningModule):
         checkpoint[RUN_KEY] = {**self.model.record(), "format": FORMAT}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resuming from a checkpoint of an older thaw: its weights in today's layout first."""
+        """Resuming from a checkpoint of an older thaw: its weights in today's layout first.
+        A rejection rule's buffers (in a best.ckpt) are left out where the model has no rule,
+        as one being trained has not: it is fitted again after fitting."""
         upgrade(checkpoint)
+        state = checkpoint.get("state_dict", {})
+        if self.model.rejection is None:
+            for name in [k for k in state if k.startswith(REJECTION_PREFIX)]:
+                del state[name]
