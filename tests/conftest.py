@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,19 @@ TINY = [
     "trainer.accelerator=cpu",
     "report=false",  # the report has its own tests, on `folder_run`'s
     *SILENT,
+]
+
+# Learning from random init on a few hundred real photos in three epochs: the recipe of the
+# tests that train on real Fashion-MNIST.
+REAL_RECIPE = [
+    "data.batch_size=32",
+    "data.eval_batch_size=500",
+    "augment=none",
+    "finetune=full",
+    "finetune.backbone_lr_ratio=1.0",
+    "scheduler=onecycle",
+    "optimizer.lr=3e-3",
+    "trainer.max_epochs=3",
 ]
 
 # What a classifier built in a test saw in training: 28 px RGB, ImageNet statistics.
@@ -176,3 +190,20 @@ def run_cli(
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )
+
+
+def run_cli_batch(commands: dict[str, dict], folder: Path) -> dict[str, dict]:
+    """Many command lines through thaw's CLI in one process (tests/cli_batch.py), each
+    {"script", "args"[, "task"]} by name; each one's answer (exit status, stderr) by name."""
+    given, taken = folder / "commands.json", folder / "answers.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    given.write_text(json.dumps(commands))
+    batch = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "cli_batch.py"), str(given), str(taken)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    return json.loads(taken.read_text())

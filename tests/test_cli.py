@@ -9,7 +9,6 @@ fixture; each has its own test that reads its result."""
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import re
@@ -27,7 +26,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from conftest import REPO, TINY, offline_fmnist, run_cli
+from conftest import REPO, TINY, offline_fmnist, run_cli, run_cli_batch
 from data_formats import closed_port_url, write_image_folder, write_truncated_jpeg
 from thaw import cli
 from thaw.cli import describe, is_user_error
@@ -216,18 +215,8 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, SimpleNamesp
             }
             for n in names
         }
-        given, taken = files["runs"] / "commands.json", files["runs"] / "answers.json"
-        given.parent.mkdir(parents=True, exist_ok=True)
-        given.write_text(json.dumps(commands))
-        batch = subprocess.run(
-            [sys.executable, str(REPO / "tests" / "cli_batch.py"), str(given), str(taken)],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        assert batch.returncode == 0, batch.stderr[-3000:]
-        return {n: SimpleNamespace(**a) for n, a in json.loads(taken.read_text()).items()}
+        answers = run_cli_batch(commands, files["runs"])
+        return {n: SimpleNamespace(**a) for n, a in answers.items()}
 
     own = [n for n in table if n in OWN_PROCESS or table[n].env]
     with ThreadPoolExecutor(max_workers=2) as pool:  # the shared process beside the others

@@ -9,10 +9,6 @@ after loading the model would answer with that. All commands share one process
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import REPO, TINY, offline_fmnist
+from conftest import REPO, TINY, offline_fmnist, run_cli_batch
 from thaw import checks
 from thaw.config import compose_config
 from thaw.errors import UserError
@@ -144,17 +140,7 @@ def answers(tmp: Path) -> dict[str, dict]:
         name: {"script": c.script, "args": [*c.args, f"hydra.run.dir={run_dir(tmp, name)}"]}
         for name, c in cases(tmp).items()
     }
-    given, taken = tmp / "commands.json", tmp / "answers.json"
-    given.write_text(json.dumps(commands))
-    batch = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "cli_batch.py"), str(given), str(taken)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert batch.returncode == 0, batch.stderr[-3000:]
-    return json.loads(taken.read_text())
+    return run_cli_batch(commands, tmp)
 
 
 @pytest.mark.parametrize("name", list(cases(Path("/tmp"))))

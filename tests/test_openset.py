@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REAL_FMNIST, TINY
+from conftest import REAL_FMNIST, REAL_RECIPE, TINY
 from thaw.build import build_datamodule, build_strategy, build_task
 from thaw.checkpoint import DIGEST_KEY, REJECTION_PREFIX
 from thaw.config import compose_config
@@ -48,14 +48,7 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         f"data.classes=[{','.join(KNOWN)}]",
         "data.samples_per_class=300",
         "data.val_fraction=0.2",
-        "data.batch_size=32",
-        "data.eval_batch_size=500",
-        "augment=none",
-        "finetune=full",
-        "finetune.backbone_lr_ratio=1.0",
-        "scheduler=onecycle",
-        "optimizer.lr=3e-3",
-        "trainer.max_epochs=3",
+        *REAL_RECIPE,
     ]
     run(compose_config("train", overrides, root / "run"))
     return root / "run"

@@ -21,7 +21,7 @@ from pytorch_lightning.utilities.model_summary import ModelSummary
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from classifiers import classifier, task
-from conftest import PREPROCESSING, REAL_FMNIST, TINY, offline_fmnist
+from conftest import PREPROCESSING, REAL_FMNIST, REAL_RECIPE, TINY, offline_fmnist
 from data_formats import closed_port_url
 from thaw.analysis.evaluation_report import model_size
 from thaw.build import build_datamodule, build_strategy, build_trainer
@@ -216,14 +216,7 @@ def test_learns_real_fashion_mnist(train_config, tmp_path):
         "data.source.download=false",
         f"data.source.system_dir={REAL_FMNIST}",
         "data.samples_per_class=150",
-        "data.batch_size=32",
-        "data.eval_batch_size=500",
-        "augment=none",
-        "finetune=full",
-        "finetune.backbone_lr_ratio=1.0",
-        "scheduler=onecycle",
-        "optimizer.lr=3e-3",
-        "trainer.max_epochs=3",
+        *REAL_RECIPE,
         "+trainer.limit_val_batches=1",
         "+trainer.limit_test_batches=2",
     )
