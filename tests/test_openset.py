@@ -255,7 +255,7 @@ def test_an_extended_run_reports_the_old_classes_before_and_after(real_run, tmp_
         )
     )
     assert metrics["test/acc_old_classes_before"] > 0.9  # the trained model on its own classes
-    assert 0 <= metrics["test/acc_old_classes"] <= 1
+    assert metrics["test/acc_old_classes"] > 0.8  # kept, with Sandal learnt beside them
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["test/acc_old_classes_before"] == metrics["test/acc_old_classes_before"]
 
