@@ -1,17 +1,20 @@
 """serve.py on a model trained on real photos, over a real loopback port: answers equal to
 predict's, batches with a bad file, every kind of bad input refused without harm to the server,
-the API key, concurrency, /info and /metrics, ONNX, several workers, and the page in chromium."""
+the API key, concurrency, /info and /metrics, ONNX, several workers, the rejection rule's score,
+known and label, and the page in chromium."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -23,14 +26,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import FOLDER_CLASSES, run_cli
 from data_formats import write_truncated_jpeg
 from serving import loopback_server
 from thaw.analysis.gradcam import explain
-from thaw.checkpoint import file_identity
+from thaw.checkpoint import DIGEST_KEY, REJECTION_PREFIX, file_identity, update_run_record
 from thaw.config import compose_config
+from thaw.errors import UserError
 from thaw.export import export_model
 from thaw.models import load_trained
 from thaw.predict import predict
@@ -56,31 +61,55 @@ def test_images(photo_folder: Path) -> list[Path]:
     return sorted((photo_folder / "test").rglob("*.png"))
 
 
+def predict_rows(ckpt: Path, inputs: Path, out: Path, *overrides: str) -> dict[str, dict]:
+    """predict.py's row (its JSON) for each image, by `key`."""
+    cfg = compose_config(
+        "predict",
+        ["device=cpu", f"ckpt_path={ckpt}", f"inputs={inputs}", "out=p.json", *overrides],
+        out,
+    )
+    return {key(Path(row["path"])): row for row in json.loads(predict(cfg).read_text())}
+
+
 @pytest.fixture(scope="module")
 def predicted(ckpt: Path, test_images: list[Path], tmp_path_factory) -> dict[str, dict]:
-    """predict.py's answer for each test image, by `key`: {class: probability}."""
-    out = tmp_path_factory.mktemp("predict")
-    rows = json.loads(
-        predict(
-            compose_config(
-                "predict",
-                ["device=cpu", f"ckpt_path={ckpt}", f"inputs={test_images[0].parents[1]}"]
-                + ["out=predictions.json"],
-                out,
-            )
-        ).read_text()
-    )
-    k = len(FOLDER_CLASSES)
-    return {
-        key(Path(row["path"])): {row[f"top{i}_label"]: row[f"top{i}_prob"] for i in range(1, k + 1)}
-        for row in rows
-    }
+    """predict.py's row for each test image, by `key`: folder_run's model has a rejection rule,
+    so each has its score and known."""
+    return predict_rows(ckpt, test_images[0].parents[1], tmp_path_factory.mktemp("predict"))
 
 
 @pytest.fixture(scope="module")
 def url(ckpt: Path, tmp_path_factory) -> str:
     app = build_app(serve_config(tmp_path_factory.mktemp("serve"), f"ckpt_path={ckpt}"))
     with loopback_server(app) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def doubtful(ckpt: Path, predicted: dict[str, dict], tmp_path_factory) -> Path:
+    """folder_run's checkpoint with its rule's threshold raised to the median score of the test
+    images: half of them are not known."""
+    path = tmp_path_factory.mktemp("doubtful") / "best.ckpt"
+    shutil.copy(ckpt, path)
+    postprocessing = load_trained(ckpt).postprocessing
+    threshold = statistics.median(row["score"] for row in predicted.values())
+    rule = dataclasses.replace(postprocessing.rejection, threshold=threshold)
+    raised = dataclasses.replace(postprocessing, rejection=rule)
+    update_run_record(path, postprocessing=raised.to_dict())  # its weights digest re-stamped
+    return path
+
+
+@pytest.fixture(scope="module")
+def rejected(doubtful: Path, test_images: list[Path], tmp_path_factory) -> dict[str, dict]:
+    """predict.py's rows for the test images with `doubtful` and reject=true."""
+    out = tmp_path_factory.mktemp("rejected")
+    return predict_rows(doubtful, test_images[0].parents[1], out, "reject=true")
+
+
+@pytest.fixture(scope="module")
+def rejecting_url(doubtful: Path, tmp_path_factory) -> str:
+    cfg = serve_config(tmp_path_factory.mktemp("rejecting"), f"ckpt_path={doubtful}", "reject=true")
+    with loopback_server(build_app(cfg)) as base:
         yield base
 
 
@@ -104,13 +133,29 @@ def as_probabilities(answer: dict) -> dict[str, float]:
     return {entry["label"]: entry["prob"] for entry in answer["top_k"]}
 
 
-def assert_same(answer: dict, expected: dict[str, float]) -> None:
-    got = as_probabilities(answer)
+def row_probabilities(row: dict) -> dict[str, float]:
+    """{class: probability} of a predict row."""
+    k = len(FOLDER_CLASSES)
+    return {row[f"top{i}_label"]: row[f"top{i}_prob"] for i in range(1, k + 1)}
+
+
+def assert_same(answer: dict, row: dict) -> None:
+    """A served answer is predict's `row`: the probabilities to 1e-5, the label, and the score
+    and known where the model has a rejection rule, absent where it has none. The score is held
+    to 1e-4, as the ONNX graph's is: the batch an image is in moves it in float32 (by up to 2e-5
+    here, the same between predict's batch_size=1 and its 64), its Mahalanobis distance
+    amplifying the features' rounding."""
+    got, expected = as_probabilities(answer), row_probabilities(row)
     assert set(got) == set(expected)
     for label, prob in expected.items():
         assert got[label] == pytest.approx(prob, abs=1e-5), label
-    assert answer["label"] == max(expected, key=expected.get)
-    assert answer["prob"] == got[answer["label"]]
+    assert answer["top_k"][0]["label"] == row["top1_label"] and answer["label"] == row["label"]
+    assert answer["prob"] == answer["top_k"][0]["prob"]
+    if "score" in row:
+        assert answer["score"] == pytest.approx(row["score"], abs=1e-4)
+        assert answer["known"] is row["known"]
+    else:
+        assert "score" not in answer and "known" not in answer
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -314,7 +359,6 @@ def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
             )
         ).read_text()
     )
-    expected = {rows[0][f"top{i}_label"]: rows[0][f"top{i}_prob"] for i in (1, 2, 3)}
     records = json.loads((tmp_path / "export.json").read_text())
     records["model.onnx"]["images_from"] = str(tmp_path / "photos")  # as after images=<folder>
     (tmp_path / "export.json").write_text(json.dumps(records))
@@ -330,7 +374,7 @@ def test_an_exported_model_serves_its_parity_figures_and_predicts_answers(
         record = {**records["model.onnx"], "images_from": "photos"}
         assert info["export"] == record and info["export"]["top1_agreement"] == 1.0
         response = client.post("/predict", content=test_images[0].read_bytes())
-        assert_same(response.json(), expected)
+        assert_same(response.json(), rows[0])  # the graph's score and known too
         refused = client.post("/predict", params={"explain": "true"}, content=b"x")
         assert refused.status_code == 400 and "checkpoint" in refused.json()["detail"]
         assert info["explain"] is False
@@ -473,8 +517,52 @@ def test_a_missing_model_is_one_line_and_exit_2(tmp_path):
     )
 
 
+def test_with_reject_an_image_not_known_gets_the_rules_label_as_from_predict(
+    rejecting_url, doubtful, test_images, rejected
+):
+    files = [("files", (path.name, path.read_bytes())) for path in test_images]
+    response = httpx.post(f"{rejecting_url}/predict/batch", files=files, timeout=120)
+    assert response.status_code == 200, response.text
+    answers = response.json()
+    for path, answer in zip(test_images, answers, strict=True):
+        assert_same(answer, rejected[key(path)])  # score, known and label
+        top = answer["top_k"][0]["label"]
+        assert answer["label"] == (top if answer["known"] else "unknown")
+    assert [a["known"] for a in answers].count(False) == len(test_images) // 2
+    info = httpx.get(f"{rejecting_url}/info").json()
+    rule = load_trained(doubtful).postprocessing.rejection
+    assert info["reject"] is True and info["rejection"] == dataclasses.asdict(rule)
+
+
+def test_reject_on_a_model_without_a_rule_is_exit_2_with_predicts_advice(
+    ckpt, test_images, tmp_path
+):
+    old = tmp_path / "old.ckpt"  # as thaw wrote checkpoints before the rejection rule
+    checkpoint = torch.load(ckpt, weights_only=True)
+    del checkpoint["thaw"]["postprocessing"]["rejection"], checkpoint["thaw"][DIGEST_KEY]
+    for name in [k for k in checkpoint["state_dict"] if k.startswith(REJECTION_PREFIX)]:
+        del checkpoint["state_dict"][name]
+    torch.save(checkpoint, old)
+    args = [f"ckpt_path={old}", "reject=true", "device=cpu", f"port={free_port()}"]
+    answer = run_cli("serve", args, tmp_path / "run")
+    assert answer.returncode == 2, answer.stderr
+    assert (
+        answer.stderr.strip()
+        .splitlines()[0]
+        .startswith(f"Error: reject=true: {old} has no rejection rule")
+    )
+    assert "python fit_reject.py ckpt_path=<its checkpoint>" in answer.stderr
+    with pytest.raises(UserError, match="reject=true: an ensemble has no rejection rule"):
+        build_app(serve_config(tmp_path / "both", f"ckpt_path=[{ckpt},{ckpt}]", "reject=true"))
+
+    row = predict_rows(old, test_images[0], tmp_path / "predict")[key(test_images[0])]
+    with loopback_server(build_app(serve_config(tmp_path / "serve", f"ckpt_path={old}"))) as base:
+        assert_same(httpx.post(f"{base}/predict", content=test_images[0].read_bytes()).json(), row)
+        assert httpx.get(f"{base}/info").json()["rejection"] is None
+
+
 def test_the_page_shows_one_state_at_a_time_an_answer_or_an_error(
-    url, test_images, predicted, tmp_path
+    rejecting_url, test_images, rejected, tmp_path
 ):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -491,19 +579,21 @@ def test_the_page_shows_one_state_at_a_time_an_answer_or_an_error(
 
     def shown() -> set[str]:
         """The page's parts a user sees."""
-        parts = ("status", "error", "result", "preview", "overlay", "bars")
+        parts = ("status", "error", "result", "preview", "overlay", "bars", "verdict")
         return {part for part in parts if driver.find_element(By.ID, part).is_displayed()}
 
+    known = [p for p in test_images if rejected[key(p)]["known"]]
+    not_known = [p for p in test_images if not rejected[key(p)]["known"]]
     try:
-        driver.get(url)
+        driver.get(rejecting_url)
         wait = WebDriverWait(driver, 30)
         wait.until(lambda d: "resnet18" in d.find_element(By.ID, "model").text)
         assert shown() == set()  # empty: no answer, no error, no image (a broken one least)
         upload = driver.find_element(By.ID, "file")
-        image = test_images[0]
+        image = known[0]
         upload.send_keys(str(image))
         top = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar .label"))
-        expected = predicted[key(image)]
+        expected = row_probabilities(rejected[key(image)])
         assert top[0].text == max(expected, key=expected.get)
         assert [e.text for e in top] == sorted(expected, key=expected.get, reverse=True)
         overlay = driver.find_element(By.ID, "overlay")  # Grad-CAM of the top label
@@ -520,9 +610,13 @@ def test_the_page_shows_one_state_at_a_time_an_answer_or_an_error(
         assert shown() == {"error"}  # the previous answer is gone with it
         assert driver.find_elements(By.CSS_SELECTOR, "#bars .bar") == []
 
-        upload.send_keys(str(test_images[1]))
+        upload.send_keys(str(not_known[0]))  # the bars are still the nearest classes
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bars .bar"))
         wait.until(lambda d: "overlay" in shown())
-        assert shown() == {"result", "preview", "overlay", "bars"} and error.text == ""
+        assert shown() == {"result", "preview", "overlay", "bars", "verdict"} and error.text == ""
+        assert "not one of the known classes" in driver.find_element(By.ID, "verdict").text
+
+        upload.send_keys(str(known[1]))  # the verdict goes with the answer it was about
+        wait.until(lambda d: shown() == {"result", "preview", "overlay", "bars"})
     finally:
         driver.quit()

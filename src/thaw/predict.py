@@ -20,6 +20,7 @@ from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
     Predictor,
     best_device,
+    check_rejection,
     checkpoint_paths,
     predict_files,
     prediction_row,
@@ -74,25 +75,6 @@ def setup(cfg: DictConfig) -> tuple[Predictor, list[Path], Path]:
         predictor = Predictor.from_checkpoints(ckpts, cfg.tta, best_device(cfg.device))
     check_rejection(predictor, cfg.reject, model_path or ckpts[0])
     return predictor, paths, out
-
-
-def check_rejection(predictor: Predictor, reject: bool, model: str) -> None:
-    """Say where there is no rejection rule (no score and known columns), and refuse
-    reject=true then, naming how to get one."""
-    if predictor.rejection is not None:
-        return
-    if len(predictor.members) > 1:
-        why = "an ensemble has no rejection rule (each member's score has its own scale)"
-        fix = "give one checkpoint"
-    else:
-        why = f"{model} has no rejection rule (it was trained before thaw fitted one)"
-        fix = (
-            "fit one without training: python fit_reject.py ckpt_path=<its checkpoint>, then "
-            "export it again where it is an exported file"
-        )
-    if reject:
-        raise UserError(f"reject=true: {why}. To reject, {fix}")
-    log.info("%s: no score and known columns. To add them, %s", why.capitalize(), fix)
 
 
 def run(cfg: DictConfig, predictor: Predictor, paths: list[Path], out: Path) -> Path:

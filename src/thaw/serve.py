@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from thaw import checks
 from thaw.errors import UserError
-from thaw.inference.predictor import TTA_MODES, best_device, checkpoint_paths
+from thaw.inference.predictor import TTA_MODES, best_device, check_rejection, checkpoint_paths
 from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.keys import api_key
 from thaw.serving.memory import give_back_large_blocks
@@ -52,6 +52,7 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
     if cfg.max_upload_mb == 0:
         raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
     checks.choice("tta", cfg.tta, TTA_MODES)
+    checks.flag("reject", cfg.reject)
     return ServeSettings(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=float(cfg.batch_timeout_ms),
@@ -62,6 +63,7 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         body_timeout_s=float(cfg.body_timeout_s),
         max_pending=cfg.max_pending,
         top_k=cfg.top_k,
+        reject=cfg.reject,
         api_key=api_key(cfg),
     )
 
@@ -87,11 +89,12 @@ def check_listening(host: Any, port: Any) -> None:
 
 
 def build_app(cfg: DictConfig) -> FastAPI:
-    """The app for `cfg`: the model loaded, the settings checked."""
+    """The app for `cfg`: the model loaded, the settings checked (reject=true on a model with
+    no rejection rule is refused as predict refuses it)."""
     settings = settings_from(cfg)
-    predictor, info = load_served(
-        checkpoint_paths(cfg.ckpt_path), cfg.model_path, best_device(cfg.device), cfg.tta
-    )
+    ckpt_paths = checkpoint_paths(cfg.ckpt_path)
+    predictor, info = load_served(ckpt_paths, cfg.model_path, best_device(cfg.device), cfg.tta)
+    check_rejection(predictor, settings.reject, cfg.model_path or ckpt_paths[0])
     return create_app(predictor, info, settings)
 
 

@@ -8,6 +8,7 @@ predict.py, eval.py and the server all use it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,6 +25,8 @@ from thaw.inference.onnx_model import OnnxModel
 from thaw.models import ImageClassifier, load_trained
 from thaw.postprocess import Postprocessing, Rejection
 from thaw.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "flip_crop")
 # The shift of flip_crop's corner crops, as a fraction of the side: augment=basic's crop_padding.
@@ -256,16 +259,43 @@ def prediction_row(
     if probabilities is not None:
         ranked = predictor.top_k(probabilities[None], k)[0]
     row = {"path": str(result.path), "label": ranked[0][0], "prob": ranked[0][1]}
-    rule = predictor.rejection
-    if rule is not None:
-        known = None if result.score is None else result.score >= rule.threshold
-        row["score"], row["known"] = result.score, known
-        if reject and known is False:
-            row["label"] = rule.label
+    row.update(judged(predictor.rejection, row["label"], result.score, reject))
     for i, (label, prob) in enumerate(ranked, start=1):
         row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
     row["error"] = result.error
     return row
+
+
+def judged(
+    rule: Rejection | None, label: str | None, score: float | None, reject: bool
+) -> dict[str, Any]:
+    """The answer's `label` and, with a rule, its `score` and `known` (None where there is no
+    score: a file not read); with `reject`, an image that is not known gets the rule's label.
+    predict's rows and the served answers both come from here, so their `known` agree."""
+    if rule is None:
+        return {"label": label}
+    known = None if score is None else score >= rule.threshold
+    rejected = reject and known is False
+    return {"label": rule.label if rejected else label, "score": score, "known": known}
+
+
+def check_rejection(predictor: Predictor, reject: bool, model: str) -> None:
+    """Say where there is no rejection rule (no score and known in the answers), and refuse
+    reject=true then, naming how to get one: predict and serve give the same advice."""
+    if predictor.rejection is not None:
+        return
+    if len(predictor.members) > 1:
+        why = "an ensemble has no rejection rule (each member's score has its own scale)"
+        fix = "give one checkpoint"
+    else:
+        why = f"{model} has no rejection rule (it was trained before thaw fitted one)"
+        fix = (
+            "fit one without training: python fit_reject.py ckpt_path=<its checkpoint>, then "
+            "export it again where it is an exported file"
+        )
+    if reject:
+        raise UserError(f"reject=true: {why}. To reject, {fix}")
+    log.info("%s: no score and known in the answers. To add them, %s", why.capitalize(), fix)
 
 
 def channels_last_on(device: torch.device | str) -> bool:

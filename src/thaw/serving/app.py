@@ -3,7 +3,8 @@
 Routes: `POST /predict` (one image, multipart field `file` or the raw body; `?explain=true` adds
 its Grad-CAM overlay, for a checkpoint), `POST /predict/batch` (several multipart files, one
 result or error each, in order), `GET /health`, `GET /info`, `GET /metrics` (JSON, or
-`?format=prometheus`) and the page at `/`. The routes live in routes.py, one app's state in
+`?format=prometheus`) and the page at `/`. A model with a rejection rule adds `score` and
+`known` to every answer (ServeState._answer). The routes live in routes.py, one app's state in
 state.py; this module puts them together.
 
 With an API key, every path but OPEN needs it, /openapi.json and paths that do not exist

@@ -91,6 +91,7 @@ async def model_info(request: Request) -> dict[str, Any]:
     return {
         **serve.info,
         "top_k": settings.top_k,
+        "reject": settings.reject,
         "max_batch_size": settings.max_batch_size,
         "max_upload_mb": settings.max_upload_mb,
         "auth": settings.api_key is not None,

@@ -3,11 +3,13 @@
 A checkpoint is loaded with `load_trained`, an exported file through its own metadata: the same
 Predictor and preprocessing as predict.py, so a served answer equals predict's. /info names the
 model's files by basename and SHA-256 (never a path: it is open) and adds the run's test metrics
-(its metrics.json) and, for an exported file, the parity figures its export.json recorded.
+(its metrics.json), its rejection rule (None: the answers have no score and known) and, for an
+exported file, the parity figures its export.json recorded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -46,13 +48,14 @@ def load_served(
         files = [file_identity(p) for p in ckpt_paths]
         model = {"name": name, "format": "checkpoint", "files": files}
         export, metrics_dir = None, run_dir(Path(ckpt_paths[0]))
-    preprocessing = predictor.members[0].preprocessing
+    preprocessing, rule = predictor.members[0].preprocessing, predictor.rejection
     metrics = read_record(metrics_dir / METRICS) if len(ckpt_paths) <= 1 else {}
     info = {
         "model": model,
         "classes": predictor.classes,
         "input_size": preprocessing.input_size,
         "preprocessing": preprocessing.to_dict(),
+        "rejection": dataclasses.asdict(rule) if rule is not None else None,
         "device": str(predictor.device),
         "tta": tta,
         "thaw_version": __version__,

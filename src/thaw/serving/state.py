@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from thaw.analysis import gradcam
 from thaw.analysis.html import data_uri, png_bytes
-from thaw.inference.predictor import Member, Predictor, stack_inputs
+from thaw.inference.predictor import Member, Predictor, judged, stack_inputs
 from thaw.serving.batcher import DynamicBatcher, Overloaded
 from thaw.serving.budget import BudgetExhausted, PixelBudget
 from thaw.serving.metrics import RequestMetrics
@@ -30,8 +30,8 @@ MB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ServeSettings:
-    """What bounds the server: batching, upload size, decoded pixels, queue length, and the
-    answer's top-k."""
+    """What bounds the server: batching, upload size, decoded pixels, queue length; and what
+    an answer holds: its top-k, and with `reject` the rule's label for an image not known."""
 
     max_batch_size: int = 32
     batch_timeout_ms: float = 5.0
@@ -42,6 +42,7 @@ class ServeSettings:
     body_timeout_s: float = 30.0
     max_pending: int = 256
     top_k: int = 5
+    reject: bool = False
     api_key: str | None = None
 
 
@@ -63,7 +64,7 @@ class ServeState:
         cls, predictor: Predictor, info: dict[str, Any], settings: ServeSettings
     ) -> ServeState:
         batcher = DynamicBatcher(
-            lambda inputs: list(predictor.batch_probabilities(stack_inputs(inputs))),
+            lambda inputs: _answers(predictor, inputs),
             settings.max_batch_size,
             settings.batch_timeout_ms / 1000,
             settings.max_pending,
@@ -106,7 +107,8 @@ class ServeState:
                     image, inputs = await run_in_threadpool(self._prepare, data, explain)
                 if image is not None:  # explain
                     answer = await self._classified(inputs)
-                    answer["explanation"] = await self._explanation(image, answer["label"])
+                    top = answer["top_k"][0]["label"]  # the label may be the rule's
+                    answer["explanation"] = await self._explanation(image, top)
                     return answer
         except BudgetExhausted as err:
             raise _busy(err) from None
@@ -114,10 +116,10 @@ class ServeState:
 
     async def _classified(self, inputs: list[torch.Tensor]) -> dict[str, Any]:
         try:
-            probabilities = await self.batcher.submit(inputs)
+            probabilities, score = await self.batcher.submit(inputs)
         except Overloaded as err:
             raise _busy(err) from None
-        return self._answer(probabilities)
+        return self._answer(probabilities, score)
 
     async def _explanation(self, image: Image.Image, label: str) -> str:
         """The Grad-CAM overlay of `label` on the model's view of `image`, as a PNG data URI."""
@@ -136,13 +138,22 @@ class ServeState:
         image = decode_upload(data, self.predictor.decode_size)
         return (image if keep_image else None), self.predictor.prepare(image)
 
-    def _answer(self, probabilities: torch.Tensor) -> dict[str, Any]:
+    def _answer(self, probabilities: torch.Tensor, score: float | None) -> dict[str, Any]:
+        """label, prob, [score, known,] top_k: as predict's row for the same image."""
         ranked = self.predictor.top_k(probabilities[None], self.settings.top_k)[0]
-        return {
-            "label": ranked[0][0],
-            "prob": ranked[0][1],
-            "top_k": [{"label": label, "prob": prob} for label, prob in ranked],
-        }
+        answer = {"label": ranked[0][0], "prob": ranked[0][1]}
+        answer.update(judged(self.predictor.rejection, ranked[0][0], score, self.settings.reject))
+        answer["top_k"] = [{"label": label, "prob": prob} for label, prob in ranked]
+        return answer
+
+
+def _answers(
+    predictor: Predictor, inputs: list[list[torch.Tensor]]
+) -> list[tuple[torch.Tensor, float | None]]:
+    """Each image's probabilities and rejection score (None without a rule), for one batch."""
+    probabilities, scores = predictor.batch_answers(stack_inputs(inputs))
+    row_scores = scores.tolist() if scores is not None else [None] * len(inputs)
+    return list(zip(probabilities, row_scores, strict=True))
 
 
 def _busy(err: Exception) -> HTTPException:
