@@ -216,3 +216,18 @@ def test_compare_runs_shows_the_metrics_the_runs_have(tmp_path):
     assert three.split()[3:] == ["0.8000", "-", "0.7900"]
     only_three = compare.table([tmp_path / "three"]).splitlines()[0]
     assert "test/acc_top5" not in only_three
+
+
+def test_bench_openset_tiny(tmp_path):
+    bench = load_script("bench_openset")
+    argv = ["--seeds", "0", "--per-class", "60", "--epochs", "2", "--out", str(tmp_path)]
+    (scored,), (extended,) = bench.main(argv)
+    assert list(scored) == ["msp", "energy", "mahalanobis", "knn k=1", "knn k=10"]
+    for figures in scored.values():
+        assert set(figures) == {"near AUROC", "near FPR95", "far AUROC", "far FPR95", "kept"} | {
+            "acc kept",
+            "acc all",
+        }
+    assert [row["epochs"] for row in extended.values()] == [2, 4]  # extending takes half
+    assert (tmp_path / "openset.md").read_text().count("\n| ") == 1 + len(scored)
+    assert "| extend (model.head=extend) |" in (tmp_path / "extend.md").read_text()

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from classifiers import classifier, task
 from conftest import PREPROCESSING
+from thaw.errors import UserError
 from thaw.finetune import (
     FreezeUnfreeze,
     Full,
@@ -234,6 +235,13 @@ def test_onecycle_peaks_at_each_groups_own_lr():
         opt.step()
         sched.step()
     assert peaks == pytest.approx([1.0, 0.1])
+
+
+def test_onecycle_over_too_few_steps_is_a_user_error_not_a_division_by_zero():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(UserError, match="of the run's 4 steps, less than 2"):
+        schedulers.onecycle(opt, total_steps=4, steps_per_epoch=2, pct_start=0.25)
+    schedulers.onecycle(opt, total_steps=5, steps_per_epoch=2, pct_start=0.25)["scheduler"].step()
 
 
 @pytest.mark.parametrize(
