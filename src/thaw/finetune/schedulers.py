@@ -104,14 +104,15 @@ def onecycle(
     pct_start: float = 0.25,
     group_factors: GroupFactors = None,
 ) -> dict[str, Any]:
-    """OneCycle with each group's own LR as its peak, so discriminative LRs are kept. Its
-    warm-up must span more than one step (torch's OneCycleLR divides by zero at exactly one)."""
+    """OneCycle with each group's own LR as its peak, so discriminative LRs are kept. A warm-up
+    of exactly one step is refused: torch's OneCycleLR divides by zero there."""
     _no_group_factors("onecycle", group_factors)
-    if pct_start * total_steps <= 1:
+    if pct_start * total_steps == 1:
         raise UserError(
             f"scheduler=onecycle warms up over scheduler.pct_start={pct_start} of the run's "
-            f"{total_steps} steps, less than 2: train for more steps (trainer.max_epochs, more "
-            "images or a smaller data.batch_size), or use scheduler=cosine"
+            f"{total_steps} steps, exactly one step, which torch's OneCycleLR cannot schedule: "
+            "change scheduler.pct_start or the run's length (trainer.max_epochs, the images or "
+            "data.batch_size), or use scheduler=cosine"
         )
     max_lr = [group["lr"] for group in optimizer.param_groups]
     scheduler = OneCycleLR(optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=pct_start)
