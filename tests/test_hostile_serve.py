@@ -25,7 +25,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, load_script, run_cli
-from serving import loopback_server
+from serving import loopback_server, stop
 from thaw.config import compose_config
 from thaw.errors import UserError
 from thaw.serve import build_app, check_listening
@@ -294,16 +294,6 @@ def start_serve(run_dir: Path, *args: str, env: dict[str, str] | None = None) ->
             time.sleep(0.2)
     stop(process)
     raise AssertionError(f"no /health after 300 s:\n{log.read_text()}")
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Ctrl-C, then (if it hangs) SIGKILL to its whole session."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def free_port() -> int:

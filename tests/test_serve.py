@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import socket
 import statistics
 import struct
@@ -31,7 +30,7 @@ from PIL import Image
 
 from conftest import FOLDER_CLASSES, run_cli
 from data_formats import write_truncated_jpeg
-from serving import loopback_server
+from serving import loopback_server, stop
 from thaw.analysis.gradcam import explain
 from thaw.checkpoint import DIGEST_KEY, REJECTION_PREFIX, file_identity, update_run_record
 from thaw.config import compose_config
@@ -498,12 +497,7 @@ def test_the_command_line_serves_with_two_workers_and_stops_cleanly(ckpt, test_i
             )
         assert all(r.status_code == 200 for r in responses)
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop(process)
     output = log.read_text()
     assert process.returncode == 0, output
     assert output.count("Application startup complete") == 2, output  # one per worker
