@@ -39,7 +39,8 @@ class ImageDataModule(pl.LightningDataModule):
     """Loads one source as the run's train/val/test sets and serves their loaders; `settings` is
     the data group (thaw.data.settings.DataSettings).
 
-    `setup` applies, in order: the `classes` filter (every split, labels renumbered in the order
+    `setup` applies, in order: data.exclude and data.relabel (thaw.data.corrections); the
+    `classes` filter (every split, labels renumbered in the order
     given); the check that every file of every split decodes (thaw.data.verify, cached for
     unchanged files), so a bad photo cannot stop a long run mid-epoch or after it: a bad file is
     an error naming it, or with `skip_bad_images` is dropped; the split plan
@@ -81,6 +82,8 @@ class ImageDataModule(pl.LightningDataModule):
         self.val_set: ImageSet | None = None
         self.test_set: ImageSet | None = None
         self.skipped_images: list[Path] = []
+        # What data.exclude and data.relabel touched: {"data/excluded": n, ...}.
+        self.corrected: dict[str, int] = {}
         self.mixer: BatchMix | None = None
 
     @property
@@ -136,16 +139,20 @@ class ImageDataModule(pl.LightningDataModule):
         source's own test set where it has one."""
         test = self.source.load_test() if self.test_only else None
         if test is not None:
+            (test,) = self._corrected(test=test).values()
             self.test_set = self._checked(test=self._filter(test))["test"]
             return
         loaded = self.source.load()
-        found = self._checked(
-            train=self._filter(loaded.train),
-            val=self._filter(loaded.val),
-            test=self._filter(loaded.test),
-        )
+        corrected = self._corrected(train=loaded.train, val=loaded.val, test=loaded.test)
+        found = self._checked(**{name: self._filter(s) for name, s in corrected.items()})
         planned = plan_splits(Splits(**found), self.settings.splits)  # type: ignore[arg-type]
         self.train_set, self.val_set, self.test_set = planned.train, planned.val, planned.test
+
+    def _corrected(self, **sets: ImageSet | None) -> dict[str, ImageSet | None]:
+        """The source's sets with data.exclude and data.relabel applied (counted in
+        `corrected`)."""
+        corrected, self.corrected = self.settings.corrections.apply(sets)
+        return corrected
 
     def _filter(self, imageset: ImageSet | None) -> ImageSet | None:
         """The `classes` filter (None stays None)."""
@@ -221,7 +228,7 @@ class ImageDataModule(pl.LightningDataModule):
             if images.images.device != torch.device(device):  # type: ignore[union-attr]
                 # Moved once and kept: the loaders of a split (fit, feature cache, test) share it.
                 images = ImageSet(
-                    images.images.to(device), images.labels.to(device), images.classes
+                    images.images.to(device), images.labels.to(device), images.classes, images.ids
                 )
                 setattr(self, f"{split}_set", images)
             images = self._sample(images, limit, labels)

@@ -7,11 +7,13 @@ naming its key, the value and what it must be.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from thaw import checks
+from thaw.data.corrections import Corrections
 from thaw.data.loader_choice import LOADERS
 from thaw.data.sources.base import Source
 from thaw.data.stats import NORMALIZE
@@ -67,6 +69,8 @@ class DataSettings:
     pin_memory: bool
     sampler: str
     loader: str
+    exclude: str | None
+    relabel: str | None
 
     def __post_init__(self) -> None:
         checks.integer("data.image_size", self.image_size, 1, nullable=True)
@@ -79,6 +83,12 @@ class DataSettings:
         checks.flag("data.pin_memory", self.pin_memory)
         checks.choice("data.sampler", self.sampler, SAMPLERS)
         checks.choice("data.loader", self.loader, LOADERS)
+        _ = self.corrections  # read now: a wrong file or column is said before any image is
+
+    @functools.cached_property
+    def corrections(self) -> Corrections:
+        """The review lists of data.exclude and data.relabel (see thaw.data.corrections)."""
+        return Corrections.read(self.exclude, self.relabel, self.root)
 
     @classmethod
     def of(cls, source: Source, **values: Any) -> DataSettings:

@@ -125,7 +125,7 @@ def select_classes(imageset: ImageSet, names: Sequence[str]) -> ImageSet:
     mapped = new_label[imageset.labels]
     idx = torch.nonzero(mapped >= 0).flatten()
     subset = imageset.subset(idx)
-    return ImageSet(subset.images, mapped[idx], names)
+    return ImageSet(subset.images, mapped[idx], names, subset.ids)
 
 
 def limit_per_class(imageset: ImageSet, n: int, seed: int) -> ImageSet:
@@ -183,4 +183,5 @@ def join(first: ImageSet, second: ImageSet) -> ImageSet:
         images: torch.Tensor | list = torch.cat([first.images, second.images])
     else:
         images = [*first.images, *second.images]
-    return ImageSet(images, torch.cat([first.labels, second.labels]), first.classes)
+    labels, ids = torch.cat([first.labels, second.labels]), torch.cat([first.ids, second.ids])
+    return ImageSet(images, labels, first.classes, ids)

@@ -16,16 +16,22 @@ from thaw.data.sources.download import archive_path, fetch_and_extract
 class ImageSet:
     """Labelled images: a uint8 tensor (N, C, H, W) held in memory, or a list of image files.
 
-    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB).
+    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `ids` name each image
+    by its position in the set the source returned (by default, this set): a file has its path,
+    but an in-memory image only that index, which every subset and filter carries along, so a
+    review list can name it (`data.exclude`, label_issues.csv's `index`).
     """
 
     images: torch.Tensor | list[Path]
     labels: torch.Tensor
     classes: list[str]
+    ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.ids is None:
+            object.__setattr__(self, "ids", torch.arange(len(self.labels)))
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -40,7 +46,7 @@ class ImageSet:
             images = self.images[indices]
         else:
             images = [self.images[i] for i in indices.tolist()]
-        return ImageSet(images, self.labels[indices], self.classes)
+        return ImageSet(images, self.labels[indices], self.classes, self.ids[indices.cpu()])
 
 
 @dataclass(frozen=True)
