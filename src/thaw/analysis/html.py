@@ -59,4 +59,9 @@ def _environment() -> jinja2.Environment:
 def render(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     """The page for `report` (report.json's content); `images` maps names used in the report
     (confusion, reliability, and one per example) to PNG bytes."""
-    return _environment().get_template("report.html.j2").render(report=report, images=images)
+    return render_page("report.html.j2", report=report, images=images)
+
+
+def render_page(template: str, **context: Any) -> str:
+    """One of the templates next to this module (report.html.j2, gallery.html.j2)."""
+    return _environment().get_template(template).render(**context)

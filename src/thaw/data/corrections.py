@@ -1,11 +1,12 @@
 """`data.exclude` and `data.relabel`: a review's decisions (label_issues.csv, or a person's own
-CSV) applied to the source's sets before anything else reads them, so a dropped file is not
-even decoded and a relabelled image has its new label in every split plan, fold and filter.
+CSV) applied to the run's planned sets, so they change exactly the images they name: the
+validation split, the folds and the few-shot draw stay those of the run without them (a fold
+run of label_issues.py and the run trained on its review split alike).
 
 A CSV names image files by `path` (relative paths are taken from `data.root`) and in-memory
-images by `index`: the position in the source's training pool, its training set followed by
-its own validation set, which is how label_issues.csv names them. Relabel lists also have a
-`label` column, a class name of the source.
+images by `index`: the image's position in the source's own sets, its training set, then its
+validation set, then its test set (see `number_images`), which is how label_issues.csv names
+them. Relabel lists also have a `label` column, a class name of the run.
 """
 
 from __future__ import annotations
@@ -101,17 +102,13 @@ class Corrections:
         )
 
     def apply(
-        self, sets: Mapping[str, ImageSet | None]
+        self, sets: Mapping[str, ImageSet | None], by_index: bool = True
     ) -> tuple[dict[str, ImageSet | None], dict[str, int]]:
-        """`sets` (by split: "train", "val", "test") without the excluded images and with the
-        relabelled ones' new labels, and the counts {"data/excluded": n, "data/relabelled": m}
-        of the lists that are set. Files are matched in every split; indices in the training
-        pool (train, then the source's own validation set), so the test set of an in-memory
-        source is never touched by one."""
+        """`sets` (by split name) without the excluded images and with the relabelled ones'
+        new labels, and the counts {"data/excluded": n, "data/relabelled": m} of the lists that
+        are set. `by_index` False (a test set read alone, whose indices are its own) matches
+        files only, and a list none of whose images is there is then no error."""
         sets = dict(sets)
-        train, val = sets.get("train"), sets.get("val")
-        if train is not None and val is not None and val.in_memory:
-            sets["val"] = ImageSet(val.images, val.labels, val.classes, val.ids + len(train))
         counts: dict[str, int] = {}
         for name, images in (("relabelled", self.relabel), ("excluded", self.exclude)):
             if images is None:
@@ -119,20 +116,35 @@ class Corrections:
             matched: set[Path | int] = set()
             for split, imageset in sets.items():
                 if imageset is not None:
-                    sets[split] = _corrected(imageset, images, split == "test", matched)
-            _check_matched(images, matched)
+                    sets[split] = _corrected(imageset, images, by_index, matched)
+            if by_index:
+                _check_matched(images, matched)
             counts[f"data/{name}"] = len(matched)
             log.info("%s: %s %d images", images.setting, name, len(matched))
         return sets, counts
 
 
+def number_images(train: ImageSet, val: ImageSet | None, test: ImageSet | None) -> dict:
+    """A source's sets with every image numbered by its position in all of them, training set
+    first, then validation, then test: the `index` a review list names an in-memory image by."""
+    sets, start = {}, 0
+    for name, imageset in (("train", train), ("val", val), ("test", test)):
+        if imageset is not None:
+            ids = torch.arange(start, start + len(imageset))
+            sets[name] = ImageSet(imageset.images, imageset.labels, imageset.classes, ids)
+            start += len(imageset)
+        else:
+            sets[name] = None
+    return sets
+
+
 def _corrected(
-    imageset: ImageSet, images: ImageList, is_test: bool, matched: set[Path | int]
+    imageset: ImageSet, images: ImageList, by_index: bool, matched: set[Path | int]
 ) -> ImageSet:
     """`imageset` with `images` dropped (no labels) or relabelled, adding what matched."""
     if imageset.in_memory:
-        keys: list[Path | int] = [] if is_test else imageset.ids.tolist()
-        wanted: Mapping[Path | int, str | None] = {} if is_test else images.indices  # type: ignore[assignment]
+        keys: list[Path | int] = imageset.ids.tolist() if by_index else []
+        wanted: Mapping[Path | int, str | None] = images.indices  # type: ignore[assignment]
     else:
         keys = [Path(p).resolve() for p in imageset.images]
         wanted = images.paths  # type: ignore[assignment]

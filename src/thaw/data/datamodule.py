@@ -16,6 +16,7 @@ from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.mixing import BatchMix
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.augment.per_image import build_train_transform
+from thaw.data.corrections import number_images
 from thaw.data.dataset import ImageDataset, readable_splits
 from thaw.data.loader_choice import LoaderChoice, choose_loader
 from thaw.data.resumable import (
@@ -39,12 +40,13 @@ class ImageDataModule(pl.LightningDataModule):
     """Loads one source as the run's train/val/test sets and serves their loaders; `settings` is
     the data group (thaw.data.settings.DataSettings).
 
-    `setup` applies, in order: data.exclude and data.relabel (thaw.data.corrections); the
-    `classes` filter (every split, labels renumbered in the order
+    `setup` applies, in order: the `classes` filter (every split, labels renumbered in the order
     given); the check that every file of every split decodes (thaw.data.verify, cached for
     unchanged files), so a bad photo cannot stop a long run mid-epoch or after it: a bad file is
     an error naming it, or with `skip_bad_images` is dropped; the split plan
-    (thaw.data.splits.plan_splits). Then it resolves the run's `preprocessing`
+    (thaw.data.splits.plan_splits); data.exclude and data.relabel (thaw.data.corrections), on
+    the planned sets, so they change only the images they name. Then it resolves the run's
+    `preprocessing`
     (see thaw.data.stats: `image_size`, and `mean`/`std`, the backbone's, or with
     `normalize="dataset"` the training split's) unless one is given, as a trained model's is,
     chooses the data path (thaw.data.loader_choice) and builds that path's transforms.
@@ -139,19 +141,24 @@ class ImageDataModule(pl.LightningDataModule):
         source's own test set where it has one."""
         test = self.source.load_test() if self.test_only else None
         if test is not None:
-            (test,) = self._corrected(test=test).values()
-            self.test_set = self._checked(test=self._filter(test))["test"]
+            test = self._checked(test=self._filter(test))["test"]
+            self.test_set = self._corrected({"test": test}, by_index=False)["test"]
             return
-        loaded = self.source.load()
-        corrected = self._corrected(train=loaded.train, val=loaded.val, test=loaded.test)
-        found = self._checked(**{name: self._filter(s) for name, s in corrected.items()})
+        source = self.source.load()
+        loaded = number_images(source.train, source.val, source.test)
+        found = self._checked(**{name: self._filter(s) for name, s in loaded.items()})
         planned = plan_splits(Splits(**found), self.settings.splits)  # type: ignore[arg-type]
-        self.train_set, self.val_set, self.test_set = planned.train, planned.val, planned.test
+        corrected = self._corrected(
+            {"train": planned.train, "val": planned.val, "test": planned.test}
+        )
+        self.train_set, self.val_set, self.test_set = corrected.values()
 
-    def _corrected(self, **sets: ImageSet | None) -> dict[str, ImageSet | None]:
-        """The source's sets with data.exclude and data.relabel applied (counted in
+    def _corrected(
+        self, sets: dict[str, ImageSet | None], by_index: bool = True
+    ) -> dict[str, ImageSet | None]:
+        """The planned sets with data.exclude and data.relabel applied (counted in
         `corrected`)."""
-        corrected, self.corrected = self.settings.corrections.apply(sets)
+        corrected, self.corrected = self.settings.corrections.apply(sets, by_index)
         return corrected
 
     def _filter(self, imageset: ImageSet | None) -> ImageSet | None:

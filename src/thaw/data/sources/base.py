@@ -16,10 +16,11 @@ from thaw.data.sources.download import archive_path, fetch_and_extract
 class ImageSet:
     """Labelled images: a uint8 tensor (N, C, H, W) held in memory, or a list of image files.
 
-    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `ids` name each image
-    by its position in the set the source returned (by default, this set): a file has its path,
-    but an in-memory image only that index, which every subset and filter carries along, so a
-    review list can name it (`data.exclude`, label_issues.csv's `index`).
+    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `ids` number the
+    images (by default 0..N-1; the DataModule numbers them across the source's sets, see
+    thaw.data.corrections.number_images): a file has its path, but an in-memory image only that
+    number, which every subset and filter carries along, so a review list can name it
+    (`data.exclude`, label_issues.csv's `index`).
     """
 
     images: torch.Tensor | list[Path]
