@@ -87,6 +87,11 @@ def fit_reject() -> None:
     run_app("fit_reject", "thaw.fit_reject:task")
 
 
+def label_issues() -> None:
+    """`python label_issues.py`, `thaw-label-issues`."""
+    run_app("label_issues", "thaw.label_issues:task")
+
+
 def serve() -> None:
     """`python serve.py`, `thaw-serve`."""
     run_app("serve", "thaw.serve:task")
