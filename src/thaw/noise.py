@@ -16,8 +16,10 @@ class _DropLightningTip(logging.Filter):
 
 
 def silence_known_noise() -> None:
-    """Drop the litlogger tip, and the deprecation torch (>= 2.10) raises for the `LeafSpec()`
-    that Lightning's own `_pytree` helper still builds for every dataloader. Idempotent."""
+    """Drop the litlogger tip, the deprecation torch (>= 2.10) raises for the `LeafSpec()`
+    that Lightning's own `_pytree` helper still builds for every dataloader, and Lightning's
+    question whether the training task's skip of a one-image batch was on purpose (it is: see
+    ClassificationTask.training_step). Idempotent."""
     logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropLightningTip) for f in logger.filters):
         logger.addFilter(_DropLightningTip())
@@ -25,4 +27,9 @@ def silence_known_noise() -> None:
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         module=r"pytorch_lightning\.utilities\._pytree",
+    )
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`training_step` returned `None`",
+        module=r"pytorch_lightning\.loops\.optimization\.automatic",
     )

@@ -111,7 +111,11 @@ class ClassificationTask(pl.LightningModule):
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
+        if len(batch[1]) == 1:
+            # An epoch of N % batch_size == 1 images ends on a batch of one, on which BatchNorm
+            # cannot train (small images pool to 1x1): skipped, so no optimizer step is taken.
+            return None
         loss, logits, labels = self._shared_step(batch)
         if self.distillation is not None:
             loss = self.distillation.loss(loss, logits, batch[0])
