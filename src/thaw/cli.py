@@ -92,6 +92,11 @@ def label_issues() -> None:
     run_app("label_issues", "thaw.label_issues:task")
 
 
+def acquire() -> None:
+    """`python acquire.py`, `thaw-acquire`."""
+    run_app("acquire", "thaw.acquire:task")
+
+
 def serve() -> None:
     """`python serve.py`, `thaw-serve`."""
     run_app("serve", "thaw.serve:task")
