@@ -231,3 +231,23 @@ def test_bench_openset_tiny(tmp_path):
     assert [row["epochs"] for row in extended.values()] == [2, 4]  # extending takes half
     assert (tmp_path / "openset.md").read_text().count("\n| ") == 1 + len(scored)
     assert "| extend (model.head=extend) |" in (tmp_path / "extend.md").read_text()
+
+
+def test_bench_active_tiny(tmp_path):
+    bench = load_script("bench_active")
+    argv = ["--seeds", "0", "--rounds", "1", "--start", "1", "--per-round", "5", "--pool", "50"]
+    argv += ["--test", "50", "--steps", "8", "--strategies", "kcenter", "--out", str(tmp_path)]
+    table = bench.main(argv)
+    assert table[0][:3] == ["strategy", "10", "15"]  # labels used: 1 per class, then +5
+    assert [row[0] for row in table[1:]] == ["random", "kcenter"]  # random: the baseline
+    assert table[1][-1] in ("10 (67%)", "15 (100%)")  # random reaches its own last accuracy
+    with open(tmp_path / "active.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["strategy"], r["labels"]) for r in rows] == [
+        ("random", "10"),
+        ("random", "15"),
+        ("kcenter", "10"),
+        ("kcenter", "15"),
+    ]
+    assert rows[0]["test_acc"] == rows[2]["test_acc"]  # round 0's model is shared
+    assert "Goal (random's accuracy at 15 labels" in (tmp_path / "active.md").read_text()
