@@ -21,6 +21,7 @@ from thaw.config import compose_config
 from thaw.data.sources.fashion_mnist import FashionMNIST
 from thaw.errors import UserError
 from thaw.inference.predictor import Predictor
+from thaw.label_issues import find_issues
 from thaw.models import load_trained
 from thaw.train import run
 
@@ -49,14 +50,11 @@ def noisy_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[P
     return root, flipped
 
 
-@pytest.fixture(scope="module")
-def review(noisy_folder: tuple[Path, dict[Path, str]], tmp_path_factory) -> Path:
-    """The run dir of `python label_issues.py` on the noisy folder."""
-    run_dir = tmp_path_factory.mktemp("review") / "run"
-    overrides = [
+def review_overrides(folder: Path) -> list[str]:
+    return [
         *TINY,
         "data=imagefolder",
-        f"data.root={noisy_folder[0]}",
+        f"data.root={folder}",
         "data.image_size=28",
         "logger=none",
         "++callbacks.batch_preview=null",
@@ -64,7 +62,13 @@ def review(noisy_folder: tuple[Path, dict[Path, str]], tmp_path_factory) -> Path
         "trainer.max_epochs=4",
         f"folds={FOLDS}",
     ]
-    result = run_cli("label_issues", overrides, run_dir)
+
+
+@pytest.fixture(scope="module")
+def review(noisy_folder: tuple[Path, dict[Path, str]], tmp_path_factory) -> Path:
+    """The run dir of `python label_issues.py` on the noisy folder."""
+    run_dir = tmp_path_factory.mktemp("review") / "run"
+    result = run_cli("label_issues", review_overrides(noisy_folder[0]), run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "label issues in" in result.stdout  # the count and the top rows on the console
     return run_dir
@@ -110,6 +114,15 @@ def test_out_of_fold_probabilities_come_from_models_that_never_saw_the_image(rev
         # The row is that fold's model's (calibrated) answer for that file.
         again = Predictor.from_trained([model]).probabilities([Path(paths[i]) for i in held])
         torch.testing.assert_close(again, torch.from_numpy(probabilities[held]), atol=1e-5, rtol=0)
+
+
+def test_a_rerun_in_the_same_dir_reuses_the_finished_folds(review, noisy_folder):
+    checkpoints = sorted(review.glob("fold_*/checkpoints/*.ckpt"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    written = (review / "label_issues.csv").read_text()
+    find_issues(compose_config("label_issues", review_overrides(noisy_folder[0]), review))
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps  # no fold trained again
+    assert (review / "label_issues.csv").read_text() == written
 
 
 def test_the_label_studio_file_is_a_task_list_of_its_import_format(review):
