@@ -128,6 +128,8 @@ def test_a_rerun_in_the_same_dir_reuses_the_finished_folds(review, noisy_folder)
 def test_the_label_studio_file_is_a_task_list_of_its_import_format(review):
     tasks = json.loads((review / "label_studio.json").read_text())
     issues = rows(review / "label_issues.csv")
+    scored = {r["path"]: i for i, r in enumerate(rows(review / "oof_images.csv"))}
+    probabilities = np.load(review / "oof_probs.npy")
     assert isinstance(tasks, list) and len(tasks) == len(issues)
     interface = ElementTree.parse(review / "label_studio.xml").getroot()
     image, choices = interface.find("Image"), interface.find("Choices")
@@ -142,7 +144,11 @@ def test_the_label_studio_file_is_a_task_list_of_its_import_format(review):
         assert result["to_name"] == image.get("name")
         assert result["type"] == "choices"
         assert result["value"] == {"choices": [issue["suggested"]]}
-        assert 0.0 <= prediction["score"] <= 1.0
+        # Its score is the out-of-fold probability of the suggestion.
+        row = probabilities[scored[issue["path"]]]
+        assert prediction["score"] == pytest.approx(
+            float(row[sorted(CLASSES).index(issue["suggested"])])
+        )
 
 
 def write_csv(path: Path, header: list[str], lines: list[list]) -> Path:
