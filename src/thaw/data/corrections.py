@@ -88,8 +88,8 @@ class ImageList:
 
 @dataclass(frozen=True)
 class Corrections:
-    """The exclude and relabel lists of a run (either may be None), and what applying them
-    touched: how many images each dropped or relabelled (`counts`, for metrics.json)."""
+    """The exclude and relabel lists of a run (either may be None); `apply` also counts what
+    each touched, for metrics.json."""
 
     exclude: ImageList | None
     relabel: ImageList | None
@@ -124,10 +124,13 @@ class Corrections:
         return sets, counts
 
 
-def number_images(train: ImageSet, val: ImageSet | None, test: ImageSet | None) -> dict:
+def number_images(
+    train: ImageSet, val: ImageSet | None, test: ImageSet | None
+) -> dict[str, ImageSet | None]:
     """A source's sets with every image numbered by its position in all of them, training set
     first, then validation, then test: the `index` a review list names an in-memory image by."""
-    sets, start = {}, 0
+    sets: dict[str, ImageSet | None] = {}
+    start = 0
     for name, imageset in (("train", train), ("val", val), ("test", test)):
         if imageset is not None:
             ids = torch.arange(start, start + len(imageset))

@@ -21,6 +21,8 @@ FILTERS = (
     "both",
     "confident_learning",
     "predicted_neq_given",
+    "low_self_confidence",
+    "low_normalized_margin",
 )
 RANKINGS = ("self_confidence", "normalized_margin", "confidence_weighted_entropy")
 COLUMNS = ("given", "suggested", "quality", "rank")
