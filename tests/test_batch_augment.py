@@ -128,9 +128,10 @@ def test_unsupported_lists_the_per_image_only_keys() -> None:
     assert unsupported(None) == []
     assert unsupported({**BASIC, "mixup_alpha": 0.2, "cutmix_alpha": 1.0}) == []
     assert unsupported({**BASIC, "random_erasing": 0.25}) == []
-    options = AugmentOptions.parse({**BASIC, "policy": "randaugment", "random_erasing": 0.25})
-    assert unsupported(options) == ["policy=randaugment"]
-    with pytest.raises(ValueError, match=r"policy=randaugment.*data\.loader=dataloader"):
+    assert unsupported({**BASIC, "policy": "randaugment", "random_erasing": 0.25}) == []
+    options = AugmentOptions.parse({**BASIC, "policy": "autoaugment", "random_erasing": 0.25})
+    assert unsupported(options) == ["policy=autoaugment"]
+    with pytest.raises(ValueError, match=r"policy=autoaugment.*data\.loader=dataloader"):
         BatchAugment(options, Preprocessing(8, MEAN, STD), train=True)
     BatchAugment(options, Preprocessing(8, MEAN, STD), train=False)  # evaluation never augments
 
@@ -140,7 +141,7 @@ def test_check_batchable_raises_naming_the_per_image_only_keys() -> None:
     check_batchable({**BASIC, "mixup_alpha": 0.2, "cutmix_alpha": 1.0, "random_erasing": 0.25})
     for options, keys in [
         ({"policy": "trivialaugment"}, r"policy=trivialaugment only"),
-        ({"policy": "randaugment", "random_erasing": 0.5}, r"policy=randaugment only"),
+        ({"policy": "autoaugment", "random_erasing": 0.5}, r"policy=autoaugment only"),
     ]:
         with pytest.raises(ValueError, match=keys + r".*data\.loader=dataloader"):
             check_batchable(AugmentOptions.parse(options))
@@ -363,3 +364,55 @@ def test_the_erasing_test_catches_a_wrong_area(
     monkeypatch.setattr(batch_augment, "ERASE_SCALE", (0.02, 0.15))
     batch = erased_rectangles(augment(ERASE, gray_image().expand(N, -1, -1, -1), seed=1))
     assert ks_distance(erased_per_image["height"], batch["height"]) > KS_CRITICAL
+
+
+def test_randaugment_on_batches_is_torchvisions_ops_each_sample_drawing_its_own() -> None:
+    """num_ops=1: every output is torchvision's own op (one of the 14, at either sign) applied
+    to that very image; each op turns up about 1/14 of the time; the draws come from the
+    generator alone."""
+    from torchvision.transforms import v2
+
+    from thaw.data.augment.batch_policy import BatchRandAugment
+
+    count = 1400
+    images = random_images(count, 3, 12, 12, seed=1)
+    randaugment = BatchRandAugment(num_ops=1, magnitude=12)
+    out = randaugment(images, torch.Generator().manual_seed(0))
+    again = randaugment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again) and out.dtype == torch.uint8
+
+    policy = v2.RandAugment(num_ops=1, magnitude=12)
+    space = policy._AUGMENTATION_SPACE
+    candidates = []  # per op and sign: torchvision's op on the whole set, image by image
+    for name, (magnitudes_of, signed) in space.items():
+        magnitudes = magnitudes_of(31, 12, 12)
+        magnitude = 0.0 if magnitudes is None else float(magnitudes[12])
+        for sign in (1, -1) if signed else (1,):
+            applied = [
+                policy._apply_image_or_video_transform(
+                    image, name, sign * magnitude, policy.interpolation, policy._fill
+                )
+                for image in images
+            ]
+            candidates.append((name, torch.stack(applied)))
+    hits = torch.stack([(out == c).flatten(1).all(1) for _, c in candidates], dim=1)
+    assert hits.any(1).all()  # every output is one of torchvision's ops on its own image
+    names = [name for name, _ in candidates]
+    # An image is attributed to the op only that op explains (Identity and others can coincide).
+    alone = hits.sum(1) == 1
+    share = {name: 0 for name in space}
+    for row in hits[alone].nonzero().tolist():
+        share[names[row[1]]] += 1
+    assert len([n for n, hit in share.items() if hit > 0]) >= 12
+    expected = alone.sum().item() / len(space)
+    assert max(share.values()) < 2 * expected  # no op far more common than 1/14
+
+
+def test_randaugment_runs_in_the_batched_pipeline_before_jitter() -> None:
+    options = {"policy": "randaugment", "num_ops": 2, "magnitude": 9}
+    images = random_images(64, 3, 16, 16, seed=2)
+    out = augment(options, images, seed=0, normalise=RAW)
+    assert torch.equal(out, augment(options, images, seed=0, normalise=RAW))
+    assert not torch.equal(out, augment(options, images, seed=1, normalise=RAW))
+    changed = (out.round().to(torch.uint8) != images).flatten(1).any(1)
+    assert changed.float().mean() > 0.5  # most samples drew an op that changes them

@@ -50,12 +50,13 @@ def options(**values: object) -> AugmentOptions:
             "dataloader",
             "data.loader=auto: images are files",
         ),
+        ("auto", True, {**BASIC, "policy": "randaugment"}, "device", AUTO_DEVICE),
         (
             "auto",
             True,
-            {**BASIC, "policy": "randaugment"},
+            {**BASIC, "policy": "autoaugment"},
             "dataloader",
-            "data.loader=auto: policy=randaugment only per image",
+            "data.loader=auto: policy=autoaugment only per image",
         ),
         ("auto", True, {**BASIC, "random_erasing": 0.25}, "device", AUTO_DEVICE),
         ("dataloader", True, BASIC, "dataloader", "data.loader=dataloader"),
@@ -76,8 +77,8 @@ def test_choose_loader_refuses_an_explicit_device_path_naming_the_fix() -> None:
     assert LOADERS == ("auto", "device", "dataloader")
     with pytest.raises(ValueError, match=r"held in memory.*use data\.loader=dataloader"):
         choose_loader("device", False, options(**BASIC))
-    with pytest.raises(ValueError, match=r"policy=randaugment .*data\.loader=dataloader"):
-        choose_loader("device", True, options(**BASIC, policy="randaugment"))
+    with pytest.raises(ValueError, match=r"policy=autoaugment .*data\.loader=dataloader"):
+        choose_loader("device", True, options(**BASIC, policy="autoaugment"))
     with pytest.raises(ValueError, match=r"policy=trivialaugment only runs per image.*dataloader"):
         choose_loader("device", True, options(policy="trivialaugment", random_erasing=0.5))
 
@@ -107,11 +108,11 @@ def test_auto_takes_the_device_path_where_data_and_augment_allow(tmp_path: Path)
 def test_an_explicit_device_path_it_cannot_take_says_why_at_setup(tmp_path: Path) -> None:
     write_cifar10(tmp_path, n_per_class=2)
     policy = make_datamodule(
-        CIFAR10(tmp_path, download=False), {"policy": "randaugment"}, MEAN, STD, loader="device"
+        CIFAR10(tmp_path, download=False), {"policy": "trivialaugment"}, MEAN, STD, loader="device"
     )
     assert policy.settings.loader == "device"
     policy.prepare_data()
-    with pytest.raises(ValueError, match="policy=randaugment.*data.loader=dataloader"):
+    with pytest.raises(ValueError, match="policy=trivialaugment.*data.loader=dataloader"):
         policy.setup()
     write_image_folder(tmp_path / "photos", ["a", "b"], n_per_class=5)
     folder = make_datamodule(

@@ -3,9 +3,10 @@ per-image pipeline of thaw.data.augment.per_image, with no loader workers and no
 
 It draws the same distribution of images as `build_train_transform` (and gives exactly what
 `Preprocessing.transform` gives), except that colour jitter stays in float where the per-image path
-truncates to uint8 after each adjustment. The automatic policies (RandAugment & co.) exist only per
-image. Every draw is per sample and comes from the generator passed in, so a batch is reproducible
-from its seed alone.
+truncates to uint8 after each adjustment. Of the automatic policies, RandAugment runs on batches
+(thaw.data.augment.batch_policy); TrivialAugment and AutoAugment exist only per image. Every
+draw is per sample and comes from the generator passed in, so a batch is reproducible from its
+seed alone.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 import torch
 from torchvision.transforms.v2 import functional as F
 
+from thaw.data.augment.batch_policy import BatchRandAugment
 from thaw.data.augment.options import ERASE_RATIO, ERASE_SCALE, AugmentOptions
 from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 
-# The keys whose transforms only exist per image (RandAugment & co.).
-_PER_IMAGE_KEYS = ("policy",)
+# The augmentations that only exist per image.
+_PER_IMAGE_KEYS = ("policy=trivialaugment", "policy=autoaugment")
 # RandomErasing's tries at a rectangle that fits before it leaves the image be (torchvision's).
 ERASE_ATTEMPTS = 10
 
@@ -31,7 +33,7 @@ def unsupported(options: AugmentOptions | Mapping[str, Any] | None) -> list[str]
     """'key=value' for each augmentation in `options` that only the per-image path can do; empty
     when the batch path can. MixUp/CutMix are not listed: they run on batches on either path."""
     keys = AugmentOptions.parse(options).random_keys
-    return [key for key in keys if key.split("=")[0] in _PER_IMAGE_KEYS]
+    return [key for key in keys if key in _PER_IMAGE_KEYS]
 
 
 def check_batchable(options: AugmentOptions | Mapping[str, Any] | None) -> None:
@@ -86,8 +88,8 @@ def erase_rectangles(
 
 class BatchAugment:
     """`build_train_transform` (train=True) or `Preprocessing.transform` (train=False) for a
-    batch: resize and centre crop, then in training the padded random crop, the flip and the
-    colour jitter, each drawn per sample, then normalisation, then random erasing."""
+    batch: resize and centre crop, then in training the padded random crop, the flip, RandAugment
+    and the colour jitter, each drawn per sample, then normalisation, then random erasing."""
 
     def __init__(
         self,
@@ -101,6 +103,12 @@ class BatchAugment:
         self.preprocessing, self.train = preprocessing, train
         self.mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
         self.std = torch.tensor(preprocessing.std).view(3, 1, 1)
+        options = self.options
+        self.randaugment = (
+            BatchRandAugment(options.num_ops, options.magnitude)
+            if options.policy == "randaugment"
+            else None
+        )
 
     def __call__(
         self, images: torch.Tensor, generator: torch.Generator | None = None
@@ -119,6 +127,8 @@ class BatchAugment:
         options = self.options
         if self.train and (options.crop_padding > 0 or options.hflip > 0):
             images = self._shift_and_flip(images, generator)
+        if self.train and self.randaugment is not None:
+            images = self.randaugment(images, generator)
         batch = images.shape[0]
         images = images.to(torch.float32).mul_(1 / 255).expand(-1, 3, -1, -1)
         if self.train and options.color_jitter > 0:
