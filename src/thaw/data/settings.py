@@ -32,6 +32,7 @@ class SplitSettings:
     val_fraction: float
     test_fraction: float
     samples_per_class: int | None
+    unlabeled_per_class: int | None
     folds: int | None
     fold: int | None
     split_seed: int
@@ -46,6 +47,13 @@ class SplitSettings:
         checks.fraction("data.val_fraction", self.val_fraction)
         checks.fraction("data.test_fraction", self.test_fraction)
         checks.integer("data.samples_per_class", self.samples_per_class, 1, nullable=True)
+        checks.integer("data.unlabeled_per_class", self.unlabeled_per_class, 1, nullable=True)
+        if self.unlabeled_per_class is not None and self.samples_per_class is None:
+            raise UserError(
+                f"data.unlabeled_per_class={self.unlabeled_per_class} takes its images from the "
+                "training images that data.samples_per_class leaves out: set that too "
+                "(e.g. data.samples_per_class=100)"
+            )
         checks.integer("data.split_seed", self.split_seed)
         _check_folds(self.folds, self.fold)
 
@@ -71,6 +79,8 @@ class DataSettings:
     loader: str
     exclude: str | None
     relabel: str | None
+    unlabeled_root: str | None
+    unlabeled: str | None
 
     def __post_init__(self) -> None:
         checks.integer("data.image_size", self.image_size, 1, nullable=True)

@@ -22,7 +22,9 @@ def plan_splits(splits: Splits, settings: SplitSettings) -> Splits:
     (K-fold cross-validation) the training pool, the source's own validation set included, is
     first limited to `samples_per_class`, then fold `fold` of a stratified, seeded split into
     `folds` parts is the validation set and the others train; `val_fraction` is then unused.
-    The test set stays fixed either way."""
+    The test set stays fixed either way. `unlabeled_per_class` draws that many more images per
+    class from the training pool, outside the training and validation sets, as the unlabeled
+    pool."""
     train, val, test = splits.train, splits.val, splits.test
     check_class_sizes(train, settings, split_test=test is None, split_val=val is None)
     seed, limit = settings.split_seed, settings.samples_per_class
@@ -30,15 +32,26 @@ def plan_splits(splits: Splits, settings: SplitSettings) -> Splits:
         train, test = split_imageset(train, settings.test_fraction, seed)
     if settings.folds is not None:
         pool = train if val is None else join(train, val)
-        if limit is not None:
-            pool = limit_per_class(pool, limit, seed)
-        train, val = fold_split(pool, settings.folds, settings.fold, seed)
+        limited = limit_per_class(pool, limit, seed) if limit is not None else pool
+        train, val = fold_split(limited, settings.folds, settings.fold, seed)
     else:
         if val is None:
             train, val = split_imageset(train, settings.val_fraction, seed)
+        pool = train
         if limit is not None:
             train = limit_per_class(train, limit, seed)
-    return Splits(train, test=test, val=val)
+    unlabeled = None
+    if settings.unlabeled_per_class is not None:
+        unlabeled = left_out(pool, [train, val], settings.unlabeled_per_class, seed)
+    return Splits(train, test=test, val=val, unlabeled=unlabeled)
+
+
+def left_out(pool: ImageSet, taken: Sequence[ImageSet], per_class: int, seed: int) -> ImageSet:
+    """Up to `per_class` images of every class of `pool` that none of `taken` holds (by id),
+    drawn at random (seeded)."""
+    used = torch.cat([imageset.ids for imageset in taken])
+    rest = pool.subset(torch.nonzero(~torch.isin(pool.ids, used)).flatten())
+    return limit_per_class(rest, per_class, seed) if len(rest) else rest
 
 
 def check_class_sizes(

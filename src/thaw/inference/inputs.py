@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
-from thaw.data.sources.imagefolder import IMAGE_SUFFIXES
+from thaw.data.sources.imagefolder import IMAGE_SUFFIXES, read_image_list
 from thaw.errors import UserError
 
 LIST_SUFFIX = ".txt"
@@ -30,7 +30,7 @@ def resolve_inputs(value: str | Path, key: str = "inputs") -> list[Path]:
             if _is_image(file) and not any(p.startswith(".") for p in file.relative_to(path).parts)
         )
     elif path.is_file() and path.suffix.lower() == LIST_SUFFIX:
-        files = _read_list(path)
+        files = read_image_list(path)
     elif path.is_file():
         files = [path] if _is_image(path) else []
     elif _GLOB_CHARS & set(text):
@@ -48,10 +48,3 @@ def resolve_inputs(value: str | Path, key: str = "inputs") -> list[Path]:
 
 def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-
-
-def _read_list(path: Path) -> list[Path]:
-    """The paths listed one per line (blank lines skipped), relative ones from the list's
-    folder. A listed file that is missing stays: its row carries the error."""
-    lines = (line.strip() for line in path.read_text().splitlines())
-    return [path.parent / Path(line).expanduser() for line in lines if line]

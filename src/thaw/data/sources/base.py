@@ -53,11 +53,13 @@ class ImageSet:
 @dataclass(frozen=True)
 class Splits:
     """What a source provides: its training set and, where it has them, its official test and
-    validation sets (the DataModule splits a missing one off `train`)."""
+    validation sets (the DataModule splits a missing one off `train`); once planned, perhaps an
+    `unlabeled` pool too, whose labels training never sees (data.unlabeled_per_class)."""
 
     train: ImageSet
     test: ImageSet | None = None
     val: ImageSet | None = None
+    unlabeled: ImageSet | None = None
 
 
 class Source(Protocol):

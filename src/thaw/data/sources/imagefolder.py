@@ -83,17 +83,17 @@ def _class_folders(directory: Path) -> list[str]:
 
 
 def _scan(directory: Path, classes: list[str]) -> ImageSet:
-    """Every image file under each class folder, sorted (see _image_files)."""
+    """Every image file under each class folder, sorted (see image_files)."""
     paths: list[Path] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        files = _image_files(directory / name)
+        files = image_files(directory / name)
         paths += files
         labels += [label] * len(files)
     return ImageSet(paths, torch.tensor(labels, dtype=torch.long), classes)
 
 
-def _image_files(class_dir: Path) -> list[Path]:
+def image_files(class_dir: Path) -> list[Path]:
     """The image files under `class_dir` at any depth, sorted, hidden files and folders skipped.
     Symlinked folders are followed (photos are often linked in from elsewhere), each real folder
     once: a link to a folder already read, such as a loop back up, is skipped and named, as is a
@@ -117,6 +117,13 @@ def _image_files(class_dir: Path) -> list[Path]:
             else:
                 log.warning("Skipped %s: a link to a file that does not exist", path)
     return sorted(found)
+
+
+def read_image_list(path: Path) -> list[Path]:
+    """The paths a .txt list names, one per line (blank lines skipped), relative ones from the
+    list's folder. A listed file that is missing stays: whoever reads it says so."""
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [path.parent / Path(line).expanduser() for line in lines if line]
 
 
 def _scan_split(directory: Path, classes: list[str], train_dir: Path) -> ImageSet | None:
