@@ -21,6 +21,7 @@ from thaw.data.resumable import ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import create_backbone
 from thaw.resume import ResumeState
+from thaw.semi.stream import StreamPositions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,13 +101,29 @@ def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_each_rank_takes_its_own_stretch_of_the_unlabeled_stream(monkeypatch):
+    """Two ranks' unlabeled images at a step are the one-process stream's two steps: disjoint,
+    and together all of it."""
+    positions = StreamPositions(size=12, seed=1, batch_size=3)
+    alone = [positions.step(step) for step in range(4)]
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setattr("thaw.semi.stream._rank_and_world", lambda rank=rank: (rank, 2))
+        ranks.append([positions.step(step) for step in range(2)])
+    assert ranks[0] == [alone[0], alone[2]] and ranks[1] == [alone[1], alone[3]]
+
+
 def test_cli_ddp_single_run_and_ddp_spawn_multirun_both_work(fmnist_root, tmp_path):
+    """The single DDP run is semi-supervised too: FixMatch's stream and loss under DDP."""
     tiny = [*TINY, *offline_fmnist(fmnist_root), "finetune=full", "trainer.max_epochs=1"]
     tiny.append("data.batch_size=8")
-    single = cli("trainer=ddp", *tiny, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
+    semi = ["semi=fixmatch", "semi.mu=1", "semi.start_epoch=0"]
+    semi += ["data.samples_per_class=4", "data.unlabeled_per_class=3"]
+    single = cli("trainer=ddp", *tiny, *semi, f"hydra.run.dir={tmp_path / 'single'}", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
     report = json.loads((tmp_path / "single" / "metrics.json").read_text())
     assert sum(map(sum, report["test/confusion_matrix"])) == 40  # not summed over the 2 ranks
+    assert report["data/unlabeled"] == 30
 
     sweep = cli(
         "-m",

@@ -88,6 +88,25 @@ def cases(tmp: Path) -> dict[str, Case]:
             ["trainer.max_epochs=0"],
             ["trainer.max_epochs=0 trains nothing", "max_epochs=1", "eval.py"],
         ),
+        "semi threshold 1.5": Case(
+            "train", ["semi=fixmatch", "semi.threshold=1.5"], ["semi.threshold", "1.5", "in [0, 1]"]
+        ),
+        "semi mu 0": Case("train", ["semi=fixmatch", "semi.mu=0"], ["semi.mu", "got 0", ">= 1"]),
+        "semi strong policy": Case(
+            "train",
+            ["semi=fixmatch", "semi.strong.policy=randaug"],
+            ["semi.strong.policy", "'randaug'", "randaugment"],
+        ),
+        "semi warm-up too long": Case(
+            "train",
+            ["semi=fixmatch", "semi.start_epoch=2"],
+            ["semi.start_epoch=2", "trainer.max_epochs=2", "no unlabeled image is used"],
+        ),
+        "unlabeled without a limit": Case(
+            "train",
+            ["data.unlabeled_per_class=100"],
+            ["data.unlabeled_per_class=100", "data.samples_per_class"],
+        ),
         "predict: out under a file": Case(
             "predict",
             [*predict, f"out={tmp / 'afile' / 'preds.csv'}"],

@@ -23,6 +23,7 @@ from thaw.postprocess import Postprocessing
 from thaw.preprocess import Preprocessing
 from thaw.progress.trainer import with_progress
 from thaw.resume import ResumeState
+from thaw.semi import FixMatch, WarmupCheck
 
 
 def trained_run_config(config: dict[str, Any], data_root: str | None) -> DictConfig:
@@ -49,7 +50,15 @@ def build_datamodule(
     size = {"image_size": spec.input_size} if cfg.data.get("image_size") == "auto" else {}
     # Partial, then called: a setting it refuses raises its own error, not Hydra's wrapper.
     settings = instantiate(cfg.data, _partial_=True)(**size)
-    return ImageDataModule(settings, cfg.augment, spec.mean, spec.std, preprocessing, test_only)
+    semi = None if test_only else build_semi(cfg)
+    return ImageDataModule(
+        settings, cfg.augment, spec.mean, spec.std, preprocessing, test_only, semi
+    )
+
+
+def build_semi(cfg: DictConfig) -> FixMatch | None:
+    """The semi group's settings (semi=fixmatch), None for semi=none."""
+    return instantiate(cfg.semi) if cfg.get("semi") else None
 
 
 def model_spec(model_cfg: DictConfig) -> BackboneSpec:
@@ -89,6 +98,7 @@ def build_task(
         focal_gamma=cfg.model.focal_gamma,
         compile=cfg.model.compile,
         distillation=build_distillation(cfg, datamodule),
+        semi=datamodule.semi,
     )
 
 
@@ -119,11 +129,17 @@ def build_run_callbacks(
     resume: ResumeState,
 ) -> list[pl.Callback]:
     """The callbacks every training run gets, whatever the callbacks group says: the phase of
-    the strategy, the resume state, and the feature cache where it applies."""
+    the strategy, the resume state, the feature cache where it applies, and a semi-supervised
+    run's comparison with its warm-up."""
     callbacks: list[pl.Callback] = [FreezeUnfreeze(strategy), resume]
-    distilling = task.distillation is not None
-    if wants_cache(strategy, datamodule.augment, list(task.model.backbone_groups), distilling):
+    blockers = ["distillation runs the teacher on the images"] if task.distillation else []
+    if datamodule.semi is not None:
+        blockers.append("semi=fixmatch runs the backbone on augmented unlabeled images")
+    groups = list(task.model.backbone_groups)
+    if wants_cache(strategy, datamodule.augment, groups, blockers):
         callbacks.append(FeatureCache(strategy))
+    if datamodule.semi is not None and datamodule.semi.start_epoch > 0:
+        callbacks.append(WarmupCheck(datamodule.semi.start_epoch))
     return callbacks
 
 

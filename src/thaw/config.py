@@ -18,6 +18,7 @@ HPARAM_GROUPS = (
     "optimizer",
     "scheduler",
     "finetune",
+    "semi",
     "trainer",
     "seed",
 )

@@ -88,7 +88,7 @@ def _train(
         if trainer.interrupted:  # a KeyboardInterrupt, which Lightning ends with exit 1
             raise TrainingStopped(signal.SIGINT) from None
         raise
-    metrics = fitted_metrics(trainer) | datamodule.corrected
+    metrics = fitted_metrics(trainer) | datamodule.counts
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
 
     calibration: dict[str, float] = {}
@@ -104,7 +104,7 @@ def _train(
         # metrics.json also keeps what fitting ended with: a sweep's report reads it from there.
         fitted = {k: v for k, v in metrics.items() if k.startswith("val/")}
         fitted["train/epochs"] = trainer.current_epoch
-        fitted.update(datamodule.corrected)  # what data.exclude and data.relabel touched
+        fitted.update(datamodule.counts)  # corrections made, the unlabeled pool
         if extension is not None and best:
             fitted.update(old_classes_report(extension, old_before, best, datamodule))
         metrics.update(

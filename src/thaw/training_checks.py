@@ -36,6 +36,7 @@ def check_training_config(cfg: DictConfig) -> None:
     check_length(cfg.trainer)
     RejectSettings.of(cfg.reject)
     check_head(cfg.model)
+    check_semi(cfg)
 
 
 def check_optimizer(optimizer: DictConfig) -> None:
@@ -53,6 +54,18 @@ def check_finetune(finetune: DictConfig) -> None:
             checks.number(f"finetune.{key}", finetune[key], nullable=nullable)
     for group, lr in (finetune.get("group_lrs") or {}).items():
         checks.number(f"finetune.group_lrs.{group}", lr, minimum=0)
+
+
+def check_semi(cfg: DictConfig) -> None:
+    """A semi-supervised run must reach an epoch with unlabeled images."""
+    semi, epochs = cfg.get("semi") or {}, cfg.trainer.get("max_epochs")
+    start = semi.get("start_epoch", 0)
+    if _is_int(start) and _is_int(epochs) and 0 < epochs <= start:
+        raise UserError(
+            f"semi.start_epoch={start} with trainer.max_epochs={epochs}: every epoch is "
+            "supervised warm-up, so no unlabeled image is used. Lower semi.start_epoch or "
+            "raise trainer.max_epochs"
+        )
 
 
 def check_length(trainer: DictConfig) -> None:

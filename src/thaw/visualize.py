@@ -18,6 +18,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from thaw.data.datamodule import ImageDataModule
 from thaw.errors import UserError
+from thaw.semi.stream import SemiBatch
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ def datamodule_batch_grid(
 
 class BatchPreview(pl.Callback):
     """Log the first training batch of images of a run, as the model receives it (augmented,
-    mixed), as an image grid to every TensorBoard logger, tag `train/batch_preview`."""
+    mixed), as an image grid to every TensorBoard logger, tag `train/batch_preview`. Of a
+    semi-supervised batch, its labelled images."""
 
     def __init__(self, max_images: int = 32, columns: int = 8) -> None:
         if max_images < 1 or columns < 1:
@@ -115,6 +117,8 @@ class BatchPreview(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: tuple, batch_idx: int
     ) -> None:
+        if isinstance(batch, SemiBatch):
+            batch = batch.labelled
         if self.done or batch[0].ndim != 4:  # cached backbone features are no images to show
             return
         self.done = True

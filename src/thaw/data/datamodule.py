@@ -27,9 +27,20 @@ from thaw.data.resumable import (
 )
 from thaw.data.settings import DataSettings
 from thaw.data.sources.base import ImageSet, Splits
-from thaw.data.splits import plan_splits, select_classes
+from thaw.data.splits import join, plan_splits, select_classes
 from thaw.data.stats import resolve_preprocessing
+from thaw.data.unlabeled import read_unlabeled
+from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
+from thaw.semi.fixmatch import FixMatch
+from thaw.semi.stream import (
+    BothViews,
+    DeviceViews,
+    LoadedViews,
+    SemiBatch,
+    SemiLoader,
+    StreamPositions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +64,10 @@ class ImageDataModule(pl.LightningDataModule):
     `augment` is the augment group; its MixUp/CutMix run on training batches after they reach
     the device. `test_only` (with a given `preprocessing`) reads only the test images where the
     source has its own test set, so a model can be evaluated where only they exist.
+
+    With `semi` (semi=fixmatch) it also loads the unlabeled pool (data.unlabeled_per_class, from
+    the planned splits; data.unlabeled_root and data.unlabeled, files) and the training loader
+    gives each labelled batch its unlabeled images' weak and strong views (thaw.semi.stream).
     """
 
     def __init__(
@@ -63,6 +78,7 @@ class ImageDataModule(pl.LightningDataModule):
         std: Sequence[float],
         preprocessing: Preprocessing | None = None,
         test_only: bool = False,
+        semi: FixMatch | None = None,
     ) -> None:
         super().__init__()
         if test_only and preprocessing is None:
@@ -74,6 +90,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.backbone_mean, self.backbone_std = list(mean), list(std)
         self.preprocessing = preprocessing
         self.test_only = test_only
+        self.semi = semi
         self.batch_size = settings.batch_size
         self.eval_batch_size = settings.eval_batch_size or settings.batch_size
         # Training order and augmentation; an unseeded run draws one (its loader state keeps it).
@@ -83,9 +100,12 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: ImageSet | None = None
         self.val_set: ImageSet | None = None
         self.test_set: ImageSet | None = None
+        self.unlabeled_set: ImageSet | None = None
         self.skipped_images: list[Path] = []
-        # What data.exclude and data.relabel touched: {"data/excluded": n, ...}.
-        self.corrected: dict[str, int] = {}
+        # What setup counted, for metrics.json: the images data.exclude and data.relabel touched
+        # ("data/excluded", "data/relabelled"), the unlabeled pool ("data/unlabeled") and its
+        # files that did not decode ("data/unlabeled_skipped").
+        self.counts: dict[str, int] = {}
         self.mixer: BatchMix | None = None
 
     @property
@@ -148,17 +168,69 @@ class ImageDataModule(pl.LightningDataModule):
         loaded = number_images(source.train, source.val, source.test)
         found = self._checked(**{name: self._filter(s) for name, s in loaded.items()})
         planned = plan_splits(Splits(**found), self.settings.splits)  # type: ignore[arg-type]
-        corrected = self._corrected(
-            {"train": planned.train, "val": planned.val, "test": planned.test}
-        )
-        self.train_set, self.val_set, self.test_set = corrected.values()
+        sets = {"train": planned.train, "val": planned.val, "test": planned.test}
+        corrected = self._corrected({**sets, "unlabeled": planned.unlabeled})
+        self.train_set, self.val_set, self.test_set = (corrected[name] for name in sets)
+        self._load_unlabeled(corrected["unlabeled"])
+
+    def _load_unlabeled(self, hidden: ImageSet | None) -> None:
+        """The unlabeled pool of a semi-supervised run: the images whose labels the plan hid,
+        and the files of data.unlabeled_root and data.unlabeled."""
+        settings = self.settings
+        named = [
+            f"data.{key}={value}"
+            for key, value in (
+                ("unlabeled_root", settings.unlabeled_root),
+                ("unlabeled", settings.unlabeled),
+                ("unlabeled_per_class", settings.splits.unlabeled_per_class),
+            )
+            if value is not None
+        ]
+        if self.semi is None:
+            if named:
+                log.warning("%s: unused without semi=fixmatch", ", ".join(named))
+            return
+        if not named:
+            raise UserError(
+                "semi=fixmatch needs unlabeled images: data.unlabeled_root=<folder>, "
+                "data.unlabeled=<list.txt>, or for an in-memory data set "
+                "data.unlabeled_per_class=N (with data.samples_per_class)"
+            )
+        pools = [hidden] if hidden is not None and len(hidden) else []
+        if settings.unlabeled_root is not None or settings.unlabeled is not None:
+            labelled = [
+                Path(path)
+                for imageset in (self.train_set, self.val_set, self.test_set)
+                if imageset is not None and not imageset.in_memory
+                for path in imageset.images
+            ]
+            files, skipped = read_unlabeled(
+                settings.unlabeled_root,
+                settings.unlabeled,
+                self.classes,
+                labelled,
+                self._decode_size,
+            )
+            pools.append(files)
+            self.counts["data/unlabeled_skipped"] = skipped
+        if not pools:
+            raise UserError(f"{', '.join(named)}: no image is left over for the unlabeled pool")
+        if len({pool.in_memory for pool in pools}) > 1:
+            raise UserError(
+                f"{', '.join(named)}: an in-memory data set's hidden labels and image files "
+                "cannot make one pool; use data.unlabeled_per_class or the files"
+            )
+        self.unlabeled_set = pools[0] if len(pools) == 1 else join(*pools)
+        self.counts["data/unlabeled"] = len(self.unlabeled_set)
+        log.info("Unlabeled pool: %d images (%s)", len(self.unlabeled_set), ", ".join(named))
 
     def _corrected(
         self, sets: dict[str, ImageSet | None], by_index: bool = True
     ) -> dict[str, ImageSet | None]:
         """The planned sets with data.exclude and data.relabel applied (counted in
-        `corrected`)."""
-        corrected, self.corrected = self.settings.corrections.apply(sets, by_index)
+        `counts`)."""
+        corrected, counts = self.settings.corrections.apply(sets, by_index)
+        self.counts.update(counts)
         return corrected
 
     def _filter(self, imageset: ImageSet | None) -> ImageSet | None:
@@ -175,9 +247,35 @@ class ImageDataModule(pl.LightningDataModule):
         )
         return checked
 
-    def train_dataloader(self) -> PositionedLoader:
-        """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image)."""
-        return self._loader("train", train=True)
+    def train_dataloader(self) -> PositionedLoader | SemiLoader:
+        """Resumable mid-epoch: order and augmentation are functions of (seed, epoch, image), and
+        a semi-supervised run's unlabeled views functions of (seed, step)."""
+        labelled = self._loader("train", train=True)
+        if self.semi is None:
+            return labelled
+        return SemiLoader(labelled, self._unlabeled_views(), self.semi.start_epoch)
+
+    def _unlabeled_views(self) -> DeviceViews | LoadedViews:
+        """Both views of each step's unlabeled images: on the device path where the pool is in
+        memory, else per image in loader workers."""
+        semi, pool = self._require(self.semi), self._require(self.unlabeled_set)
+        preprocessing = self._require(self.preprocessing)
+        positions = StreamPositions(len(pool), self.seed, semi.mu * self.batch_size)
+        if self.loader == "device" and pool.in_memory:
+            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            weak = BatchAugment(semi.weak, preprocessing, train=True)
+            strong = BatchAugment(semi.strong, preprocessing, train=True)
+            return DeviceViews(pool, positions, weak, strong, device)
+        views = BothViews(
+            build_train_transform(semi.weak, preprocessing),
+            build_train_transform(semi.strong, preprocessing),
+        )
+        return LoadedViews(
+            ImageDataset(pool, views, self._decode_size),
+            positions,
+            num_workers=self.settings.num_workers,
+            pin_memory=self.settings.pin_memory,
+        )
 
     def val_dataloader(self) -> PositionedLoader:
         return self._loader("val")
@@ -204,6 +302,8 @@ class ImageDataModule(pl.LightningDataModule):
         """Mix training batches on the device; validation, test and predict batches stay
         (images, labels)."""
         if self.trainer is not None and self.trainer.training:
+            if isinstance(batch, SemiBatch):
+                return batch._replace(labelled=self.mix(batch.labelled))
             return self.mix(batch)
         return batch
 

@@ -145,6 +145,11 @@ class PositionedLoader(ABC):
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """(epoch, batches of it handed out so far)."""
+        return self._position
+
     def state_dict(self) -> dict[str, int]:
         epoch, batches = self._position
         return {"epoch": epoch, "batches": batches, "seed": self.sampler.seed}

@@ -10,6 +10,7 @@ order they would serve the images, so the head sees the same batches and ends up
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -26,10 +27,12 @@ def cache_blockers(
     strategy: FinetuneStrategy,
     augment: AugmentOptions,
     backbone_groups: list[str],
-    distilling: bool = False,
+    blockers: Sequence[str] = (),
 ) -> list[str]:
-    """Why the frozen backbone's features cannot be cached (empty: they can)."""
-    reasons = ["distillation runs the teacher on the images"] if distilling else []
+    """Why the frozen backbone's features cannot be cached (empty: they can): `blockers`, what
+    else in the run needs the images (distillation, semi-supervision), then the strategy's and
+    the augmentation's reasons."""
+    reasons = list(blockers)
     if strategy.trainable_groups(0, backbone_groups):
         reasons.append("the backbone trains from the first epoch (no frozen phase)")
     if strategy.bn != "eval":
@@ -46,12 +49,12 @@ def wants_cache(
     strategy: FinetuneStrategy,
     augment: AugmentOptions,
     backbone_groups: list[str],
-    distilling: bool = False,
+    blockers: Sequence[str] = (),
 ) -> bool:
     """Resolve `finetune.cache_features`: true must be possible, auto is where possible."""
     if strategy.cache_features is False:
         return False
-    reasons = cache_blockers(strategy, augment, backbone_groups, distilling)
+    reasons = cache_blockers(strategy, augment, backbone_groups, blockers)
     if reasons and strategy.cache_features is True:
         raise UserError(
             "finetune.cache_features=true, but features cannot be cached: " + "; ".join(reasons)

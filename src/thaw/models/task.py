@@ -16,10 +16,12 @@ from thaw.checkpoint import FORMAT, REJECTION_PREFIX, RUN_KEY, upgrade
 from thaw.errors import UserError
 from thaw.models.loss import ClassificationLoss
 from thaw.models.network import ImageClassifier
+from thaw.semi.stream import SemiBatch
 
 if TYPE_CHECKING:
     from thaw.finetune import FinetuneStrategy
     from thaw.finetune.distillation import Distillation
+    from thaw.semi.fixmatch import FixMatch
 
 # Top-5 accuracy is reported only with more classes than this.
 TOP5_MIN_CLASSES = 5
@@ -39,7 +41,8 @@ class ClassificationTask(pl.LightningModule):
     are about; the task is never loaded for inference.
 
     The `finetune` strategy gives the layer groups their learning rates; with `distillation`,
-    the training loss also follows a teacher's softened outputs."""
+    the training loss also follows a teacher's softened outputs; with `semi` (FixMatch), a
+    batch that brings unlabeled images (a SemiBatch) adds their loss."""
 
     def __init__(
         self,
@@ -52,6 +55,7 @@ class ClassificationTask(pl.LightningModule):
         focal_gamma: float,
         compile: bool = False,
         distillation: Distillation | None = None,
+        semi: FixMatch | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -65,6 +69,7 @@ class ClassificationTask(pl.LightningModule):
         self.scheduler_factory = scheduler
         self.finetune = finetune
         self.distillation = distillation
+        self.semi = semi
         self.criterion = ClassificationLoss(label_smoothing, class_weights, focal_gamma)
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -110,19 +115,51 @@ class ClassificationTask(pl.LightningModule):
         return loss, logits, labels
 
     def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+        self, batch: tuple[torch.Tensor, ...] | SemiBatch, batch_idx: int
     ) -> torch.Tensor | None:
-        if len(batch[1]) == 1:
+        labelled = batch.labelled if isinstance(batch, SemiBatch) else batch
+        if len(labelled[1]) == 1:
             # An epoch of N % batch_size == 1 images ends on a batch of one, on which BatchNorm
             # cannot train (small images pool to 1x1): skipped, so no optimizer step is taken.
             return None
-        loss, logits, labels = self._shared_step(batch)
+        if isinstance(batch, SemiBatch):
+            loss, logits, labels = self._semi_step(batch)
+        else:
+            loss, logits, labels = self._shared_step(labelled)
         if self.distillation is not None:
-            loss = self.distillation.loss(loss, logits, batch[0])
+            loss = self.distillation.loss(loss, logits, labelled[0])
         self.train_acc(logits, labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        size = {"batch_size": len(labels)}  # of a SemiBatch too: its labelled images
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, **size)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, **size)
         return loss
+
+    def _semi_step(self, batch: SemiBatch) -> tuple[torch.Tensor, ...]:
+        """FixMatch's step: the weak views' predictions (no gradient) are the pseudo-labels; the
+        labelled and strong images go through the model in one batch, so BatchNorm normalises
+        them together. Returns the total loss and the labelled logits and labels."""
+        semi = self.semi
+        if semi is None:
+            raise RuntimeError("a batch with unlabeled images, but this task has no semi setting")
+        images, labels, *soft_targets = batch.labelled
+        with torch.no_grad():
+            weak_logits = self(batch.weak)
+        logits, strong_logits = self(torch.cat([images, batch.strong])).split(
+            [len(images), len(batch.strong)]
+        )
+        supervised = self.criterion(logits, soft_targets[0] if soft_targets else labels)
+        unlabeled = semi.loss(weak_logits, strong_logits)
+        loss = supervised + semi.weight * unlabeled.loss
+        mask_rate = unlabeled.mask.float().mean()
+        size = {"batch_size": len(labels)}
+        self.log("train/loss_u", unlabeled.loss, on_step=True, on_epoch=True, **size)
+        self.log("train/mask_rate", mask_rate, on_step=True, on_epoch=True, prog_bar=True, **size)
+        known = unlabeled.mask & (batch.hidden >= 0)
+        kept = int(known.sum())
+        if kept:
+            right = (unlabeled.targets[known] == batch.hidden[known]).float().mean()
+            self.log("train/pseudo_acc", right, on_step=False, on_epoch=True, batch_size=kept)
+        return loss, logits, labels
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)

@@ -137,7 +137,7 @@ class LogProgress(ProgressBar):
         metrics = trainer.callback_metrics
         shown = [
             f"{key} {float(metrics[key]):.4f}"
-            for key in ("train/loss", "val/loss", "val/acc")
+            for key in ("train/loss", "train/mask_rate", "val/loss", "val/acc")
             if key in metrics
         ]
         log.info(

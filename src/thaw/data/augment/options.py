@@ -80,32 +80,35 @@ class AugmentOptions:
         return self.mix_prob > 0 and (self.mixup_alpha > 0 or self.cutmix_alpha > 0)
 
     @classmethod
-    def parse(cls, augment: AugmentOptions | Mapping[str, Any] | None) -> AugmentOptions:
+    def parse(
+        cls, augment: AugmentOptions | Mapping[str, Any] | None, group: str = "augment"
+    ) -> AugmentOptions:
         """Options from the augment config (missing keys off); unknown keys and bad values raise
-        ValueError naming the key, the value and what is allowed."""
+        ValueError naming the key (under `group`, e.g. semi.strong), the value and what is
+        allowed."""
         if isinstance(augment, AugmentOptions):
             return augment
         given = dict(augment or {})
         known = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(given) - set(known))
         if unknown:
-            raise UserError(f"unknown augment keys {unknown}; known keys: {known}")
+            raise UserError(f"unknown {group} keys {unknown}; known keys: {known}")
         if given.get("policy") is None:
             given.pop("policy", None)
-        values = {key: _check(key, value) for key, value in given.items()}
+        values = {key: _check(f"{group}.{key}", key, value) for key, value in given.items()}
         return cls(**values)
 
 
-def _check(key: str, value: Any) -> Any:
-    """`value` of augment key `key`, checked against its choices or range (a float where the key
-    is a number)."""
+def _check(name: str, key: str, value: Any) -> Any:
+    """`value` of augment key `key` (`name` in messages), checked against its choices or range
+    (a float where the key is a number)."""
     if key in _CHOICES:
-        checks.choice(f"augment.{key}", value, _CHOICES[key])
+        checks.choice(name, value, _CHOICES[key])
         return value
     low, high, integer = _RANGES[key]
     maximum = None if high == math.inf else high
     if integer:
-        checks.integer(f"augment.{key}", value, int(low), maximum=maximum and int(maximum))
+        checks.integer(name, value, int(low), maximum=maximum and int(maximum))
         return value
-    checks.number(f"augment.{key}", value, low, maximum=maximum)
+    checks.number(name, value, low, maximum=maximum)
     return float(value)
