@@ -14,14 +14,15 @@ from PIL import Image
 
 from classifiers import classifier
 from conftest import PREPROCESSING
-from thaw.build import build_datamodule
+from thaw.build import build_datamodule, trained_run_config
 from thaw.data.unlabeled import read_unlabeled
 from thaw.errors import UserError
-from thaw.models import create_backbone
+from thaw.models import create_backbone, load_trained
 from thaw.resume import TrainingStopped
 from thaw.semi import FixMatch, WarmupCheck, fixmatch_loss
 from thaw.semi.stream import SemiBatch, SemiLoader, StreamPositions
 from thaw.train import run
+from thaw.training_checks import check_training_config
 
 # 8 generated training images per class: 1 validates, 4 train, 3 are unlabeled.
 SEMI = [
@@ -194,6 +195,10 @@ def test_a_run_logs_what_the_unlabeled_images_did(train_config) -> None:
     assert recorded["data/unlabeled"] == 30
     assert metrics["train/mask_rate_epoch"] == 1.0  # threshold 0 keeps every pseudo-label
     assert 0 <= metrics["train/pseudo_acc"] <= 1 and metrics["train/loss_u_epoch"] > 0
+    trained = load_trained(metrics["checkpoint"])
+    consumer = build_datamodule(trained_run_config(trained.config, None), trained.preprocessing)
+    consumer.setup()
+    assert consumer.unlabeled_set is None  # only training reads the pool
     checkpoint = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt")
     (state,) = [v for k, v in checkpoint["callbacks"].items() if k.startswith("WarmupCheck")]
     assert state["warmup_best"] is not None and state["semi_best"] is not None
@@ -224,6 +229,13 @@ def test_semi_without_unlabeled_images_says_where_they_come_from(train_config) -
     datamodule.prepare_data()
     with pytest.raises(UserError, match=r"semi=fixmatch needs unlabeled images: data.unlab"):
         datamodule.setup("fit")
+
+
+def test_unlabeled_images_without_semi_are_named_unused(train_config, caplog) -> None:
+    cfg = train_config("data.samples_per_class=4", "data.unlabeled_per_class=3")
+    with caplog.at_level(logging.WARNING, logger="thaw.training_checks"):
+        check_training_config(cfg)
+    assert caplog.messages == ["data.unlabeled_per_class: unused without semi=fixmatch"]
 
 
 @pytest.mark.parametrize(

@@ -45,12 +45,14 @@ def build_datamodule(
 ) -> ImageDataModule:
     """The DataModule of `cfg.data`. Without `preprocessing` it resolves the run's own at setup
     (the backbone's statistics, or the data's with `data.normalize=dataset`); a trained model's
-    `preprocessing` is used as it is, and `test_only` then reads only its test images."""
+    `preprocessing` is used as it is, and `test_only` then reads only its test images. Only a
+    run of its own (no `preprocessing`) trains, so only it reads semi=fixmatch's unlabeled
+    pool."""
     spec = model_spec(cfg.model)
     size = {"image_size": spec.input_size} if cfg.data.get("image_size") == "auto" else {}
     # Partial, then called: a setting it refuses raises its own error, not Hydra's wrapper.
     settings = instantiate(cfg.data, _partial_=True)(**size)
-    semi = None if test_only else build_semi(cfg)
+    semi = build_semi(cfg) if preprocessing is None else None
     return ImageDataModule(
         settings, cfg.augment, spec.mean, spec.std, preprocessing, test_only, semi
     )

@@ -8,6 +8,7 @@ when it is built (which also happens before any data is read) is left to it, pas
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from thaw.models.loss import check_settings
 from thaw.openset.extend import HEADS
 from thaw.openset.fit import RejectSettings
 
+log = logging.getLogger(__name__)
+
 # The optimizer settings of conf/optimizer/*.yaml, as torch checks them when the optimizer is
 # built (which is after the data is read): each number >= 0, each switch a bool (a string such
 # as `nesterov=yes` would pass torch as true); `fused` may be null, torch's own default.
@@ -26,6 +29,8 @@ OPTIMIZER_NUMBERS = ("lr", "weight_decay", "momentum")
 OPTIMIZER_FLAGS = {"nesterov": False, "fused": True}  # name: nullable
 # The strategy's numbers, whose ranges it checks itself, with a comparison that a string breaks.
 FINETUNE_NUMBERS = {"backbone_lr_ratio": False, "layer_decay": True, "thaw_warmup_epochs": False}
+# The data keys that name semi=fixmatch's unlabeled images.
+UNLABELED_KEYS = ("unlabeled_root", "unlabeled", "unlabeled_per_class")
 
 
 def check_training_config(cfg: DictConfig) -> None:
@@ -57,8 +62,12 @@ def check_finetune(finetune: DictConfig) -> None:
 
 
 def check_semi(cfg: DictConfig) -> None:
-    """A semi-supervised run must reach an epoch with unlabeled images."""
+    """A semi-supervised run must reach an epoch with unlabeled images; unlabeled images
+    without semi-supervision are named as unused."""
     semi, epochs = cfg.get("semi") or {}, cfg.trainer.get("max_epochs")
+    pools = [f"data.{key}" for key in UNLABELED_KEYS if cfg.data.get(key) is not None]
+    if pools and not semi:
+        log.warning("%s: unused without semi=fixmatch", ", ".join(pools))
     start = semi.get("start_epoch", 0)
     if _is_int(start) and _is_int(epochs) and 0 < epochs <= start:
         raise UserError(

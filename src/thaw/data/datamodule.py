@@ -187,8 +187,6 @@ class ImageDataModule(pl.LightningDataModule):
             if value is not None
         ]
         if self.semi is None:
-            if named:
-                log.warning("%s: unused without semi=fixmatch", ", ".join(named))
             return
         if not named:
             raise UserError(
