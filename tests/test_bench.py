@@ -251,3 +251,26 @@ def test_bench_active_tiny(tmp_path):
     ]
     assert rows[0]["test_acc"] == rows[2]["test_acc"]  # round 0's model is shared
     assert "Goal (random's accuracy at 15 labels" in (tmp_path / "active.md").read_text()
+
+
+def test_bench_semi_tiny(fmnist_root, tmp_path):
+    """Every arm runs with the steps it says, FixMatch's rows carry their gain over the
+    supervised twin, and the fixmatch runs saw the unlabeled images."""
+    bench = load_script("bench_semi")
+    data = [*offline_fmnist(fmnist_root), "data.num_workers=0", "trainer.accelerator=cpu"]
+    argv = ["--n", "2", "--seeds", "0", "--steps", "2", "--unlabeled", "3", "--batch-size", "4"]
+    argv += ["--mu", "1"]
+    argv += ["--out", str(tmp_path), "--source-override", *data, "trainer.max_epochs=1"]
+    argv += ["--transfer-override", *data, "data.eval_batch_size=64"]
+    table = bench.main(argv)
+    assert [row[1] for row in table[1:]] == list(bench.ARMS)
+    assert all(row[0] == "2" and row[2] == "6" for row in table[1:])  # 3 steps an epoch, 2 epochs
+    supervised, fixmatch = (float(table[i][3].split(" ± ")[0]) for i in (1, 2))
+    assert table[2][4] == f"{100 * (fixmatch - supervised):+.1f}" and table[1][4] == ""
+    with open(tmp_path / "semi.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        metrics = json.loads(
+            (tmp_path / "runs" / f"n2-{row['arm']}-seed0" / "metrics.json").read_text()
+        )
+        assert ("data/unlabeled" in metrics) == ("fixmatch" in row["arm"])
