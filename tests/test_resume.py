@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 import thaw.progress.trainer
 from classifiers import classifier, task
 from conftest import PREPROCESSING
+from test_semi import SEMI
 from thaw.data.resumable import EpochSampler, ResumableLoader
 from thaw.finetune import FreezeUnfreeze, TwoPhase, schedulers
 from thaw.models import create_backbone
@@ -165,18 +166,28 @@ def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
     assert len(list(loader)) == 3  # a finished epoch's state does not cut the next epoch short
 
 
+EMA = ["callbacks=ema", "callbacks.ema.decay=0.9"]
+
+
 @pytest.mark.parametrize(
-    ("loader", "callbacks"),
-    [("device", ["callbacks=ema", "callbacks.ema.decay=0.9"]), ("dataloader", [])],
+    ("loader", "extra", "stop_step", "steps"),
+    [
+        ("device", EMA, 7, 10),  # 5 steps an epoch: mid-phase-2
+        ("dataloader", [], 7, 10),
+        ("device", [*SEMI, *EMA], 4, 6),  # 3 steps an epoch: the first with unlabeled images
+        ("dataloader", SEMI, 4, 6),
+    ],
+    ids=["device-ema", "dataloader", "device-ema-fixmatch", "dataloader-fixmatch"],
 )
 def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
-    train_config, loader, callbacks
+    train_config, loader, extra, stop_step, steps
 ):
     """The whole stack: the DataModule's loader on either path (batched augmentation on the
-    device, or per image in a DataLoader), batch mixup, and an EMA of the weights."""
+    device, or per image in a DataLoader), batch mixup, an EMA of the weights, and FixMatch's
+    unlabeled stream with its warm-up's best val/acc."""
     common = [
         f"data.loader={loader}",
-        *callbacks,
+        *extra,
         "trainer.max_epochs=2",
         "trainer.deterministic=true",
         "test=false",
@@ -185,21 +196,23 @@ def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
         "model.head_dropout=0.5",
     ]
     run(train_config(*common, run="whole"))
-    sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=7"]
+    sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt"]
     with pytest.raises(TrainingStopped):
-        run(train_config(*common, *sigterm, run="stopped"))  # 5 steps an epoch: mid-phase-2
+        run(train_config(*common, *sigterm, f"++callbacks.sigterm.step={stop_step}", run="stopped"))
     run(train_config(*common, "ckpt_path=last", run="stopped"))
 
-    def final(name: str) -> dict[str, torch.Tensor]:
+    def final(name: str) -> tuple[dict[str, torch.Tensor], dict]:
         path = train_config(run=name).paths.output_dir + "/checkpoints/last.ckpt"
         checkpoint = torch.load(path, weights_only=True)
-        assert checkpoint["global_step"] == 10  # last.ckpt is the last step, improved or not
-        assert ("current_model_state" in checkpoint) == bool(callbacks)  # EMA: the raw weights
+        assert checkpoint["global_step"] == steps  # last.ckpt is the last step, improved or not
+        assert ("current_model_state" in checkpoint) == (EMA[0] in extra)  # EMA: raw weights
         raw = checkpoint.get("current_model_state", {})
-        return checkpoint["state_dict"] | {f"raw.{k}": v for k, v in raw.items()}
+        warmup = {k: v for k, v in checkpoint["callbacks"].items() if k.startswith("WarmupCheck")}
+        assert bool(warmup) == (SEMI[0] in extra)
+        return checkpoint["state_dict"] | {f"raw.{k}": v for k, v in raw.items()}, warmup
 
-    whole, resumed = final("whole"), final("stopped")
-    assert whole.keys() == resumed.keys()
+    (whole, whole_warmup), (resumed, resumed_warmup) = final("whole"), final("stopped")
+    assert whole.keys() == resumed.keys() and whole_warmup == resumed_warmup
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
 

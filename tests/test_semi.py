@@ -1,6 +1,7 @@
 """semi=fixmatch: the unlabeled loss gives gradient only through confident pseudo-labels, the
-unlabeled stream never holds a labelled, validation or test image, skips the files that do not
-decode, and resumes mid-epoch exactly; a run logs what the unlabeled images did."""
+unlabeled stream never holds a labelled, validation or test image and skips the files that do
+not decode; a run logs what the unlabeled images did. (Its mid-epoch resume is tested with the
+rest of the stack in tests/test_resume.py.)"""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from thaw.build import build_datamodule, trained_run_config
 from thaw.data.unlabeled import read_unlabeled
 from thaw.errors import UserError
 from thaw.models import create_backbone, load_trained
-from thaw.resume import TrainingStopped
 from thaw.semi import FixMatch, WarmupCheck, fixmatch_loss
 from thaw.semi.stream import SemiBatch, SemiLoader, StreamPositions
 from thaw.train import run
@@ -236,45 +236,3 @@ def test_unlabeled_images_without_semi_are_named_unused(train_config, caplog) ->
     with caplog.at_level(logging.WARNING, logger="thaw.training_checks"):
         check_training_config(cfg)
     assert caplog.messages == ["data.unlabeled_per_class: unused without semi=fixmatch"]
-
-
-@pytest.mark.parametrize(
-    ("loader", "callbacks"),
-    [("device", ["callbacks=ema", "callbacks.ema.decay=0.9"]), ("dataloader", [])],
-)
-def test_a_semi_run_stopped_mid_epoch_resumes_to_the_same_weights(
-    train_config, loader, callbacks
-) -> None:
-    """Stopped in the second epoch, the first with unlabeled images, on either data path (with
-    an EMA of the weights on one): the stream, the warm-up's best and the weights end as an
-    uninterrupted run's."""
-    common = [
-        *SEMI,
-        *callbacks,
-        f"data.loader={loader}",
-        "trainer.max_epochs=2",
-        "trainer.deterministic=true",
-        "test=false",
-        "calibrate=false",
-        "finetune.freeze_epochs=1",
-        "model.head_dropout=0.5",
-    ]
-    run(train_config(*common, run="whole"))
-    sigterm = ["++callbacks.sigterm._target_=test_resume.SigtermAt", "++callbacks.sigterm.step=4"]
-    with pytest.raises(TrainingStopped):
-        run(train_config(*common, *sigterm, run="stopped"))  # 3 steps an epoch
-    run(train_config(*common, "ckpt_path=last", run="stopped"))
-
-    def final(name: str) -> dict:
-        path = Path(train_config(run=name).paths.output_dir) / "checkpoints/last.ckpt"
-        checkpoint = torch.load(path, weights_only=False)
-        assert checkpoint["global_step"] == 6
-        return checkpoint
-
-    whole, resumed = final("whole"), final("stopped")
-    assert ("current_model_state" in whole) == bool(callbacks)  # EMA: the raw weights too
-    for part in ("state_dict", "current_model_state"):
-        for key, value in whole.get(part, {}).items():
-            assert torch.equal(value, resumed[part][key]), f"{part}.{key}"
-    check = next(k for k in whole["callbacks"] if k.startswith("WarmupCheck"))
-    assert whole["callbacks"][check] == resumed["callbacks"][check]
