@@ -188,12 +188,19 @@ def test_a_folder_run_learns_from_the_catalogue_and_counts_it(
 # ---------------------------------------------------------------- runs
 
 
-def test_a_run_logs_what_the_unlabeled_images_did(train_config) -> None:
-    cfg = train_config(*SEMI, "semi.threshold=0.0", "trainer.max_epochs=2")
-    metrics = run(cfg)
+def test_a_run_logs_what_the_unlabeled_images_did(train_config, caplog) -> None:
+    progress = [
+        "++callbacks.progress={_target_:thaw.progress.trainer.LogProgress}",
+        "++trainer.enable_progress_bar=true",
+    ]
+    cfg = train_config(*SEMI, *progress, "semi.threshold=0.0", "trainer.max_epochs=2")
+    with caplog.at_level(logging.INFO, logger="thaw.progress"):
+        metrics = run(cfg)
     recorded = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     assert recorded["data/unlabeled"] == 30
     assert metrics["train/mask_rate_epoch"] == 1.0  # threshold 0 keeps every pseudo-label
+    (line,) = [m for m in caplog.messages if m.startswith("epoch 2/2 | step 6")]
+    assert "train/mask_rate 1.0000" in line  # the progress line shows it
     assert 0 <= metrics["train/pseudo_acc"] <= 1 and metrics["train/loss_u_epoch"] > 0
     trained = load_trained(metrics["checkpoint"])
     consumer = build_datamodule(trained_run_config(trained.config, None), trained.preprocessing)
@@ -236,3 +243,29 @@ def test_unlabeled_images_without_semi_are_named_unused(train_config, caplog) ->
     with caplog.at_level(logging.WARNING, logger="thaw.training_checks"):
         check_training_config(cfg)
     assert caplog.messages == ["data.unlabeled_per_class: unused without semi=fixmatch"]
+
+
+def test_the_unlabeled_loss_leaves_a_frozen_backbone_bitwise_unchanged(train_config) -> None:
+    """finetune=linear_probe from a trained checkpoint, with every pseudo-label kept: only the
+    head moves."""
+    first = train_config(*SEMI, "trainer.max_epochs=2", "test=false", run="source")
+    run(first)
+    source = Path(first.paths.output_dir) / "checkpoints/best.ckpt"
+    cfg = train_config(
+        *SEMI,
+        "finetune=linear_probe",
+        f"model.weights={source}",
+        "semi.threshold=0.0",
+        "semi.start_epoch=0",
+        "trainer.max_epochs=1",
+        "test=false",
+        run="probe",
+    )
+    assert run(cfg)["train/mask_rate_epoch"] == 1.0
+    before = torch.load(source, weights_only=True)["state_dict"]
+    after = torch.load(Path(cfg.paths.output_dir) / "checkpoints/last.ckpt", weights_only=True)
+    after = after["state_dict"]
+    backbone = [key for key in before if key.startswith("model.backbone.")]
+    assert backbone and all(torch.equal(before[k], after[k]) for k in backbone)
+    head = [key for key in before if key.startswith("model.head.")]
+    assert head and not all(torch.equal(before[k], after[k]) for k in head)
