@@ -27,10 +27,9 @@ from thaw.data.resumable import (
 )
 from thaw.data.settings import DataSettings
 from thaw.data.sources.base import ImageSet, Splits
-from thaw.data.splits import join, plan_splits, select_classes
+from thaw.data.splits import plan_splits, select_classes
 from thaw.data.stats import resolve_preprocessing
-from thaw.data.unlabeled import read_unlabeled
-from thaw.errors import UserError
+from thaw.data.unlabeled import unlabeled_pool
 from thaw.preprocess import Preprocessing
 from thaw.semi.fixmatch import FixMatch
 from thaw.semi.stream import (
@@ -171,56 +170,13 @@ class ImageDataModule(pl.LightningDataModule):
         sets = {"train": planned.train, "val": planned.val, "test": planned.test}
         corrected = self._corrected({**sets, "unlabeled": planned.unlabeled})
         self.train_set, self.val_set, self.test_set = (corrected[name] for name in sets)
-        self._load_unlabeled(corrected["unlabeled"])
-
-    def _load_unlabeled(self, hidden: ImageSet | None) -> None:
-        """The unlabeled pool of a semi-supervised run: the images whose labels the plan hid,
-        and the files of data.unlabeled_root and data.unlabeled."""
-        settings = self.settings
-        named = [
-            f"data.{key}={value}"
-            for key, value in (
-                ("unlabeled_root", settings.unlabeled_root),
-                ("unlabeled", settings.unlabeled),
-                ("unlabeled_per_class", settings.splits.unlabeled_per_class),
+        if self.semi is not None:
+            labelled = [self.train_set, self.val_set, self.test_set]
+            pool = unlabeled_pool(
+                self.settings, corrected["unlabeled"], labelled, self._decode_size
             )
-            if value is not None
-        ]
-        if self.semi is None:
-            return
-        if not named:
-            raise UserError(
-                "semi=fixmatch needs unlabeled images: data.unlabeled_root=<folder>, "
-                "data.unlabeled=<list.txt>, or for an in-memory data set "
-                "data.unlabeled_per_class=N (with data.samples_per_class)"
-            )
-        pools = [hidden] if hidden is not None and len(hidden) else []
-        if settings.unlabeled_root is not None or settings.unlabeled is not None:
-            labelled = [
-                Path(path)
-                for imageset in (self.train_set, self.val_set, self.test_set)
-                if imageset is not None and not imageset.in_memory
-                for path in imageset.images
-            ]
-            files, skipped = read_unlabeled(
-                settings.unlabeled_root,
-                settings.unlabeled,
-                self.classes,
-                labelled,
-                self._decode_size,
-            )
-            pools.append(files)
-            self.counts["data/unlabeled_skipped"] = skipped
-        if not pools:
-            raise UserError(f"{', '.join(named)}: no image is left over for the unlabeled pool")
-        if len({pool.in_memory for pool in pools}) > 1:
-            raise UserError(
-                f"{', '.join(named)}: an in-memory data set's hidden labels and image files "
-                "cannot make one pool; use data.unlabeled_per_class or the files"
-            )
-        self.unlabeled_set = pools[0] if len(pools) == 1 else join(*pools)
-        self.counts["data/unlabeled"] = len(self.unlabeled_set)
-        log.info("Unlabeled pool: %d images (%s)", len(self.unlabeled_set), ", ".join(named))
+            self.unlabeled_set, counts = pool
+            self.counts.update(counts)
 
     def _corrected(
         self, sets: dict[str, ImageSet | None], by_index: bool = True
