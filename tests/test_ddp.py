@@ -83,9 +83,9 @@ def test_ddp_spawn_syncs_the_thawed_backbone_across_two_cpu_processes(quiet_trai
 
 def test_each_rank_trains_on_its_own_half_of_every_epoch(monkeypatch):
     loader = ResumableLoader(NoisyImages(10), seed=1, batch_size=2)
-    monkeypatch.setattr("thaw.data.resumable._rank_and_world", lambda: (0, 2))
+    monkeypatch.setattr("thaw.data.resumable.rank_and_world", lambda: (0, 2))
     rank0 = [i for i, _ in loader.sampler]
-    monkeypatch.setattr("thaw.data.resumable._rank_and_world", lambda: (1, 2))
+    monkeypatch.setattr("thaw.data.resumable.rank_and_world", lambda: (1, 2))
     rank1 = [i for i, _ in loader.sampler]
     assert len(rank0) == len(rank1) == len(loader.sampler) == 5
     assert sorted(rank0 + rank1) == list(range(10))
@@ -108,7 +108,7 @@ def test_each_rank_takes_its_own_stretch_of_the_unlabeled_stream(monkeypatch):
     alone = [positions.step(step) for step in range(4)]
     ranks = []
     for rank in (0, 1):
-        monkeypatch.setattr("thaw.semi.stream._rank_and_world", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr("thaw.semi.stream.rank_and_world", lambda rank=rank: (rank, 2))
         ranks.append([positions.step(step) for step in range(2)])
     assert ranks[0] == [alone[0], alone[2]] and ranks[1] == [alone[1], alone[3]]
 

@@ -175,7 +175,7 @@ def test_device_loader_shards_training_across_ranks(monkeypatch: pytest.MonkeyPa
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
     seen = []
     for rank in (0, 1):
-        monkeypatch.setattr("thaw.data.resumable._rank_and_world", lambda r=rank: (r, 2))
+        monkeypatch.setattr("thaw.data.resumable.rank_and_world", lambda r=rank: (r, 2))
         loader = DeviceLoader(images, torch.arange(10), lambda x, g: x, seed=1, batch_size=2)
         seen.append(torch.cat([labels for _, labels in loader]).tolist())
         evaluation = DeviceLoader(images, torch.arange(10), lambda x, g: x, 1, 4, shuffle=False)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def _mix(*values: int) -> int:
+def mix_seed(*values: int) -> int:
     """A 63-bit seed that changes with every value (a simple, stable polynomial hash)."""
     seed = 0
     for value in values:
@@ -37,7 +37,8 @@ def _chunks(sampler: EpochSampler, size: int) -> Iterator[list[int]]:
         yield chunk
 
 
-def _rank_and_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes): (0, 1) outside distributed training."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -69,28 +70,28 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def _shard(self) -> list[int]:
         if not self.shuffle:
             return list(range(self.size))
-        generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         if self.weights is None:
             order = torch.randperm(self.size, generator=generator).tolist()
         else:
             draws = torch.multinomial(self.weights, self.size, True, generator=generator)
             order = draws.tolist()
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         per_rank = -(-self.size // world)
         order += order[: per_rank * world - self.size]
         return order[rank::world]
 
     def __len__(self) -> int:
-        world = _rank_and_world()[1] if self.shuffle else 1
+        world = rank_and_world()[1] if self.shuffle else 1
         return -(-self.size // world)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         skip, self.skip = self.skip, 0
         for position, index in enumerate(self._shard()[skip:], start=skip):
             if self.weights is None:
-                yield index, _mix(self.seed, self.epoch, index)
+                yield index, mix_seed(self.seed, self.epoch, index)
             else:
-                yield index, _mix(self.seed, self.epoch, index, position, _rank_and_world()[0])
+                yield index, mix_seed(self.seed, self.epoch, index, position, rank_and_world()[0])
 
 
 def balanced_weights(labels: torch.Tensor) -> torch.Tensor:
@@ -232,9 +233,9 @@ class DeviceLoader(PositionedLoader):
 
     def _image_batches(self) -> Iterator[Batch]:
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
-        rank = _rank_and_world()[0] if self.sampler.shuffle else 0
+        rank = rank_and_world()[0] if self.sampler.shuffle else 0
         chunks = _chunks(self.sampler, self.batch_size)
         for number, chunk in enumerate(chunks, start=first):
             rows = torch.tensor(chunk, device=self.device)
-            self.generator.manual_seed(_mix(self.sampler.seed, epoch, rank, number))
+            self.generator.manual_seed(mix_seed(self.sampler.seed, epoch, rank, number))
             yield self.transform(self.images[rows], self.generator), self.labels[rows]

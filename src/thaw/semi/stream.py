@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from thaw.data.dataset import ImageDataset
-from thaw.data.resumable import PositionedLoader, SeededSamples, _mix, _rank_and_world
+from thaw.data.resumable import PositionedLoader, SeededSamples, mix_seed, rank_and_world
 from thaw.data.sources.base import ImageSet
 
 # Keeps the stream's draws apart from the labelled loader's, which share the run's seed.
@@ -46,17 +46,17 @@ class StreamPositions:
 
     @lru_cache(maxsize=2)  # noqa: B019 - one stream per run, a pass or two alive at a time
     def _order(self, stream_pass: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(_mix(self.seed, SALT, stream_pass))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, SALT, stream_pass))
         return torch.randperm(self.size, generator=generator)
 
     def step(self, step: int) -> list[tuple[int, int]]:
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         start = (step * world + rank) * self.batch_size
         chosen = []
         for position in range(start, start + self.batch_size):
             stream_pass, offset = divmod(position, self.size)
             index = int(self._order(stream_pass)[offset])
-            chosen.append((index, _mix(self.seed, SALT, position)))
+            chosen.append((index, mix_seed(self.seed, SALT, position)))
         return chosen
 
 
@@ -85,8 +85,8 @@ class DeviceViews:
     def __call__(self, step: int) -> ViewBatch:
         chosen = self.positions.step(step)
         rows = torch.tensor([index for index, _ in chosen], device=self.device)
-        rank = _rank_and_world()[0]
-        self.generator.manual_seed(_mix(self.positions.seed, SALT, step, rank))
+        rank = rank_and_world()[0]
+        self.generator.manual_seed(mix_seed(self.positions.seed, SALT, step, rank))
         images = self.images[rows]
         weak = self.weak(images, self.generator)
         return weak, self.strong(images, self.generator), self.hidden[rows]
