@@ -231,6 +231,20 @@ def test_the_warmup_check_warns_only_when_the_unlabeled_epochs_fell_below(caplog
     assert "did not help" in message and "0.7500" in message and "0.8000" in message
 
 
+def test_label_smoothing_that_caps_confidence_below_the_threshold_is_refused(
+    train_config,
+) -> None:
+    """With eps 0.1 and 10 classes the best the model may be is 0.91 sure: no pseudo-label
+    would pass 0.95. semi=fixmatch turns smoothing off; setting it back is an error, before
+    any step."""
+    assert train_config(*SEMI).model.label_smoothing == 0.0
+    cfg = train_config(*SEMI, "model.label_smoothing=0.1")
+    with pytest.raises(UserError, match=r"label_smoothing=0.1 caps .* at 0.910 with 10 classes"):
+        run(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()
+    run(train_config(*SEMI, "model.label_smoothing=0.1", "semi.threshold=0.9", "test=false"))
+
+
 def test_semi_without_unlabeled_images_says_where_they_come_from(train_config) -> None:
     datamodule = build_datamodule(train_config("semi=fixmatch"))
     datamodule.prepare_data()

@@ -80,6 +80,8 @@ def build_task(
     """The training task for `datamodule` (set up): the classifier for its classes and input
     size with `cfg.model.weights` loaded and a new head, the loss weighted for its training
     classes."""
+    if datamodule.semi is not None:
+        datamodule.semi.check_reachable(cfg.model.label_smoothing, len(datamodule.classes))
     run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     model = build_model(
         run_config,

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from thaw import checks
 from thaw.data.augment.options import AugmentOptions
+from thaw.errors import UserError
 
 
 class UnlabeledLoss(NamedTuple):
@@ -71,6 +72,18 @@ class FixMatch:
             "strong": AugmentOptions.parse(strong, "semi.strong"),
         }
         return cls(**views, **values)
+
+    def check_reachable(self, label_smoothing: float, classes: int) -> None:
+        """Refuse a threshold above the most confidence the supervised loss lets the model
+        have: label smoothing eps makes 1 - eps + eps/K the optimal top probability."""
+        highest = 1 - label_smoothing + label_smoothing / classes
+        if label_smoothing > 0 and self.threshold > highest:
+            raise UserError(
+                f"model.label_smoothing={label_smoothing:g} caps the model's confidence at "
+                f"{highest:.3f} with {classes} classes, below semi.threshold={self.threshold:g}: "
+                "almost no pseudo-label would pass. Use model.label_smoothing=0 (semi=fixmatch's "
+                f"own) or a semi.threshold below {highest:.3f}"
+            )
 
     def loss(self, weak_logits: torch.Tensor, strong_logits: torch.Tensor) -> UnlabeledLoss:
         """`fixmatch_loss` at this run's threshold."""
