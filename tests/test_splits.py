@@ -12,6 +12,7 @@ import torch
 from data_formats import MEAN, STD, counts, write_image_folder
 from datamodules import make_datamodule
 from thaw.data import ImageSet
+from thaw.data.corrections import number_images
 from thaw.data.datamodule import ImageDataModule
 from thaw.data.settings import SplitSettings
 from thaw.data.sources import fashion_mnist as fmnist
@@ -151,6 +152,7 @@ def plan(splits: Splits, **values) -> Splits:
         "val_fraction": 0.25,
         "test_fraction": 0.2,
         "samples_per_class": None,
+        "unlabeled_per_class": None,
         "folds": None,
         "fold": None,
         "split_seed": 0,
@@ -182,6 +184,25 @@ def test_the_plan_keeps_a_source_test_set_and_folds_the_pool_with_its_val() -> N
     assert ids(planned.train) | ids(planned.val) == ids(train) | ids(val)
     folds = [ids(plan(Splits(train, test=test, val=val), folds=4, fold=k).val) for k in range(4)]
     assert set().union(*folds) == ids(train) | ids(val) and sum(map(len, folds)) == 24
+
+
+def test_unlabeled_images_are_training_images_no_split_holds() -> None:
+    """unlabeled_per_class draws from what samples_per_class left of the training pool: never a
+    training, validation or test image, with or without folds."""
+    numbered = number_images(labelled({0: 20, 1: 20}), None, None)
+    for folds in ({}, {"folds": 3, "fold": 1}):
+        planned = plan(
+            Splits(numbered["train"]), samples_per_class=4, unlabeled_per_class=5, **folds
+        )
+        assert counts(planned.unlabeled.labels) == {0: 5, 1: 5}
+        held = [ids(planned.train), ids(planned.val), ids(planned.test)]
+        assert ids(planned.unlabeled).isdisjoint(set.union(*held))
+    few = plan(Splits(numbered["train"]), samples_per_class=4, unlabeled_per_class=100)
+    assert counts(few.unlabeled.labels) == {0: 8, 1: 8}  # all that is left: 20 - 4 test - 4 val - 4
+    with pytest.raises(
+        UserError, match="unlabeled_per_class=5 takes its images from .*samples_per_class"
+    ):
+        plan(Splits(numbered["train"]), unlabeled_per_class=5)
 
 
 def test_the_plan_names_the_class_too_small_to_split() -> None:

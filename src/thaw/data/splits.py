@@ -47,8 +47,9 @@ def plan_splits(splits: Splits, settings: SplitSettings) -> Splits:
 
 
 def left_out(pool: ImageSet, taken: Sequence[ImageSet], per_class: int, seed: int) -> ImageSet:
-    """Up to `per_class` images of every class of `pool` that none of `taken` holds (by id),
-    drawn at random (seeded)."""
+    """Up to `per_class` images of every class of `pool` that none of `taken` holds, drawn at
+    random (seeded). Images are told apart by id, which the DataModule makes unique across a
+    source's sets (thaw.data.corrections.number_images)."""
     used = torch.cat([imageset.ids for imageset in taken])
     rest = pool.subset(torch.nonzero(~torch.isin(pool.ids, used)).flatten())
     return limit_per_class(rest, per_class, seed) if len(rest) else rest
