@@ -202,7 +202,7 @@ def test_exclude_and_relabel_change_exactly_the_images_they_name(
     for split, was in splits.items():
         expected = {k: renamed.get(k, v) for k, v in was.items() if k not in dropped}
         assert members(after, split) == expected, split
-    assert after.corrected == {"data/excluded": len(dropped), "data/relabelled": len(renamed)}
+    assert after.counts == {"data/excluded": len(dropped), "data/relabelled": len(renamed)}
 
 
 def test_a_run_on_a_review_counts_what_it_touched_and_trains_on_a_last_batch_of_one(
