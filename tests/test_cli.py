@@ -81,6 +81,7 @@ def files(
     corrupt = write_image_folder(root / "corrupt", ["a", "b"], 6, splits=("",), size=(28, 28))
     write_truncated_jpeg(corrupt / "a" / "broken.jpg", size=(28, 28))
     write_image_folder(root / "other", ["x", "y"], 2, splits=("test",), size=(28, 28))
+    (root / "labels.csv").write_text("path,label\na/img_0.png,a\na/img_1.png,\n")
     return {
         "ckpt": root / "fmnist_run" / "checkpoints" / "last.ckpt",
         "folder_ckpt": folder_run / "checkpoints" / "best.ckpt",
@@ -91,6 +92,7 @@ def files(
         "corrupt": corrupt,
         "corrupt_file": corrupt / "a" / "broken.jpg",
         "other": root / "other",
+        "csv": root / "labels.csv",
         "runs": root / "runs",
     }
 
@@ -136,6 +138,12 @@ def mistakes(f: dict[str, Path], fmnist_root: Path) -> dict[str, Mistake]:
         ),
         "ckpt_path=last, new dir": Mistake(
             "train", [*train, "ckpt_path=last"], ["ckpt_path=last", "hydra.run.dir="]
+        ),
+        "missing data.csv": Mistake("train", [*CLI_TINY, "data=csv"], ["data.csv", "data.csv="]),
+        "bad CSV row": Mistake(
+            "train",
+            [*CLI_TINY, "data=csv", f"data.csv={f['csv']}"],
+            [str(f["csv"]), "line 3: a/img_1.png has an empty label"],
         ),
         "corrupt image at setup": Mistake(
             "train",
@@ -235,6 +243,8 @@ def answers(files: dict[str, Path], fmnist_root: Path) -> dict[str, SimpleNamesp
         "unknown option",
         "override syntax",
         "missing data.root",
+        "missing data.csv",
+        "bad CSV row",
         "never thaws",
         "16-bit on CPU",
         "offline weights",

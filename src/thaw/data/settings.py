@@ -103,7 +103,10 @@ class DataSettings:
     @classmethod
     def of(cls, source: Source, **values: Any) -> DataSettings:
         """The settings from the data group's flat keys (the `_target_` of conf/data_base.yaml):
-        the split keys are gathered into `splits`."""
+        the split keys are gathered into `splits`. Keys a source declares as its own
+        (`DATA_KEYS`, such as data.csv) reached it through the config and are dropped here."""
+        for name in getattr(source, "DATA_KEYS", ()):
+            values.pop(name, None)
         split_keys = [name for name in SplitSettings.__dataclass_fields__ if name in values]
         known = [name for name in cls.__dataclass_fields__ if name not in ("source", "splits")]
         unknown = sorted(set(values) - set(known) - set(split_keys))

@@ -16,7 +16,8 @@ from thaw.data.sources.download import archive_path, fetch_and_extract
 class ImageSet:
     """Labelled images: a uint8 tensor (N, C, H, W) held in memory, or a list of image files.
 
-    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `ids` number the
+    `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `labels` are class
+    indices (N,), or for multi-label data multi-hot rows (N, classes). `ids` number the
     images (by default 0..N-1; the DataModule numbers them across the source's sets, see
     thaw.data.corrections.number_images): a file has its path, but an in-memory image only that
     number, which every subset and filter carries along, so a review list can name it
@@ -36,6 +37,11 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        """Labels are sets: `labels` is a multi-hot (N, classes) float tensor, not (N,) indices."""
+        return self.labels.ndim == 2
 
     @property
     def in_memory(self) -> bool:
