@@ -30,6 +30,7 @@ from thaw.data.sources.base import ImageSet, Splits
 from thaw.data.splits import plan_splits, select_classes
 from thaw.data.stats import resolve_preprocessing
 from thaw.data.unlabeled import unlabeled_pool
+from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 from thaw.semi.fixmatch import FixMatch
 from thaw.semi.stream import (
@@ -114,6 +115,12 @@ class ImageDataModule(pl.LightningDataModule):
         return self._require(loaded).classes
 
     @property
+    def multilabel(self) -> bool:
+        """Whether the labels are sets (multi-hot rows, see ImageSet.multilabel)."""
+        loaded = self.train_set if self.train_set is not None else self.test_set
+        return self._require(loaded).multilabel
+
+    @property
     def loader(self) -> str:
         """The data path chosen at setup: "device" or "dataloader"."""
         return self._require(self.loader_choice).path
@@ -164,6 +171,8 @@ class ImageDataModule(pl.LightningDataModule):
             self.test_set = self._corrected({"test": test}, by_index=False)["test"]
             return
         source = self.source.load()
+        if source.train.multilabel:
+            self._check_multilabel()
         loaded = number_images(source.train, source.val, source.test)
         found = self._checked(**{name: self._filter(s) for name, s in loaded.items()})
         planned = plan_splits(Splits(**found), self.settings.splits)  # type: ignore[arg-type]
@@ -177,6 +186,20 @@ class ImageDataModule(pl.LightningDataModule):
             )
             self.unlabeled_set, counts = pool
             self.counts.update(counts)
+
+    def _check_multilabel(self) -> None:
+        """Refuse the settings that mean one class per image, for label sets."""
+        refused = {
+            "data.sampler=balanced": self.settings.sampler == "balanced",
+            f"data.relabel={self.settings.relabel}": self.settings.relabel is not None,
+            "semi=fixmatch": self.semi is not None,
+        }
+        named = [name for name, on in refused.items() if on]
+        if named:
+            raise UserError(
+                f"{' and '.join(named)} need one class per image, but this data set is "
+                "multi-label (label sets): leave them out, or give single labels"
+            )
 
     def _corrected(
         self, sets: dict[str, ImageSet | None], by_index: bool = True

@@ -37,10 +37,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
+        """(image, class index), or (image, multi-hot row) for multi-label data."""
         item = self.images.images[index]
         image = item if isinstance(item, torch.Tensor) else load_image(item, self.min_size)
-        return self.transform(image), int(self.images.labels[index])
+        label = self.images.labels[index]
+        return self.transform(image), label if self.images.multilabel else int(label)
 
 
 def readable_splits(

@@ -1,11 +1,14 @@
 """Planning the splits: seeded, stratified index arithmetic on labels (validation/test splits,
 class subsets, K-fold and few-shot limits). Pure functions of the labels and the settings, so
-the same seed gives the same split on every process; no image is read."""
+the same seed gives the same split on every process; no image is read. Multi-label sets (label
+sets as multi-hot rows) are split by iterative stratification (Sechidis et al. 2011, the
+iterative-stratification package), which keeps each label's share in every part."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from thaw.data.settings import SplitSettings
@@ -69,7 +72,7 @@ def check_class_sizes(
     if split_val and settings.val_fraction > 0 and settings.folds is None:
         held.append(f"validation (data.val_fraction={settings.val_fraction:g})")
     needed = 1 + len(held)
-    sizes = torch.bincount(train.labels, minlength=len(train.classes)).tolist()
+    sizes = class_counts(train)
     short = [(name, n) for name, n in zip(train.classes, sizes, strict=True) if n < needed]
     if short:
         listed = ", ".join(f"{name!r} has {n}" for name, n in short)
@@ -78,6 +81,13 @@ def check_class_sizes(
             f"too few images per class: {listed}; each class needs at least {needed} "
             f"(one for each of {names}). Add images, or give val/ and test/ folders"
         )
+
+
+def class_counts(imageset: ImageSet) -> list[int]:
+    """How many images of each class (for multi-label sets: how many have each label)."""
+    if imageset.multilabel:
+        return imageset.labels.sum(dim=0).long().tolist()
+    return torch.bincount(imageset.labels, minlength=len(imageset.classes)).tolist()
 
 
 def stratified_split(
@@ -90,10 +100,13 @@ def stratified_split(
 
     Returns (keep_idx, held_idx), each sorted, disjoint and together covering every index. Every
     class keeps at least one sample, so a class needs 2 or more when fraction > 0. `class_names`
-    only names a class in that error.
+    only names a class in that error. Multi-hot labels (N, classes) are split by iterative
+    stratification: a `fraction` of the images, each label's share as even as the sets allow.
     """
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    if labels.ndim == 2:
+        return _multilabel_split(labels, fraction, seed)
     generator = torch.Generator().manual_seed(seed)
     keep, held = [], []
     for c in torch.unique(labels).tolist():
@@ -116,6 +129,31 @@ def stratified_split(
     )
 
 
+def _multilabel_split(
+    labels: torch.Tensor, fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    everything = torch.arange(len(labels))
+    if fraction == 0 or len(labels) < 2:
+        return everything, torch.empty(0, dtype=torch.long)
+    splitter = _stratifiers().MultilabelStratifiedShuffleSplit(
+        n_splits=1, test_size=fraction, random_state=seed
+    )
+    keep, held = next(splitter.split(np.zeros(len(labels)), labels.numpy()))
+    return torch.from_numpy(np.sort(keep)).long(), torch.from_numpy(np.sort(held)).long()
+
+
+def _stratifiers():  # noqa: ANN202 - a module
+    """iterative-stratification's splitters, imported where multi-label data needs them."""
+    try:
+        from iterstrat import ml_stratifiers
+    except ImportError as err:
+        raise UserError(
+            "splitting multi-label data needs the iterative-stratification package: "
+            "pip install 'thaw-vision[multilabel]'"
+        ) from err
+    return ml_stratifiers
+
+
 def split_imageset(imageset: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
     """`stratified_split` applied to an ImageSet: (kept, held out)."""
     keep, held = stratified_split(imageset.labels, fraction, seed, imageset.classes)
@@ -123,7 +161,8 @@ def split_imageset(imageset: ImageSet, fraction: float, seed: int) -> tuple[Imag
 
 
 def select_classes(imageset: ImageSet, names: Sequence[str]) -> ImageSet:
-    """Only the images of the classes `names`, relabelled 0..k-1 in the order of `names`."""
+    """Only the images of the classes `names`, relabelled 0..k-1 in the order of `names` (of a
+    multi-label set: only those labels, and the images that have one of them)."""
     names = list(names)
     if not names:
         raise UserError("classes must name at least one class")
@@ -133,6 +172,11 @@ def select_classes(imageset: ImageSet, names: Sequence[str]) -> ImageSet:
     duplicated = sorted({name for name in names if names.count(name) > 1})
     if duplicated:
         raise UserError(f"classes {duplicated} are listed more than once")
+    if imageset.multilabel:
+        columns = imageset.labels[:, [imageset.classes.index(name) for name in names]]
+        idx = torch.nonzero(columns.any(dim=1)).flatten()
+        subset = imageset.subset(idx)
+        return ImageSet(subset.images, columns[idx], names, subset.ids)
     new_label = torch.full((len(imageset.classes),), -1, dtype=torch.long)
     for new, name in enumerate(names):
         new_label[imageset.classes.index(name)] = new
@@ -146,6 +190,11 @@ def limit_per_class(imageset: ImageSet, n: int, seed: int) -> ImageSet:
     """At most `n` images of every class, drawn at random (seeded), in their original order."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"samples per class must be a positive integer, got {n!r}")
+    if imageset.multilabel:
+        raise UserError(
+            f"data.samples_per_class={n} (and data.unlabeled_per_class) limit single-label data: "
+            "an image of a multi-label set has several classes. Give the CSV fewer rows instead"
+        )
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for c in torch.unique(imageset.labels).tolist():
@@ -159,7 +208,14 @@ def limit_per_class(imageset: ImageSet, n: int, seed: int) -> ImageSet:
 def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
     """`folds` disjoint index sets that cover every index, each holding an equal share (within
     one) of every class: the classes' shuffled indices, one after another, dealt round-robin.
-    Seeded, so every process and every fold's run sees the same split."""
+    Seeded, so every process and every fold's run sees the same split. Multi-hot labels are
+    dealt by iterative stratification, each label's images as evenly as the sets allow."""
+    if labels.ndim == 2:
+        splitter = _stratifiers().MultilabelStratifiedKFold(
+            n_splits=folds, shuffle=True, random_state=seed
+        )
+        parts = splitter.split(np.zeros(len(labels)), labels.numpy())
+        return [torch.from_numpy(np.sort(held)).long() for _, held in parts]
     generator = torch.Generator().manual_seed(seed)
     dealt = [
         idx[torch.randperm(len(idx), generator=generator)]
@@ -173,7 +229,7 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.
 def fold_split(imageset: ImageSet, folds: int, fold: int, seed: int) -> tuple[ImageSet, ImageSet]:
     """K-fold cross-validation: (the other folds, fold `fold`) of `stratified_folds`. Every
     class needs `folds` images or more, so that every fold validates every class."""
-    sizes = torch.bincount(imageset.labels, minlength=len(imageset.classes)).tolist()
+    sizes = class_counts(imageset)
     short = [
         f"{name!r} has {n}" for name, n in zip(imageset.classes, sizes, strict=True) if n < folds
     ]

@@ -24,9 +24,9 @@ class BatchMix:
             raise ValueError("BatchMix needs augment.mixup_alpha or augment.cutmix_alpha > 0")
         mixes: list[torch.nn.Module] = []
         if options.mixup_alpha > 0:
-            mixes.append(v2.MixUp(alpha=options.mixup_alpha, num_classes=num_classes))
+            mixes.append(v2.MixUp(alpha=options.mixup_alpha))
         if options.cutmix_alpha > 0:
-            mixes.append(v2.CutMix(alpha=options.cutmix_alpha, num_classes=num_classes))
+            mixes.append(v2.CutMix(alpha=options.cutmix_alpha))
         self.mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
         self.prob = options.mix_prob
         self.num_classes = num_classes
@@ -34,9 +34,12 @@ class BatchMix:
     def __call__(
         self, images: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(mixed images, the hard labels unchanged, soft targets (N, C) whose rows sum to 1)."""
+        """(mixed images, the hard labels unchanged, soft targets (N, C) whose rows sum to 1).
+        Multi-hot labels (N, C) are mixed as they are: an image's targets become the mix of
+        both images' label sets, each label in proportion to its image's share."""
+        hard = labels if labels.ndim == 2 else F.one_hot(labels, self.num_classes)
         if float(torch.rand(())) < self.prob:
-            mixed, soft = self.mix(images, labels)
+            mixed, soft = self.mix(images, hard.float())
         else:
-            mixed, soft = images, F.one_hot(labels, self.num_classes).float()
+            mixed, soft = images, hard.float()
         return mixed, labels, soft
