@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.strategies.launchers import _MultiProcessingLauncher
 
+from thaw.analysis.thresholds import UNTUNED
 from thaw.checkpoint_io import DurableCheckpointIO
 from thaw.data.datamodule import ImageDataModule
 from thaw.errors import UserError
@@ -83,11 +84,17 @@ def build_task(
     if datamodule.semi is not None:
         datamodule.semi.check_reachable(cfg.model.label_smoothing, len(datamodule.classes))
     run_config: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    # The temperature, or a multi-label model's thresholds, are fitted after training
+    # (thaw.fit_postprocessing); until then the thresholds are the sigmoid's midpoint.
+    classes = datamodule.classes
+    thresholds = (UNTUNED,) * len(classes) if datamodule.multilabel else None
+    if thresholds is not None and cfg.get("distill", {}).get("teacher"):
+        raise UserError("distill.teacher: distillation is for single-label data, not label sets")
     model = build_model(
         run_config,
-        datamodule.classes,
+        classes,
         datamodule.preprocessing,
-        Postprocessing(),  # the temperature is fitted after training (thaw.fit_postprocessing)
+        Postprocessing(thresholds=thresholds),
         channels_last=channels_last(cfg.trainer),
     )
     return ClassificationTask(
@@ -103,6 +110,7 @@ def build_task(
         compile=cfg.model.compile,
         distillation=build_distillation(cfg, datamodule),
         semi=datamodule.semi,
+        loss=cfg.model.get("loss", "auto"),
     )
 
 

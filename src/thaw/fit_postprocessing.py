@@ -1,15 +1,17 @@
 """Fitting the post-processing record after training, on the validation split, into the best
 checkpoint (thaw.postprocess): temperature scaling, one scalar T that makes softmax(logits / T)
 mean what it says (Guo et al., 2017), and accuracy does not change; then the rejection rule that
-says "none of these" (thaw.openset). Predict, export and serve apply both.
+says "none of these" (thaw.openset). A multi-label model gets its per-label thresholds instead
+(thaw.analysis.thresholds). Predict, export and serve apply them all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from itertools import islice
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -22,6 +24,7 @@ from thaw.analysis.calibration import (
     fit_temperature,
     negative_log_likelihood,
 )
+from thaw.analysis.thresholds import UNTUNED, f1_macro, tune_thresholds
 from thaw.checkpoint import update_run_record
 from thaw.data.datamodule import ImageDataModule
 from thaw.hardware import channels_last
@@ -58,6 +61,8 @@ def calibrate(
         log.info("No validation images: no temperature fitted")
         return {}
     device = trainer.strategy.root_device
+    if task.multilabel:
+        return tune_label_thresholds(cfg, trainer, task, datamodule, best, n_batches)
     figures = on_global_zero(
         trainer,
         "fitting the temperature",
@@ -82,6 +87,64 @@ def calibrate(
     return figures
 
 
+def tune_label_thresholds(
+    cfg: DictConfig,
+    trainer: pl.Trainer,
+    task: ClassificationTask,
+    datamodule: ImageDataModule,
+    best: str,
+    n_batches: int,
+) -> dict[str, float]:
+    """A multi-label model's calibration: each label's F1-best threshold on the validation
+    images (thaw.analysis.thresholds), into the best checkpoint and the task's model, as
+    `calibrate` does for a temperature. Returns the validation F1 macro at 0.5
+    (`val/f1_macro_at_0.5`) and at the tuned thresholds (`val/f1_macro_tuned`)."""
+    device = trainer.strategy.root_device
+
+    def fit() -> dict[str, Any]:
+        network = load_trained(best, channels_last=channels_last(cfg.trainer)).to(device)
+        probabilities, labels = validation_outputs(network, datamodule, n_batches, device)
+        thresholds = tune_thresholds(probabilities, labels)
+        record = dataclasses.replace(network.postprocessing, thresholds=tuple(thresholds))
+        update_run_record(best, postprocessing=record.to_dict())
+        return {
+            "thresholds": thresholds,
+            "val/f1_macro_at_0.5": f1_macro(probabilities, labels, [UNTUNED] * len(thresholds)),
+            "val/f1_macro_tuned": f1_macro(probabilities, labels, thresholds),
+            "images": len(labels),
+        }
+
+    figures = on_global_zero(trainer, "tuning the label thresholds", fit)
+    thresholds = figures.pop("thresholds")
+    postprocessing = task.model.postprocessing
+    task.model.postprocessing = dataclasses.replace(postprocessing, thresholds=tuple(thresholds))
+    log.info(
+        "Label thresholds tuned on %d validation images for each label's F1 (F1 macro %.4f at "
+        "0.5 -> %.4f), written into %s: %s",
+        figures.pop("images"),
+        figures["val/f1_macro_at_0.5"],
+        figures["val/f1_macro_tuned"],
+        best,
+        ", ".join(f"{c} {t:.3f}" for c, t in zip(task.model.classes, thresholds, strict=True)),
+    )
+    return figures
+
+
+@torch.inference_mode()
+def validation_outputs(
+    network: torch.nn.Module, datamodule: ImageDataModule, n_batches: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The probabilities (its Postprocessing's) and labels of the first `n_batches` validation
+    batches, on the CPU."""
+    network.eval()
+    outputs, targets = [], []
+    for images, labels in islice(datamodule.val_dataloader(), n_batches):
+        logits = network(images.to(device)).float().cpu()
+        outputs.append(network.postprocessing.probabilities(logits))
+        targets.append(labels.cpu())
+    return torch.cat(outputs), torch.cat(targets)
+
+
 def reject_unknown(
     cfg: DictConfig,
     trainer: pl.Trainer,
@@ -95,6 +158,9 @@ def reject_unknown(
     best checkpoint or no validation images)."""
     settings = RejectSettings.of(cfg.reject)
     n_batches = _validation_batches(trainer, datamodule)
+    if task.multilabel:
+        log.info("No rejection rule fitted: a multi-label model's answer may be no label at all")
+        return {}
     if settings.score is None or not best or n_batches == 0:
         why = "reject.score=null" if settings.score is None else "no best checkpoint or val images"
         log.info("No rejection rule fitted (%s): every image gets a known class", why)

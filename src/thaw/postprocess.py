@@ -1,9 +1,10 @@
 """Postprocessing: what turns a trained model's logits into its answer, saved beside its weights.
 
 Preprocessing says how an image becomes the network's input; this says how the network's output
-becomes an answer: the temperature fitted after training (Guo et al., 2017), and the rule that
-says "none of these" (thaw.openset). Like Preprocessing it travels in checkpoints and exported
-files, so every consumer applies the same rule.
+becomes an answer: the temperature fitted after training (Guo et al., 2017), the rule that
+says "none of these" (thaw.openset), and for a multi-label model the per-label thresholds that
+turn its sigmoid outputs into a set of labels. Like Preprocessing it travels in checkpoints and
+exported files, so every consumer applies the same rule.
 """
 
 from __future__ import annotations
@@ -52,15 +53,30 @@ class Rejection:
 @dataclass(frozen=True)
 class Postprocessing:
     """softmax(logits / temperature): 1.0 leaves the probabilities as the network gives them;
-    and the rejection rule, where one was fitted (None: every image gets a known class)."""
+    and the rejection rule, where one was fitted (None: every image gets a known class).
+
+    With `thresholds`, one per class, the model is multi-label: each class's probability is
+    sigmoid(logit / temperature) on its own, and an image has every label whose probability
+    reaches its threshold (0.5 until they are tuned on validation after training)."""
 
     temperature: float = 1.0
     rejection: Rejection | None = None
+    thresholds: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rejection, Mapping):
             rule = from_plain_values(Rejection, self.rejection, "postprocessing rejection")
             object.__setattr__(self, "rejection", rule)
+        if self.thresholds is not None:
+            values = tuple(self.thresholds)
+            if not values or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t <= 1
+                for t in values
+            ):
+                raise ValueError(
+                    f"postprocessing thresholds must be numbers in [0, 1], got {self.thresholds!r}"
+                )
+            object.__setattr__(self, "thresholds", tuple(float(t) for t in values))
         value = self.temperature
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"postprocessing temperature must be a number > 0, got {value!r}")
@@ -70,13 +86,33 @@ class Postprocessing:
             )
         object.__setattr__(self, "temperature", float(value))
 
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of logits (..., classes)."""
-        return (logits / self.temperature).softmax(dim=-1)
+        """Class probabilities of logits (..., classes): a softmax, or each label's sigmoid."""
+        scaled = logits / self.temperature
+        return scaled.sigmoid() if self.multilabel else scaled.softmax(dim=-1)
+
+    def label_sets(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Which labels each image has (bool, like `probabilities`): those at or above their
+        thresholds. Only a multi-label model has label sets."""
+        if self.thresholds is None:
+            raise ValueError("a single-label model has no label thresholds")
+        import torch  # here: see TYPE_CHECKING above
+
+        cut = torch.tensor(self.thresholds, dtype=probabilities.dtype, device=probabilities.device)
+        return probabilities >= cut
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, safe for `torch.load(weights_only=True)` and JSON."""
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.thresholds is None:  # a single-label record reads as it did before thresholds
+            del values["thresholds"]
+        else:
+            values["thresholds"] = list(self.thresholds)
+        return values
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Postprocessing:

@@ -11,6 +11,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
+def metric_tag(class_name: str) -> str:
+    """A class name usable in a metric name (TensorBoard treats '/' as a folder) or in a file
+    name."""
+    return class_name.replace("/", "_").replace(" ", "_")
+
+
 def confusion_matrix_image(
     matrix: list[list[int]], classes: list[str], cell: int = 36
 ) -> np.ndarray:

@@ -71,6 +71,8 @@ def _train(
     datamodule.setup("fit")
     if ckpt_path is not None:
         check_resumable(ckpt_path, cfg.model.name, datamodule.classes)
+    if datamodule.multilabel:
+        monitor_map(cfg)
     task = build_task(cfg, datamodule, strategy)
     extension, old_before = None, None
     if cfg.model.head == "extend":
@@ -148,6 +150,16 @@ def log_phases(strategy: FinetuneStrategy, backbone_groups: list[str], max_epoch
     strategy.check_schedule(max_epochs, backbone_groups)
     phases = strategy.phases(max_epochs, backbone_groups)
     log.info("Phases (%d epochs): %s", max_epochs, "; ".join(map(str, phases)))
+
+
+def monitor_map(cfg: DictConfig) -> None:
+    """For label sets, the callbacks that pick the best epoch by val/acc (the default; for label
+    sets the exact-match ratio at 0.5, which stays 0 while a model learns) pick it by val/map,
+    which no threshold changes."""
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is not None and callback.get("monitor") == "val/acc":
+            callback.monitor = "val/map"
+            log.info("Multi-label data: callbacks.%s monitors val/map", name)
 
 
 def fitted_metrics(trainer: pl.Trainer) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from thaw import checks
 from thaw.errors import UserError
-from thaw.models.loss import check_settings
+from thaw.models.loss import LOSSES, check_settings
 from thaw.openset.extend import HEADS
 from thaw.openset.fit import RejectSettings
 
@@ -38,6 +38,7 @@ def check_training_config(cfg: DictConfig) -> None:
     check_optimizer(cfg.optimizer)
     check_finetune(cfg.finetune)
     check_settings(cfg.model.label_smoothing, cfg.model.focal_gamma)
+    checks.choice("model.loss", cfg.model.get("loss", "auto"), LOSSES)
     check_length(cfg.trainer)
     RejectSettings.of(cfg.reject)
     check_head(cfg.model)

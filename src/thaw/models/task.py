@@ -9,13 +9,22 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics import ConfusionMatrix, MaxMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics import ConfusionMatrix, MaxMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MultilabelAveragePrecision,
+    MultilabelExactMatch,
+    MultilabelF1Score,
+    MultilabelPrecision,
+    MultilabelRecall,
+)
 
 from thaw.checkpoint import FORMAT, REJECTION_PREFIX, RUN_KEY, upgrade
 from thaw.errors import UserError
-from thaw.models.loss import ClassificationLoss
+from thaw.models.loss import training_loss
 from thaw.models.network import ImageClassifier
+from thaw.renderings import metric_tag
 from thaw.semi.stream import SemiBatch
 
 if TYPE_CHECKING:
@@ -30,11 +39,6 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., dict[str, Any]]
 
 
-def metric_tag(class_name: str) -> str:
-    """A class name usable in a metric name (TensorBoard treats '/' as a folder)."""
-    return class_name.replace("/", "_").replace(" ", "_")
-
-
 class ClassificationTask(pl.LightningModule):
     """Training around an ImageClassifier: its loss, metrics and an optimizer over its layer
     groups. The classifier (`model`) is what a checkpoint's weights, record and every consumer
@@ -42,7 +46,11 @@ class ClassificationTask(pl.LightningModule):
 
     The `finetune` strategy gives the layer groups their learning rates; with `distillation`,
     the training loss also follows a teacher's softened outputs; with `semi` (FixMatch), a
-    batch that brings unlabeled images (a SemiBatch) adds their loss."""
+    batch that brings unlabeled images (a SemiBatch) adds their loss.
+
+    A multi-label model (its Postprocessing has thresholds) trains on label sets: `acc` is the
+    exact-match ratio (scikit-learn's accuracy for label sets) at the model's thresholds, and
+    `map` the mean average precision over labels."""
 
     def __init__(
         self,
@@ -56,6 +64,7 @@ class ClassificationTask(pl.LightningModule):
         compile: bool = False,
         distillation: Distillation | None = None,
         semi: FixMatch | None = None,
+        loss: str = "auto",
     ) -> None:
         super().__init__()
         self.model = model
@@ -70,12 +79,18 @@ class ClassificationTask(pl.LightningModule):
         self.finetune = finetune
         self.distillation = distillation
         self.semi = semi
-        self.criterion = ClassificationLoss(label_smoothing, class_weights, focal_gamma)
-
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.multilabel = model.postprocessing.multilabel
+        self.criterion = training_loss(
+            loss, self.multilabel, label_smoothing, class_weights, focal_gamma
+        )
+        self.test_report: dict[str, Any] = {}
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps it
+        if self.multilabel:
+            self._multilabel_metrics(num_classes)
+            return
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         # Every test process sees the whole test set (it is not sharded): no summing over ranks.
         alone = {"sync_on_compute": False}
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", **alone)
@@ -88,14 +103,46 @@ class ClassificationTask(pl.LightningModule):
         self.test_f1_macro = MulticlassF1Score(num_classes, average="macro", **alone)
         self.test_acc_per_class = MulticlassAccuracy(num_classes, average=None, **alone)
         self.test_confusion = ConfusionMatrix(task="multiclass", num_classes=num_classes, **alone)
-        self.test_report: dict[str, Any] = {}
+
+    def _multilabel_metrics(self, labels: int) -> None:
+        """The metrics of label sets. The set-based ones are fed the sets the thresholds give
+        (0/1 predictions: torchmetrics takes one threshold for all labels), AP the
+        probabilities."""
+        self.train_acc = MultilabelExactMatch(labels)
+        self.val_acc = MultilabelExactMatch(labels)
+        self.val_map = MultilabelAveragePrecision(labels, average="macro")
+        alone = {"sync_on_compute": False}
+        self.test_sets = MetricCollection(
+            {
+                "acc": MultilabelExactMatch(labels, **alone),
+                "exact_match": MultilabelExactMatch(labels, **alone),
+                "f1_micro": MultilabelF1Score(labels, average="micro", **alone),
+                "f1_macro": MultilabelF1Score(labels, average="macro", **alone),
+            },
+            compute_groups=False,
+        )
+        self.test_map = MultilabelAveragePrecision(labels, average="macro", **alone)
+        self.test_per_label = MetricCollection(
+            {
+                "ap": MultilabelAveragePrecision(labels, average=None, **alone),
+                "precision": MultilabelPrecision(labels, average=None, **alone),
+                "recall": MultilabelRecall(labels, average=None, **alone),
+            },
+            compute_groups=False,
+        )
+
+    def predicted_sets(self, logits: torch.Tensor) -> torch.Tensor:
+        """A multi-label model's label sets (0/1, float) of logits, at its thresholds."""
+        postprocessing = self.model.postprocessing
+        return postprocessing.label_sets(postprocessing.probabilities(logits.float())).float()
 
     @classmethod
     def for_testing(cls, model: ImageClassifier) -> ClassificationTask:
         """The task that tests a trained classifier (eval.py): no optimizer, and the test loss
         as its training computed it, with its config's label smoothing."""
-        smoothing = model.config["model"]["label_smoothing"]
-        return cls(model, None, None, None, smoothing, class_weights=None, focal_gamma=0.0)
+        settings = model.config["model"]
+        smoothing, loss = settings["label_smoothing"], settings.get("loss", "auto")
+        return cls(model, None, None, None, smoothing, None, focal_gamma=0.0, loss=loss)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (of images, or of cached backbone features)."""
@@ -128,7 +175,7 @@ class ClassificationTask(pl.LightningModule):
             loss, logits, labels = self._shared_step(labelled)
         if self.distillation is not None:
             loss = self.distillation.loss(loss, logits, labelled[0])
-        self.train_acc(logits, labels)
+        self.train_acc(*self._scored(logits, labels))
         size = {"batch_size": len(labels)}  # of a SemiBatch too: its labelled images
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, **size)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, **size)
@@ -161,6 +208,13 @@ class ClassificationTask(pl.LightningModule):
             self.log("train/pseudo_acc", right, on_step=False, on_epoch=True, batch_size=kept)
         return loss, logits, labels
 
+    def _scored(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What the accuracy metrics take: logits and labels, or of label sets the predicted
+        sets and the true ones."""
+        if self.multilabel:
+            return self.predicted_sets(logits), labels.long()
+        return logits, labels
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.optimizers(use_pl_optimizer=False)
         lrs = {f"lr/{group['name']}": group["lr"] for group in optimizer.param_groups}
@@ -168,9 +222,12 @@ class ClassificationTask(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels = self._shared_step(batch)
-        self.val_acc(logits, labels)
+        self.val_acc(*self._scored(logits, labels))
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        if self.multilabel:
+            self.val_map(logits.float().sigmoid(), labels.long())
+            self.log("val/map", self.val_map, on_step=False, on_epoch=True, prog_bar=True)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:  # an untrained model's accuracy is no "best"
@@ -180,6 +237,9 @@ class ClassificationTask(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, labels = self._shared_step(batch)
+        if self.multilabel:
+            self._multilabel_test_step(loss, logits, labels.long())
+            return
         for metric in (self.test_acc, self.test_acc_top5, self.test_f1_macro):
             if metric is not None:
                 metric(logits, labels)
@@ -191,7 +251,39 @@ class ClassificationTask(pl.LightningModule):
             self.log("test/acc_top5", self.test_acc_top5, on_step=False, on_epoch=True)
         self.log("test/f1_macro", self.test_f1_macro, on_step=False, on_epoch=True)
 
+    def _multilabel_test_step(
+        self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        probabilities = self.model.postprocessing.probabilities(logits.float())
+        sets = self.model.postprocessing.label_sets(probabilities).float()
+        self.test_sets.update(sets, labels)
+        self.test_map.update(probabilities, labels)
+        self.test_per_label["ap"].update(probabilities, labels)
+        for name in ("precision", "recall"):
+            self.test_per_label[name].update(sets, labels)
+        self.log("test/loss", loss, on_step=False, on_epoch=True)
+        self.log("test/map", self.test_map, on_step=False, on_epoch=True)
+        for name, metric in self.test_sets.items():
+            self.log(f"test/{name}", metric, on_step=False, on_epoch=True)
+
+    def _multilabel_test_report(self) -> None:
+        """Per label: its AP, and its precision and recall at its threshold."""
+        figures = {name: m.compute().tolist() for name, m in self.test_per_label.items()}
+        classes = self.model.classes
+        per_label = {
+            label: {name: values[i] for name, values in figures.items()}
+            for i, label in enumerate(classes)
+        }
+        for label, values in per_label.items():
+            for name, value in values.items():
+                self.log(f"test/{name}_class/{metric_tag(label)}", value)
+        self.test_report = {"per_label": per_label}
+        self.test_per_label.reset()
+
     def on_test_epoch_end(self) -> None:
+        if self.multilabel:
+            self._multilabel_test_report()
+            return
         per_class = self.test_acc_per_class.compute().tolist()
         classes = self.model.classes
         for name, acc in zip(classes, per_class, strict=True):
