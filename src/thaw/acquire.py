@@ -44,6 +44,11 @@ def acquire(cfg: DictConfig) -> Path:
     paths = resolve_inputs(cfg.pool, key="pool")
     device = best_device(cfg.device)
     model = load_trained(cfg.ckpt_path, channels_last=channels_last_on(device)).to(device)
+    if model.postprocessing.multilabel:
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is a multi-label model: acquire.py ranks a single-label "
+            "model's uncertainty over its classes, which label sets do not have"
+        )
     files, probabilities, features = file_outputs(model, paths, cfg.batch_size, device)
     budget = min(cfg.budget, len(files))
     if budget < cfg.budget:

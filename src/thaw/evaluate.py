@@ -9,9 +9,16 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_f1_score,
+    multilabel_average_precision,
+    multilabel_exact_match,
+    multilabel_f1_score,
+)
 
 from thaw.analysis.evaluation_report import write_report
+from thaw.analysis.multilabel_report import write_multilabel_report
 from thaw.build import build_datamodule, trained_run_config
 from thaw.checkpoint import CheckpointError, read_record, run_dir
 from thaw.data.datamodule import ImageDataModule
@@ -168,14 +175,32 @@ def predictor_metrics(
     target = torch.cat(labels)
     metrics: dict[str, float] = {}
     for suffix, probabilities in outputs.items():
-        metrics.update(scores(torch.cat(probabilities), target, suffix))
+        thresholds = predictors[suffix].thresholds
+        metrics.update(scores(torch.cat(probabilities), target, suffix, thresholds))
     return metrics
 
 
-def scores(probabilities: torch.Tensor, target: torch.Tensor, suffix: str) -> dict[str, float]:
+def scores(
+    probabilities: torch.Tensor,
+    target: torch.Tensor,
+    suffix: str = "",
+    thresholds: torch.Tensor | None = None,
+) -> dict[str, float]:
     """test/acc, test/acc_top5 (with more than 5 classes) and test/f1_macro (+ `suffix`),
-    computed as the training task logs them."""
+    computed as the training task logs them; for a multi-label model's `thresholds`, test/map,
+    and test/f1_micro, test/f1_macro and test/exact_match (= test/acc) of the sets they give."""
     n = probabilities.shape[1]
+    if thresholds is not None:
+        sets, target = (probabilities >= thresholds).long(), target.long()
+        exact = multilabel_exact_match(sets, target, n)
+        values = {
+            "map": multilabel_average_precision(probabilities, target, n),
+            "f1_micro": multilabel_f1_score(sets, target, n, average="micro"),
+            "f1_macro": multilabel_f1_score(sets, target, n, average="macro"),
+            "exact_match": exact,
+            "acc": exact,
+        }
+        return {f"test/{name}{suffix}": float(value) for name, value in values.items()}
     values = {
         "acc": multiclass_accuracy(probabilities, target, n, average="micro"),
         "f1_macro": multiclass_f1_score(probabilities, target, n, average="macro"),
@@ -203,7 +228,8 @@ def report_test_metrics(
     report.json and report.html beside it (with the `open_set` section, see ood_figures)."""
     ckpt_path = checkpoint if load_checkpoint else None
     (results,) = trainer.test(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    metrics: dict[str, Any] = {k: v for k, v in results.items() if "/acc_class/" not in k}
+    # Per-class figures go into metrics.json once, under test/per_class_acc or test/per_label.
+    metrics: dict[str, Any] = {k: v for k, v in results.items() if "_class/" not in k}
     metrics.update({"test/" + k: v for k, v in task.test_report.items()})
     metrics["checkpoint"] = checkpoint
     metrics.update(extra or {})
@@ -218,10 +244,22 @@ def report_test_metrics(
         if isinstance(logger, pl.loggers.TensorBoardLogger)
     ]
     for writer in writers:
-        image = confusion_matrix_image(task.test_report["confusion_matrix"], task.model.classes)
-        writer.add_image("test/confusion_matrix", image, dataformats="HWC")
+        if not task.multilabel:  # label sets have no confusion matrix
+            matrix = task.test_report["confusion_matrix"]
+            image = confusion_matrix_image(matrix, task.model.classes)
+            writer.add_image("test/confusion_matrix", image, dataformats="HWC")
         writer.flush()
-    if report:
+    if report and task.multilabel:
+        write_multilabel_report(
+            task.model,
+            datamodule.test_dataloader(),
+            output_dir,
+            task.model.config,
+            checkpoint,
+            wall_time_s,
+            writers,
+        )
+    elif report:
         write_report(
             task.model,
             datamodule.test_dataloader(),

@@ -21,7 +21,7 @@ from thaw.checkpoint import file_identity, run_dir
 from thaw.data.dataset import ImageDataset
 from thaw.data.sources.base import ImageSet
 from thaw.data.sources.imagefolder import ImageFolder
-from thaw.data.splits import limit_per_class, select_classes
+from thaw.data.splits import limit_per_class, select_classes, stratified_split
 from thaw.inference.export_formats import (
     FILE_NAMES,
     INT8,
@@ -223,8 +223,13 @@ def _check_classes(
 
 def stratified_sample(imageset: ImageSet, n: int, seed: int) -> ImageSet:
     """At most `n` images, the same number from every class (as far as each has them), drawn
-    with `seed`: calibration and checks see every class, and the same images every time."""
-    return limit_per_class(imageset, max(1, n // len(imageset.classes)), seed)
+    with `seed`: calibration and checks see every class, and the same images every time. Of a
+    multi-label set: `n` images with each label's share, by iterative stratification."""
+    if not imageset.multilabel:
+        return limit_per_class(imageset, max(1, n // len(imageset.classes)), seed)
+    if len(imageset) <= n:
+        return imageset
+    return imageset.subset(stratified_split(imageset.labels, n / len(imageset), seed)[1])
 
 
 def load_images(

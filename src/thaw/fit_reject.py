@@ -25,6 +25,11 @@ def task(cfg: DictConfig) -> None:
         )
     device = best_device(cfg.device)
     network = load_trained(cfg.ckpt_path).to(device)
+    if network.postprocessing.multilabel:
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} is a multi-label model: it needs no rejection rule, as an "
+            "image of none of its labels gets an empty label set"
+        )
     datamodule = build_datamodule(
         trained_run_config(network.config, cfg.data_root), network.preprocessing
     )

@@ -18,6 +18,7 @@ from thaw.data.images import load_image
 from thaw.errors import UserError
 from thaw.inference.inputs import resolve_inputs
 from thaw.inference.predictor import (
+    LABEL_SEPARATOR,
     Predictor,
     best_device,
     check_rejection,
@@ -27,6 +28,7 @@ from thaw.inference.predictor import (
 )
 from thaw.models import ImageClassifier
 from thaw.progress import track
+from thaw.renderings import metric_tag
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,9 @@ def explain_rows(
     """Write the Grad-CAM overlay of each row's predicted class (`top1_label`, TTA included) on
     the model's input view of its file to folder/<index>_<stem>.png (the index keeps two
     photos/a/1.jpg and photos/b/1.jpg apart), and add the path to the row as `explanation`:
-    None where the file could not be decoded. The overlay has the model's input size."""
+    None where the file could not be decoded. The overlay has the model's input size. A
+    multi-label row gets one overlay per predicted label, <index>_<stem>_<label>.png, their
+    paths `|`-separated in `explanation`."""
     member = predictor.members[0]
     if not isinstance(member.model, ImageClassifier):  # setup refuses ONNX models and ensembles
         raise TypeError(f"explain needs one PyTorch classifier, got {type(member.model)}")
@@ -118,15 +122,37 @@ def explain_rows(
             except OSError as err:  # changed since it was predicted: the row keeps its label
                 log.warning("could not explain %s: %s", row["path"], err)
                 continue
-            chunk.append((index, row))
-        targets = [predictor.classes.index(row["top1_label"]) for _, row in chunk]
-        pictures = explain(member.model, member.preprocessing, images, targets)
-        for (index, row), (_, picture) in zip(chunk, pictures, strict=True):
-            path = folder / f"{index:0{width}d}_{Path(row['path']).stem}.png"
-            picture.save(path)
-            row["explanation"] = str(path)
-            written += 1
+            chunk.append((index, row, explained_labels(row)))
+        wanted = [
+            (image, label)
+            for image, (*_, labels) in zip(images, chunk, strict=True)
+            for label in labels
+        ]
+        targets = [predictor.classes.index(label) for _, label in wanted]
+        pictures = iter(
+            explain(member.model, member.preprocessing, [i for i, _ in wanted], targets)
+        )
+        for index, row, labels in chunk:
+            paths = []
+            for label in labels:
+                suffix = f"_{metric_tag(label)}" if "labels" in row else ""
+                path = folder / f"{index:0{width}d}_{Path(row['path']).stem}{suffix}.png"
+                next(pictures)[1].save(path)
+                paths.append(str(path))
+            row["explanation"] = LABEL_SEPARATOR.join(paths)
+            written += len(paths)
     log.info("Wrote %d Grad-CAM overlays to %s", written, folder)
+
+
+def explained_labels(row: dict[str, Any]) -> list[str]:
+    """The labels a row's overlays explain: its predicted class, or a multi-label row's
+    predicted labels (its most likely one where the set is empty)."""
+    if "labels" not in row:
+        return [row["top1_label"]]
+    if row["labels"]:
+        return row["labels"].split(LABEL_SEPARATOR)
+    probabilities = {k[len("prob_") :]: v for k, v in row.items() if k.startswith("prob_")}
+    return [max(probabilities, key=probabilities.__getitem__)]
 
 
 def write_rows(out: Path, rows: Iterable[dict[str, Any]]) -> None:

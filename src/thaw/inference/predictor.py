@@ -29,6 +29,8 @@ from thaw.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "flip_crop")
+# Between the labels of a multi-label answer in predictions.csv, as in a data=csv label cell.
+LABEL_SEPARATOR = "|"
 # The shift of flip_crop's corner crops, as a fraction of the side: augment=basic's crop_padding.
 CROP_SHIFT = 0.125
 
@@ -100,6 +102,11 @@ class Predictor:
         names = [str(p) for p in paths] or [f"checkpoint {i}" for i in range(1, len(models) + 1)]
         first = models[0]
         for name, other in zip(names[1:], models[1:], strict=True):
+            if other.postprocessing.multilabel != first.postprocessing.multilabel:
+                raise UserError(
+                    f"an ensemble needs checkpoints of one kind: {names[0]} and {name} are one "
+                    "multi-label and one single-label model"
+                )
             if other.classes != first.classes:
                 raise UserError(
                     f"an ensemble needs checkpoints with the same classes in the same order: "
@@ -140,6 +147,28 @@ class Predictor:
         """The rule that says "none of these": a single model's, where it has one (an
         ensemble's members each have their own score scale, so an ensemble has none)."""
         return self.members[0].postprocessing.rejection if len(self.members) == 1 else None
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        """A multi-label model's per-label thresholds (an ensemble's: the mean of its members',
+        as its probabilities are their mean), None for a single-label one."""
+        found = [m.postprocessing.thresholds for m in self.members]
+        if found[0] is None:
+            return None
+        return torch.tensor(found).mean(dim=0)
+
+    def label_sets(self, probabilities: torch.Tensor) -> list[list[tuple[str, float]]]:
+        """A multi-label model's answer for each row of `probabilities` (N, classes): the
+        (label, probability) pairs at or above their thresholds, most likely first."""
+        thresholds = self.thresholds
+        if thresholds is None:
+            raise ValueError("a single-label model has no label sets")
+        answers = []
+        for row in probabilities:
+            kept = torch.nonzero(row >= thresholds.to(row.dtype)).flatten().tolist()
+            pairs = [(self.classes[i], float(row[i])) for i in kept]
+            answers.append(sorted(pairs, key=lambda pair: -pair[1]))
+        return answers
 
     def probabilities(self, images: Sequence[Image.Image | Path]) -> torch.Tensor:
         """Class probabilities (N, classes) of decoded images or image files."""
@@ -252,7 +281,10 @@ def prediction_row(
 ) -> dict[str, Any]:
     """path, label, prob, [score, known,] top1_label, top1_prob, ..., error: None where there is
     no value. `score` and `known` come with a rejection rule; with `reject`, a row that is not
-    known is labelled as the rule says (its top-k keep the classes)."""
+    known is labelled as the rule says (its top-k keep the classes). A multi-label model's row
+    is path, labels (the set, `|`-separated), prob_<class> for every class, error."""
+    if predictor.thresholds is not None:
+        return label_set_row(result, predictor)
     k = min(top_k, len(predictor.classes))
     probabilities = result.probabilities
     ranked: list[tuple[Any, Any]] = [(None, None)] * k  # an error row: empty cells
@@ -262,6 +294,19 @@ def prediction_row(
     row.update(judged(predictor.rejection, row["label"], result.score, reject))
     for i, (label, prob) in enumerate(ranked, start=1):
         row[f"top{i}_label"], row[f"top{i}_prob"] = label, prob
+    row["error"] = result.error
+    return row
+
+
+def label_set_row(result: FileResult, predictor: Predictor) -> dict[str, Any]:
+    """A multi-label model's row of predictions.csv (see prediction_row)."""
+    probabilities = result.probabilities
+    row: dict[str, Any] = {"path": str(result.path), "labels": None}
+    if probabilities is not None:
+        labels = predictor.label_sets(probabilities[None])[0]
+        row["labels"] = LABEL_SEPARATOR.join(label for label, _ in labels)
+    for i, name in enumerate(predictor.classes):
+        row[f"prob_{name}"] = None if probabilities is None else float(probabilities[i])
     row["error"] = result.error
     return row
 
@@ -283,6 +328,13 @@ def check_rejection(predictor: Predictor, reject: bool, model: str) -> None:
     """Say where there is no rejection rule (no score and known in the answers), and refuse
     reject=true then, naming how to get one: predict and serve give the same advice."""
     if predictor.rejection is not None:
+        return
+    if predictor.thresholds is not None:
+        if reject:
+            raise UserError(
+                f"reject=true: {model} is multi-label, and has no rejection rule: an image of "
+                "none of its labels gets an empty label set. Leave reject=false"
+            )
         return
     if len(predictor.members) > 1:
         why = "an ensemble has no rejection rule (each member's score has its own scale)"

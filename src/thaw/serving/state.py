@@ -107,6 +107,10 @@ class ServeState:
                     image, inputs = await run_in_threadpool(self._prepare, data, explain)
                 if image is not None:  # explain
                     answer = await self._classified(inputs)
+                    if "labels" in answer:  # label sets: each predicted label's own overlay
+                        for item in answer["labels"]:
+                            item["explanation"] = await self._explanation(image, item["label"])
+                        return answer
                     top = answer["top_k"][0]["label"]  # the label may be the rule's
                     answer["explanation"] = await self._explanation(image, top)
                     return answer
@@ -139,7 +143,17 @@ class ServeState:
         return (image if keep_image else None), self.predictor.prepare(image)
 
     def _answer(self, probabilities: torch.Tensor, score: float | None) -> dict[str, Any]:
-        """label, prob, [score, known,] top_k: as predict's row for the same image."""
+        """label, prob, [score, known,] top_k: as predict's row for the same image. A
+        multi-label model answers labels (those at or above their thresholds, each with its
+        probability, most likely first) and every class's probability."""
+        if self.predictor.thresholds is not None:
+            labels = self.predictor.label_sets(probabilities[None])[0]
+            return {
+                "labels": [{"label": label, "prob": prob} for label, prob in labels],
+                "probabilities": dict(
+                    zip(self.predictor.classes, probabilities.tolist(), strict=True)
+                ),
+            }
         ranked = self.predictor.top_k(probabilities[None], self.settings.top_k)[0]
         answer = {"label": ranked[0][0], "prob": ranked[0][1]}
         answer.update(judged(self.predictor.rejection, ranked[0][0], score, self.settings.reject))
