@@ -99,7 +99,7 @@ def write_report(
         "most_confused": pairs,
         "top_losses": [_describe(x, classes) for x in top_losses],
         "gradcam": {
-            "layer": _layer_name(model),
+            "layer": layer_name(model),
             "max_classes": GRADCAM_CLASSES,
             "correct": [
                 {"index": x.index, "class": classes[x.label], "prob": x.prob} for x in correct
@@ -156,7 +156,9 @@ def _confused_pairs(
         chosen = [x for x in data.mistakes if (x.label, x.predicted) == (true, predicted)]
         chosen = chosen[:EXAMPLES_PER_PAIR]
         for i, example in enumerate(chosen):
-            images[f"confused_{true}_{predicted}_{i}"] = png_bytes(_view(example, preprocessing))
+            images[f"confused_{true}_{predicted}_{i}"] = png_bytes(
+                input_view(example.image, preprocessing)
+            )
         pairs.append(
             {
                 "true": classes[true],
@@ -236,15 +238,16 @@ def _explained(
     batch = torch.stack([x.image for x in examples]).to(device)
     maps = grad_cam(model, batch, torch.tensor(targets, device=device)).cpu()
     return [
-        overlay(_view(x, model.preprocessing), cam) for x, cam in zip(examples, maps, strict=True)
+        overlay(input_view(x.image, model.preprocessing), cam)
+        for x, cam in zip(examples, maps, strict=True)
     ]
 
 
-def _view(example: Example, preprocessing: Preprocessing) -> torch.Tensor:
-    """The model's input as a uint8 (3, H, W) picture: the normalisation undone."""
+def input_view(image: torch.Tensor, preprocessing: Preprocessing) -> torch.Tensor:
+    """A model's input (3, H, W) as a uint8 picture: the normalisation undone."""
     mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
     std = torch.tensor(preprocessing.std).view(3, 1, 1)
-    pixels = (example.image.float() * std + mean).clamp(0, 1)
+    pixels = (image.float() * std + mean).clamp(0, 1)
     return (pixels * 255).round().to(torch.uint8)
 
 
@@ -258,7 +261,7 @@ def _describe(example: Example, classes: list[str]) -> dict[str, Any]:
     }
 
 
-def _layer_name(model: ImageClassifier) -> str:
+def layer_name(model: ImageClassifier) -> str:
     """Where Grad-CAM looked, e.g. backbone.layer2 (see target_layer)."""
     layer = target_layer(model)
     return next(name for name, module in model.named_modules() if module is layer)

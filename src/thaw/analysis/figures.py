@@ -126,3 +126,29 @@ def accuracy_coverage(coverage: Sequence[float], accuracy: Sequence[float], kept
     axes.set_xlim(0, 1.02)
     axes.legend(loc="lower left")
     return png(figure)
+
+
+# A multi-label report draws the precision-recall curves of this many labels, weakest AP first.
+PR_CURVES = 16
+
+
+def precision_recall_figure(curves: Sequence[dict]) -> bytes:
+    """Small multiples, one per label: its precision-recall curve (each `curve` has `label`,
+    `ap`, `precision`, `recall` lists) and the point its stored threshold gives (`at`: the
+    precision and recall there)."""
+    columns = min(4, len(curves))
+    rows = -(-len(curves) // columns)
+    figure, axes = plt.subplots(
+        rows, columns, figsize=(3 * columns, 2.6 * rows), squeeze=False, layout="constrained"
+    )
+    for axis, curve in zip(axes.flat, curves, strict=False):
+        axis.plot(curve["recall"], curve["precision"])
+        axis.plot(*reversed(curve["at"]), marker="o", color="black")
+        axis.set_title(f"{curve['label']}: AP {curve['ap']:.3f}", fontsize=9)
+        axis.set_xlim(0, 1.02)
+        axis.set_ylim(0, 1.02)
+        axis.set_xlabel("recall", fontsize=8)
+        axis.set_ylabel("precision", fontsize=8)
+    for axis in list(axes.flat)[len(curves) :]:
+        axis.set_visible(False)
+    return png(figure)
