@@ -274,3 +274,27 @@ def test_bench_semi_tiny(fmnist_root, tmp_path):
             (tmp_path / "runs" / f"n2-{row['arm']}-seed0" / "metrics.json").read_text()
         )
         assert ("data/unlabeled" in metrics) == ("fixmatch" in row["arm"])
+
+
+def test_bench_multilabel_tiny(fmnist_root, tmp_path):
+    """Every arm is scored at its tuned thresholds and at 0.5, and the tuned figures are the
+    ones the run's own test logged."""
+    bench = load_script("bench_multilabel")
+    quick = ["data.num_workers=0", "trainer.accelerator=cpu"]
+    argv = ["--train", "48", "--test", "16", "--seeds", "0", "--epochs", "2", "--batch-size", "16"]
+    argv += ["--out", str(tmp_path), "--override", *quick]
+    argv += ["--source-override", *offline_fmnist(fmnist_root), *quick, "trainer.max_epochs=1"]
+    table = bench.main(argv)
+    assert [row[:2] for row in table[1:]] == [
+        [arm, at] for arm in bench.ARMS for at in ("tuned", "0.5")
+    ]
+    with open(tmp_path / "multilabel.csv") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        if row["thresholds"] == "tuned":
+            metrics = json.loads(
+                (tmp_path / "runs" / f"{row['arm']}-seed0" / "metrics.json").read_text()
+            )
+            for name in bench.COLUMNS:
+                assert float(row[name]) == pytest.approx(metrics[f"test/{name}"], abs=1e-5)
+    assert (tmp_path / "multilabel.md").read_text().count("\n| ") == 1 + 2 * len(bench.ARMS)
