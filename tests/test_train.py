@@ -51,6 +51,8 @@ def test_every_config_option_composes_and_instantiates(train_config, group, opti
     cfg = train_config(f"{group}={option}", *extra)
     if cfg.data.source._target_.endswith("ImageFolder"):
         cfg.data.root = str(ROOT)  # any existing directory: instantiating reads nothing yet
+    if cfg.data.source._target_.endswith("CsvSource"):
+        cfg.data.csv = "labels.csv"  # any path, as instantiating reads nothing yet
     datamodule = build_datamodule(cfg)
     assert datamodule.batch_size == cfg.data.batch_size
     backbone = create_backbone(cfg.model.name, None, cfg.model.family, input_size=32)
