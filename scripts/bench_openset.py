@@ -60,14 +60,14 @@ def glyphs(count: int, seed: int) -> torch.Tensor:
     return torch.stack(images)[:, None]
 
 
-def data_overrides(root: Path, classes: list[str], per_class: int) -> list[str]:
+def data_overrides(root: Path, classes: list[str], args: argparse.Namespace) -> list[str]:
     return [
         f"data.root={root / 'fmnist'}",
         "data.source.download=false",
         f"data.source.system_dir={SYSTEM_DIR}",
         f"data.classes=[{','.join(classes)}]",
-        f"data.samples_per_class={per_class}",
-        "data.val_fraction=0.1",
+        f"data.samples_per_class={args.per_class}",
+        f"data.val_fraction={args.val_fraction}",
     ]
 
 
@@ -104,15 +104,13 @@ def features_of(model: torch.nn.Module, images: torch.Tensor) -> tuple[torch.Ten
     return torch.cat(out_features), torch.cat(out_logits)
 
 
-def score_rows(
-    seed: int, root: Path, per_class: int, epochs: int, test_images: int | None
-) -> tuple[dict, Path]:
+def score_rows(seed: int, root: Path, args: argparse.Namespace) -> tuple[dict, Path]:
     """Every method's figures for one seed's model, and its checkpoint; on the first
-    `test_images` known and near test images (None: all)."""
+    `args.test_images` known and near test images (None: all)."""
     out = root / f"source_{seed}"
-    cfg = compose_config(
-        "train", [*training(seed, epochs), *data_overrides(root, KNOWN, per_class)], out
-    )
+    overrides = [*training(seed, args.epochs), *data_overrides(root, KNOWN, args)]
+    cfg = compose_config("train", overrides, out)
+    test_images = args.test_images
     run(cfg)
     best = out / "checkpoints" / "best.ckpt"
     model = load_trained(best)
@@ -152,10 +150,12 @@ def score_rows(
     return rows, best
 
 
-def extend_rows(seed: int, root: Path, best: Path, new: str, per_class: int, epochs: int) -> dict:
-    """Adding `new` to the model at `best` against training the six classes from scratch."""
+def extend_rows(seed: int, root: Path, best: Path, args: argparse.Namespace) -> dict:
+    """Adding `args.new_class` to the model at `best` against training the six classes from
+    scratch."""
+    new, epochs = args.new_class, args.epochs
     classes = [*KNOWN, new]
-    data = data_overrides(root, classes, per_class)
+    data = data_overrides(root, classes, args)
     figures = {}
     for name, extra, epochs_run in (
         ("extend (model.head=extend)", [f"model.weights={best}", "model.head=extend"], epochs),
@@ -203,15 +203,14 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     parser.add_argument("--new-class", default="Sandal")
     parser.add_argument("--out", type=Path, default=Path("results/bench_openset"))
     parser.add_argument("--test-images", type=int, help="score only this many (default: all)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="of the training set")
     args = parser.parse_args(argv)
     scored, extended = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows, best = score_rows(seed, Path(tmp), args.per_class, args.epochs, args.test_images)
+            rows, best = score_rows(seed, Path(tmp), args)
             scored.append(rows)
-            extended.append(
-                extend_rows(seed, Path(tmp), best, args.new_class, args.per_class, args.epochs)
-            )
+            extended.append(extend_rows(seed, Path(tmp), best, args))
     heading = (
         f"resnet18 from random init on {len(KNOWN)} Fashion-MNIST classes ({', '.join(KNOWN)}), "
         f"{args.per_class} images each, {args.epochs} epochs; seeds {args.seeds}; keep=0.95"

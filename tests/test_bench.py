@@ -221,7 +221,7 @@ def test_compare_runs_shows_the_metrics_the_runs_have(tmp_path):
 def test_bench_openset_tiny(tmp_path):
     bench = load_script("bench_openset")
     argv = ["--seeds", "0", "--per-class", "60", "--epochs", "2", "--out", str(tmp_path)]
-    (scored,), (extended,) = bench.main([*argv, "--test-images", "300"])
+    (scored,), (extended,) = bench.main([*argv, "--test-images", "300", "--val-fraction", "0.02"])
     assert list(scored) == ["msp", "energy", "mahalanobis", "knn k=1", "knn k=10"]
     for figures in scored.values():
         assert set(figures) == {"near AUROC", "near FPR95", "far AUROC", "far FPR95", "kept"} | {
