@@ -249,18 +249,14 @@ def report_test_metrics(
             image = confusion_matrix_image(matrix, task.model.classes)
             writer.add_image("test/confusion_matrix", image, dataformats="HWC")
         writer.flush()
-    if report and task.multilabel:
-        write_multilabel_report(
-            task.model,
-            datamodule.test_dataloader(),
-            output_dir,
-            task.model.config,
-            checkpoint,
-            wall_time_s,
-            writers,
+    if report:
+        # Label sets have their own report, which has no open-set section.
+        write, sections = (
+            (write_multilabel_report, {})
+            if task.multilabel
+            else (write_report, {"open_set": open_set})
         )
-    elif report:
-        write_report(
+        write(
             task.model,
             datamodule.test_dataloader(),
             output_dir,
@@ -268,7 +264,7 @@ def report_test_metrics(
             checkpoint,
             wall_time_s,
             writers,
-            open_set,
+            **sections,
         )
     return metrics
 
