@@ -171,8 +171,8 @@ def extend_rows(seed: int, root: Path, best: Path, args: argparse.Namespace) -> 
         datamodule.setup("fit")
         figures[name] = {
             "epochs": epochs_run,
-            "old-class acc": old_class_accuracy(model, datamodule, KNOWN),
-            "new-class acc": old_class_accuracy(model, datamodule, [new]),
+            "old-class acc": old_class_accuracy(model, datamodule, KNOWN, args.test_images),
+            "new-class acc": old_class_accuracy(model, datamodule, [new], args.test_images),
             "wall s": seconds,
         }
     return figures
@@ -202,7 +202,9 @@ def main(argv: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--new-class", default="Sandal")
     parser.add_argument("--out", type=Path, default=Path("results/bench_openset"))
-    parser.add_argument("--test-images", type=int, help="score only this many (default: all)")
+    parser.add_argument(
+        "--test-images", type=int, help="score and test on only this many (default: all)"
+    )
     parser.add_argument("--val-fraction", type=float, default=0.1, help="of the training set")
     args = parser.parse_args(argv)
     scored, extended = [], []

@@ -77,7 +77,8 @@ def _train(
     extension, old_before = None, None
     if cfg.model.head == "extend":
         extension = extend_head(task.model, cfg.model.weights, datamodule)
-        old_before = old_class_accuracy(extension.source, datamodule, extension.old)
+        if cfg.get("test"):  # only the test report shows it
+            old_before = old_class_accuracy(extension.source, datamodule, extension.old)
     run_callbacks = build_run_callbacks(strategy, datamodule, task, resume)
     trainer = build_trainer(cfg, [*callbacks, *run_callbacks])
 

@@ -98,15 +98,16 @@ def _mean_features(
 
 
 def old_class_accuracy(
-    network: ImageClassifier, datamodule: ImageDataModule, old: list[str]
+    network: ImageClassifier, datamodule: ImageDataModule, old: list[str], limit: int | None = None
 ) -> float:
     """The share of the test images of the `old` classes that `network` names right, choosing
-    among its own classes: the checkpoint's model before fine-tuning, the run's after it."""
+    among its own classes: the checkpoint's model before fine-tuning, the run's after it. With
+    `limit`, of a seeded sample of that many of those images (see plain_loader)."""
     labels = [datamodule.classes.index(name) for name in old]
     right = total = 0
     network.eval()
     with torch.inference_mode():
-        for images, targets in datamodule.plain_loader("test", labels=labels):
+        for images, targets in datamodule.plain_loader("test", limit=limit, labels=labels):
             predicted = network(images.cpu()).argmax(dim=1).tolist()
             names = [datamodule.classes[t] for t in targets.tolist()]
             right += sum(network.classes[p] == n for p, n in zip(predicted, names, strict=True))
