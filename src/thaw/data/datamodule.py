@@ -111,14 +111,17 @@ class ImageDataModule(pl.LightningDataModule):
     @property
     def classes(self) -> list[str]:
         """Class names, label i = classes[i], after the `classes` filter."""
-        loaded = self.train_set if self.train_set is not None else self.test_set
-        return self._require(loaded).classes
+        return self._loaded.classes
 
     @property
     def multilabel(self) -> bool:
         """Whether the labels are sets (multi-hot rows, see ImageSet.multilabel)."""
-        loaded = self.train_set if self.train_set is not None else self.test_set
-        return self._require(loaded).multilabel
+        return self._loaded.multilabel
+
+    @property
+    def _loaded(self) -> ImageSet:
+        """The training set, or a test_only module's test set."""
+        return self._require(self.train_set if self.train_set is not None else self.test_set)
 
     @property
     def loader(self) -> str:

@@ -7,6 +7,7 @@ iterative-stratification package), which keeps each label's share in every part.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -142,7 +143,7 @@ def _multilabel_split(
     return torch.from_numpy(np.sort(keep)).long(), torch.from_numpy(np.sort(held)).long()
 
 
-def _stratifiers():  # noqa: ANN202 - a module
+def _stratifiers() -> ModuleType:
     """iterative-stratification's splitters, imported where multi-label data needs them."""
     try:
         from iterstrat import ml_stratifiers
