@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from thaw.data.images import load_image, map_files
+from thaw.data.sources.csv import LABEL_SEPARATOR  # predictions.csv's labels, as data=csv's
 from thaw.errors import UserError
 from thaw.inference.metadata import UINT8_INPUT
 from thaw.inference.onnx_model import OnnxModel
@@ -29,8 +30,6 @@ from thaw.preprocess import Preprocessing
 log = logging.getLogger(__name__)
 
 TTA_MODES = ("none", "flip", "flip_crop")
-# Between the labels of a multi-label answer in predictions.csv, as in a data=csv label cell.
-LABEL_SEPARATOR = "|"
 # The shift of flip_crop's corner crops, as a fraction of the side: augment=basic's crop_padding.
 CROP_SHIFT = 0.125
 
@@ -148,7 +147,7 @@ class Predictor:
         ensemble's members each have their own score scale, so an ensemble has none)."""
         return self.members[0].postprocessing.rejection if len(self.members) == 1 else None
 
-    @property
+    @cached_property
     def thresholds(self) -> torch.Tensor | None:
         """A multi-label model's per-label thresholds (an ensemble's: the mean of its members',
         as its probabilities are their mean), None for a single-label one."""
