@@ -114,7 +114,6 @@ def _collect(
     the MISSES_SHOWN missed images (true label below its threshold) of lowest probability."""
     device = next(model.parameters()).device
     postprocessing = model.postprocessing
-    thresholds = torch.tensor(postprocessing.thresholds)
     outputs, targets, first = [], [], []
     missed: dict[int, list[tuple[float, int, torch.Tensor]]] = {}
     seen = 0
@@ -126,7 +125,7 @@ def _collect(
         first += [(seen + i, image.cpu()) for i, image in enumerate(images)][
             : GRADCAM_IMAGES - len(first)
         ]
-        misses = (labels == 1) & (probabilities < thresholds)
+        misses = (labels == 1) & ~postprocessing.label_sets(probabilities)
         for row, label in torch.nonzero(misses).tolist():
             pool = missed.setdefault(label, [])
             # A heap on -probability: its top is the highest of those kept, the one to drop.
