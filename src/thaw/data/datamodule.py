@@ -16,6 +16,7 @@ from thaw.data.augment.batch import BatchAugment
 from thaw.data.augment.mixing import BatchMix
 from thaw.data.augment.options import AugmentOptions
 from thaw.data.augment.per_image import build_train_transform
+from thaw.data.cache import cached_set
 from thaw.data.corrections import number_images
 from thaw.data.dataset import ImageDataset, readable_splits
 from thaw.data.loader_choice import LoaderChoice, choose_loader
@@ -45,6 +46,7 @@ from thaw.semi.stream import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+SPLITS = ("train", "val", "test")
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -107,6 +109,8 @@ class ImageDataModule(pl.LightningDataModule):
         # files that did not decode ("data/unlabeled_skipped").
         self.counts: dict[str, int] = {}
         self.mixer: BatchMix | None = None
+        # data.cache: the decoded pixels of each split of files, by split name (see _cache).
+        self.pixels: dict[str, ImageSet] = {}
 
     @property
     def classes(self) -> list[str]:
@@ -145,7 +149,6 @@ class ImageDataModule(pl.LightningDataModule):
         if self.test_set is not None:
             return
         self._load()
-        splits = [s for s in (self.train_set, self.val_set, self.test_set) if s is not None]
         if self.preprocessing is None:
             self.preprocessing = resolve_preprocessing(
                 self._require(self.train_set),
@@ -157,8 +160,13 @@ class ImageDataModule(pl.LightningDataModule):
             )
             if self.settings.normalize == "dataset":
                 log.info("Normalising with the training split's statistics: %s", self.preprocessing)
+        splits = [name for name in SPLITS if getattr(self, f"{name}_set") is not None]
+        self._cache(splits, self.preprocessing)
         self.loader_choice = choose_loader(
-            self.settings.loader, all(s.in_memory for s in splits), self.augment
+            self.settings.loader,
+            all(self._loading(name).in_memory for name in splits),
+            self.augment,
+            cached=bool(self.pixels),
         )
         log.info("Data path: %s (%s)", *self.loader_choice)
         self._build_transforms(self.loader_choice.path, self.preprocessing)
@@ -189,6 +197,25 @@ class ImageDataModule(pl.LightningDataModule):
             )
             self.unlabeled_set, counts = pool
             self.counts.update(counts)
+
+    def _cache(self, splits: Sequence[str], preprocessing: Preprocessing) -> None:
+        """With data.cache, each split of image files as its decoded cache (thaw.data.cache):
+        what the loaders read, index for index with the split, which keeps its paths."""
+        folder = self.settings.cache_folder
+        if folder is None:
+            return
+        for name in splits:
+            images = self._require(getattr(self, f"{name}_set"))
+            if not images.in_memory:
+                self.pixels[name] = cached_set(images, name, folder, preprocessing)
+        if not self.pixels:
+            log.info("data.cache: the images are in memory already, so nothing is cached")
+
+    def _loading(self, split: str) -> ImageSet:
+        """What the loaders of `split` read: its decoded cache, else the split itself."""
+        if split in self.pixels:
+            return self.pixels[split]
+        return self._require(getattr(self, f"{split}_set"))
 
     def _check_multilabel(self) -> None:
         """Refuse the settings that mean one class per image, for label sets."""
@@ -306,7 +333,7 @@ class ImageDataModule(pl.LightningDataModule):
         """Every loader of `split`, on either path: training ones shuffle (sharded across ranks)
         and augment; the others see every image once (or `limit` of them), in order, on every
         rank."""
-        images = self._require(getattr(self, f"{split}_set"))
+        images = self._loading(split)
         batch_size = self.batch_size if train else self.eval_batch_size
         balanced = train and self.settings.sampler == "balanced"
         weights = balanced_weights(images.labels) if balanced else None
@@ -317,7 +344,10 @@ class ImageDataModule(pl.LightningDataModule):
                 images = ImageSet(
                     images.images.to(device), images.labels.to(device), images.classes, images.ids
                 )
-                setattr(self, f"{split}_set", images)
+                if split in self.pixels:
+                    self.pixels[split] = images
+                else:
+                    setattr(self, f"{split}_set", images)
             images = self._sample(images, limit, labels)
             transform = self.train_transform if train else self.eval_transform
             return DeviceLoader(

@@ -19,15 +19,20 @@ class LoaderChoice(NamedTuple):
     reason: str
 
 
-def choose_loader(requested: str, in_memory: bool, augment: AugmentOptions) -> LoaderChoice:
+def choose_loader(
+    requested: str, in_memory: bool, augment: AugmentOptions, cached: bool = False
+) -> LoaderChoice:
     """The path for `data.loader=requested` (one of LOADERS, checked with the data config):
-    `auto` takes the device path when every split is held in memory and every augmentation runs
-    on batches; an explicit `device` that cannot be honoured raises, naming the fix."""
+    `auto` takes the device path when every split is held in memory (or decoded into data.cache:
+    `cached`) and every augmentation runs on batches; an explicit `device` that cannot be
+    honoured raises, naming the fix."""
+    held = "decoded into data.cache" if cached else "in memory"
     if requested == "device":
         if not in_memory:
             raise UserError(
                 "data.loader=device needs a data set held in memory (cifar10, fashion_mnist, "
-                "tiny_imagenet); image files stream from disk: use data.loader=dataloader"
+                "tiny_imagenet) or decoded once with data.cache=true; image files are decoded "
+                "per image: add data.cache=true, or use data.loader=dataloader"
             )
         check_batchable(augment)
         return LoaderChoice("device", "data.loader=device")
@@ -38,4 +43,4 @@ def choose_loader(requested: str, in_memory: bool, augment: AugmentOptions) -> L
     if per_image := unsupported(augment):
         why = f"data.loader=auto: {', '.join(per_image)} only per image"
         return LoaderChoice("dataloader", why)
-    return LoaderChoice("device", "data.loader=auto: in memory, every augmentation batches")
+    return LoaderChoice("device", f"data.loader=auto: {held}, every augmentation batches")

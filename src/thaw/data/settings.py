@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from thaw import checks
@@ -81,6 +82,8 @@ class DataSettings:
     relabel: str | None
     unlabeled_root: str | None
     unlabeled: str | None
+    cache: str | bool | None
+    cache_dir: str
 
     def __post_init__(self) -> None:
         checks.integer("data.image_size", self.image_size, 1, nullable=True)
@@ -93,12 +96,26 @@ class DataSettings:
         checks.flag("data.pin_memory", self.pin_memory)
         checks.choice("data.sampler", self.sampler, SAMPLERS)
         checks.choice("data.loader", self.loader, LOADERS)
+        folder = isinstance(self.cache, str) and self.cache.strip() != ""
+        if not (self.cache is None or isinstance(self.cache, bool) or folder):
+            raise UserError(
+                f"data.cache must be a folder, true (the folder data.cache_dir) or null, "
+                f"got {self.cache!r}"
+            )
         _ = self.corrections  # read now: a wrong file or column is said before any image is
 
     @functools.cached_property
     def corrections(self) -> Corrections:
         """The review lists of data.exclude and data.relabel (see thaw.data.corrections)."""
         return Corrections.read(self.exclude, self.relabel, self.root)
+
+    @property
+    def cache_folder(self) -> Path | None:
+        """Where the decoded cache (thaw.data.cache) lives; None: image files are decoded every
+        epoch."""
+        if self.cache is None or self.cache is False:
+            return None
+        return Path(self.cache_dir if self.cache is True else self.cache).expanduser()
 
     @classmethod
     def of(cls, source: Source, **values: Any) -> DataSettings:

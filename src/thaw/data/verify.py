@@ -66,13 +66,13 @@ def verify_files(
     the good ones. A cache that cannot be read or written is named in a warning and checking
     goes on without it."""
     cache = cache or cache_path()
-    keys = [_key(path) for path in paths]
+    keys = [file_key(path) for path in paths]
     known = _known(cache, [key for key in keys if key is not None])
     todo = [i for i, key in enumerate(keys) if key is None or key not in known]
     check = partial(_problem, decode_size=decode_size)
     bad: dict[Path, str] = {}
     good: list[Key] = []
-    with _mapper(len(todo), workers or _cores()) as mapped:
+    with file_mapper(len(todo), workers or usable_cores()) as mapped:
         # Started before the progress bar, so workers are forked before its refresh thread.
         problems = mapped(check, [paths[i] for i in todo])
         described = f"Checking that {len(todo)} images decode"
@@ -94,7 +94,7 @@ def verify_files(
     return Verification(bad, decoded=len(todo))
 
 
-def _key(path: Path) -> Key | None:
+def file_key(path: Path) -> Key | None:
     """The file's cache key, None where it cannot be read (decoding it then says why)."""
     try:
         real = os.path.realpath(path)
@@ -113,7 +113,7 @@ def _problem(path: Path, decode_size: int | None) -> str | None:
     return None
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """The cores this process may run on (a cluster job's share, not the machine's)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
@@ -121,7 +121,7 @@ def _cores() -> int:
 
 
 @contextmanager
-def _mapper(count: int, workers: int) -> Iterator[Mapper]:
+def file_mapper(count: int, workers: int) -> Iterator[Mapper]:
     """A `map` for `count` files: serial where one chunk holds them all, else on Linux forked
     processes (per small file most of the time is Python holding the GIL, so threads gain little,
     and a fork starts at once where a spawned process re-imports torch), elsewhere, where fork is
