@@ -60,12 +60,14 @@ def cached_set(
     return ImageSet(torch.from_numpy(array), images.labels, images.classes, images.ids)
 
 
-def fitted_image(path: Path, preprocessing: Preprocessing) -> np.ndarray:
-    """One file's cached pixels: (3, S, S) uint8, through the evaluation transform cropped at
-    the resize size (so the per-image path's own steps, without normalisation)."""
+def fitted_image(image: Path | torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
+    """An image's cached pixels (a file's, or an in-memory one's): (3, S, S) uint8, through the
+    evaluation transform cropped at the resize size S (the per-image path's own steps, without
+    normalisation). What data.cache and the shards of data=streaming hold."""
     side = preprocessing.resize_size
     fit = dataclasses.replace(preprocessing, input_size=side).transform(normalize=False)
-    return fit(load_image(path, side)).numpy()
+    decoded = image if isinstance(image, torch.Tensor) else load_image(image, side)
+    return fit(decoded).numpy()
 
 
 def _digest(files: list[Path]) -> str:

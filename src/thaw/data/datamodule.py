@@ -24,6 +24,7 @@ from thaw.data.resumable import (
     DeviceLoader,
     PositionedLoader,
     ResumableLoader,
+    StreamingLoader,
     balanced_weights,
 )
 from thaw.data.settings import DataSettings
@@ -167,6 +168,7 @@ class ImageDataModule(pl.LightningDataModule):
             all(self._loading(name).in_memory for name in splits),
             self.augment,
             cached=bool(self.pixels),
+            streamed=self._loaded.streamed,
         )
         log.info("Data path: %s (%s)", *self.loader_choice)
         self._build_transforms(self.loader_choice.path, self.preprocessing)
@@ -178,10 +180,16 @@ class ImageDataModule(pl.LightningDataModule):
         source's own test set where it has one."""
         test = self.source.load_test() if self.test_only else None
         if test is not None:
+            if test.streamed:
+                self._check_streaming()
             test = self._checked(test=self._filter(test))["test"]
             self.test_set = self._corrected({"test": test}, by_index=False)["test"]
             return
         source = self.source.load()
+        if source.train.streamed:
+            self._check_streaming()
+            self.train_set, self.val_set, self.test_set = source.train, source.val, source.test
+            return
         if source.train.multilabel:
             self._check_multilabel()
         loaded = number_images(source.train, source.val, source.test)
@@ -216,6 +224,34 @@ class ImageDataModule(pl.LightningDataModule):
         if split in self.pixels:
             return self.pixels[split]
         return self._require(getattr(self, f"{split}_set"))
+
+    def _check_streaming(self) -> None:
+        """Refuse what would change or re-read the splits that scripts/make_shards.py wrote."""
+        settings, splits = self.settings, self.settings.splits
+        planned = {
+            "data.classes": splits.classes is not None,
+            "data.samples_per_class": splits.samples_per_class is not None,
+            "data.folds": splits.folds is not None,
+            "data.exclude": settings.exclude is not None,
+            "data.relabel": settings.relabel is not None,
+        }
+        unsupported = {
+            "data.unlabeled_root": settings.unlabeled_root is not None,
+            "data.unlabeled": settings.unlabeled is not None,
+            "data.unlabeled_per_class": splits.unlabeled_per_class is not None,
+            "semi=fixmatch": self.semi is not None,
+            "data.sampler=balanced": settings.sampler == "balanced",
+            "data.normalize=dataset": settings.normalize == "dataset",
+            "data.cache": settings.cache_folder is not None,
+        }
+        if named := [name for name, on in planned.items() if on]:
+            raise UserError(
+                f"{', '.join(named)}: data=streaming trains on the splits scripts/make_shards.py "
+                "wrote; give these to make_shards.py instead (python scripts/make_shards.py "
+                "data=imagefolder data.root=... data.classes=[...] out=...)"
+            )
+        if named := [name for name, on in unsupported.items() if on]:
+            raise UserError(f"{', '.join(named)}: not available with data=streaming; leave out")
 
     def _check_multilabel(self) -> None:
         """Refuse the settings that mean one class per image, for label sets."""
@@ -319,6 +355,9 @@ class ImageDataModule(pl.LightningDataModule):
         if path == "device":
             self.train_transform: Any = BatchAugment(self.augment, preprocessing, train=True)
             self.eval_transform: Any = BatchAugment(self.augment, preprocessing, train=False)
+        elif path == "streaming":  # training batches on the device, the rest by index
+            self.train_transform = BatchAugment(self.augment, preprocessing, train=True)
+            self.eval_transform = preprocessing.transform()
         else:
             self.train_transform = build_train_transform(self.augment, preprocessing)
             self.eval_transform = preprocessing.transform()
@@ -359,6 +398,16 @@ class ImageDataModule(pl.LightningDataModule):
                 shuffle=train,
                 device=device,
                 weights=weights,
+            )
+        if train and images.streamed:
+            device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
+            return StreamingLoader(
+                images.images,
+                self.train_transform,
+                seed=self.seed,
+                batch_size=batch_size,
+                num_workers=self.settings.num_workers,
+                device=device,
             )
         images = self._sample(images, limit, labels)
         return ResumableLoader(

@@ -39,7 +39,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor]:
         """(image, class index), or (image, multi-hot row) for multi-label data."""
-        item = self.images.images[index]
+        item = self.images.images[index]  # a tensor, unless the set is files
         image = item if isinstance(item, torch.Tensor) else load_image(item, self.min_size)
         label = self.images.labels[index]
         return self.transform(image), label if self.images.multilabel else int(label)
@@ -53,7 +53,7 @@ def readable_splits(
     A bad file is an ImageDecodeError naming it and its split, unless `skip`
     (data.skip_bad_images): then the sets are returned without the bad files, which are logged,
     a few by path, and returned too. In-memory sets are decoded already and kept as they are."""
-    on_disk = {name: s for name, s in splits.items() if s is not None and not s.in_memory}
+    on_disk = {name: s for name, s in splits.items() if s is not None and s.in_files}
     files = [path for imageset in on_disk.values() for path in imageset.images]
     bad = verify_files(files, decode_size).bad if files else {}
     found = [(name, path) for name, s in on_disk.items() for path in s.images if path in bad]
@@ -80,7 +80,7 @@ def readable_splits(
 
 
 def _without(imageset: ImageSet | None, bad: dict[Path, str]) -> ImageSet | None:
-    if imageset is None or imageset.in_memory:
+    if imageset is None or not imageset.in_files:
         return imageset
     good = [i for i, path in enumerate(imageset.images) if path not in bad]
     return imageset.subset(torch.tensor(good, dtype=torch.long))

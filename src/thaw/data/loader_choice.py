@@ -12,20 +12,34 @@ LOADERS = ("auto", "device", "dataloader")
 
 
 class LoaderChoice(NamedTuple):
-    """`path` is "device" (uint8 sets on the training device, whole batches augmented there) or
-    "dataloader" (per-image transforms in workers); `reason` says why, for the log."""
+    """`path` is "device" (uint8 sets on the training device, whole batches augmented there),
+    "dataloader" (per-image transforms in workers) or "streaming" (litdata shards, batches
+    augmented on the device); `reason` says why, for the log."""
 
     path: str
     reason: str
 
 
 def choose_loader(
-    requested: str, in_memory: bool, augment: AugmentOptions, cached: bool = False
+    requested: str,
+    in_memory: bool,
+    augment: AugmentOptions,
+    cached: bool = False,
+    streamed: bool = False,
 ) -> LoaderChoice:
     """The path for `data.loader=requested` (one of LOADERS, checked with the data config):
     `auto` takes the device path when every split is held in memory (or decoded into data.cache:
     `cached`) and every augmentation runs on batches; an explicit `device` that cannot be
-    honoured raises, naming the fix."""
+    honoured raises, naming the fix. Streamed shards (data=streaming) take the streaming path:
+    litdata's loader, batches augmented on the device."""
+    if streamed:
+        if requested == "dataloader":
+            raise UserError(
+                "data=streaming streams shards and augments whole batches: leave data.loader "
+                "at auto (or device)"
+            )
+        check_batchable(augment)
+        return LoaderChoice("streaming", "data=streaming: litdata shards, batches on the device")
     held = "decoded into data.cache" if cached else "in memory"
     if requested == "device":
         if not in_memory:

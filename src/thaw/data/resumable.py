@@ -2,9 +2,10 @@
 
 Which samples an epoch visits, in which order, and how each one is augmented are pure functions
 of (seed, epoch, sample), so a run resumed mid-epoch sees the very batches an uninterrupted run
-would, whatever the number of workers or processes. Two kinds share that bookkeeping: a
-DataLoader that augments image by image in workers, and a DeviceLoader that keeps a uint8 set on
-the training device and augments whole batches there. Either can serve cached backbone features
+would, whatever the number of workers or processes. Three kinds share that bookkeeping: a
+DataLoader that augments image by image in workers, a DeviceLoader that keeps a uint8 set on
+the training device and augments whole batches there, and a StreamingLoader that streams litdata
+shards and augments their batches on the device. Either can serve cached backbone features
 in place of images, in the same order (see thaw.finetune.FeatureCache).
 """
 
@@ -239,3 +240,71 @@ class DeviceLoader(PositionedLoader):
             rows = torch.tensor(chunk, device=self.device)
             self.generator.manual_seed(mix_seed(self.sampler.seed, epoch, rank, number))
             yield self.transform(self.images[rows], self.generator), self.labels[rows]
+
+
+class StreamingLoader(PositionedLoader):
+    """litdata's StreamingDataLoader over a split's shards (thaw.data.sources.streaming.Shards):
+    litdata shuffles them by (seed, epoch), splits them across DDP ranks and loader workers, and
+    its loader state resumes mid-epoch; each uint8 batch is moved to the training device and
+    transformed there as a whole, as DeviceLoader's are, its draws seeded by (seed, epoch, rank,
+    batch). The sampler only keeps the epoch and the seed: litdata draws the order."""
+
+    batch_sampler = None
+
+    def __init__(
+        self,
+        shards: Any,
+        transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
+        seed: int,
+        batch_size: int,
+        num_workers: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.shards = shards
+        self.transform = transform
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.sampler = EpochSampler(len(shards), seed)
+        self.generator = torch.Generator(self.device)
+        self._streaming: Any = None
+        self._saved: dict[str, Any] | None = None  # litdata's state, to resume from
+
+    @property
+    def streaming(self) -> Any:
+        """The StreamingDataLoader, built on first use with the sampler's seed."""
+        if self._streaming is None:
+            self._streaming = self.shards.loader(
+                self.batch_size, self.num_workers, self.sampler.seed
+            )
+        return self._streaming
+
+    def __len__(self) -> int:
+        return len(self.streaming)
+
+    def _image_batches(self) -> Iterator[Batch]:
+        epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
+        self.sampler.skip = 0
+        streaming = self.streaming
+        if first and self._saved is not None:
+            streaming.load_state_dict(self._saved)
+        else:
+            # litdata counts an epoch up before it shuffles: its order is a function of the
+            # epoch Lightning is in, whatever ran before in this process.
+            streaming.current_epoch = epoch
+        self._saved = None
+        rank = rank_and_world()[0]
+        for number, batch in enumerate(streaming, start=first):
+            images = batch["image"].to(self.device, non_blocking=True)
+            self.generator.manual_seed(mix_seed(self.sampler.seed, epoch, rank, number))
+            yield self.transform(images, self.generator), batch["label"].to(self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "litdata": self.streaming.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seed"] != self.sampler.seed:
+            self._streaming = None  # the order is the saved seed's
+        super().load_state_dict(state)
+        self._saved = state["litdata"]

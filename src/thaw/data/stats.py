@@ -76,7 +76,7 @@ def resolve_preprocessing(
 
 def _native_size(images: ImageSet) -> int:
     """The side of square in-memory images: what `data.image_size=null` keeps."""
-    if not images.in_memory:
+    if images.in_files:
         raise UserError(
             "data.image_size=null keeps the images' own size, but image files differ in size: "
             "set data.image_size (e.g. 224)"

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 
 from thaw.data.sources.download import archive_path, fetch_and_extract
 
+if TYPE_CHECKING:
+    from thaw.data.sources.streaming import Shards
+
 
 @dataclass(frozen=True)
 class ImageSet:
-    """Labelled images: a uint8 tensor (N, C, H, W) held in memory, or a list of image files.
+    """Labelled images: a uint8 tensor (N, C, H, W) held in memory, a list of image files, or a
+    split's litdata shards (thaw.data.sources.streaming.Shards: (3, S, S) uint8 images by index).
 
     `classes[i]` is the name of label i; C is 1 (grayscale) or 3 (RGB). `labels` are class
     indices (N,), or for multi-label data multi-hot rows (N, classes). `ids` number the
@@ -24,7 +28,7 @@ class ImageSet:
     (`data.exclude`, label_issues.csv's `index`).
     """
 
-    images: torch.Tensor | list[Path]
+    images: torch.Tensor | list[Path] | Shards
     labels: torch.Tensor
     classes: list[str]
     ids: torch.Tensor | None = None
@@ -47,12 +51,23 @@ class ImageSet:
     def in_memory(self) -> bool:
         return isinstance(self.images, torch.Tensor)
 
+    @property
+    def in_files(self) -> bool:
+        return isinstance(self.images, list)
+
+    @property
+    def streamed(self) -> bool:
+        """Shards, read by index or streamed (data=streaming)."""
+        return not (self.in_memory or self.in_files)
+
     def subset(self, indices: torch.Tensor) -> ImageSet:
         """The images at `indices`, same classes."""
         if self.in_memory:
             images = self.images[indices]
-        else:
+        elif self.in_files:
             images = [self.images[i] for i in indices.tolist()]
+        else:
+            images = self.images.subset(indices)  # type: ignore[union-attr]
         return ImageSet(images, self.labels[indices], self.classes, self.ids[indices.cpu()])
 
 
