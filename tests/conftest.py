@@ -144,6 +144,18 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def photo_shards(photo_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`photo_folder` as litdata shards (scripts/make_shards.py) at 28 px: data=streaming's."""
+    out = tmp_path_factory.mktemp("shards") / "photos"
+    make_shards = load_script("make_shards")
+    make_shards.main(
+        ["data=imagefolder", f"data.root={photo_folder}", "data.image_size=28", f"out={out}"]
+        + ["workers=2", "chunk_bytes=256KB"]
+    )
+    return out
+
+
 # `folder_run`'s training, on the photos of `photo_folder` (data.root).
 FOLDER_RUN = [
     *TINY,

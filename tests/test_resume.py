@@ -169,6 +169,23 @@ def test_loader_state_resumes_only_the_epoch_it_was_saved_in():
 EMA = ["callbacks=ema", "callbacks.ema.decay=0.9"]
 
 
+# The photo folder's 120 training images, 8 steps an epoch.
+PHOTOS = ["data.image_size=28", "data.batch_size=16"]
+
+
+def data_path(loader: str, request: pytest.FixtureRequest, tmp_path: Path) -> list[str]:
+    """The overrides of a data path: the photo folder through data.cache, its shards streamed,
+    or generated Fashion-MNIST on the path `loader` names."""
+    if loader == "cache":
+        folder = request.getfixturevalue("photo_folder")
+        cache = [f"data.cache={tmp_path / 'cache'}", "data.loader=device"]
+        return ["data=imagefolder", f"data.root={folder}", *cache, *PHOTOS]
+    if loader == "streaming":  # with loader workers: litdata's state is kept per worker
+        shards = request.getfixturevalue("photo_shards")
+        return ["data=streaming", f"data.root={shards}", "data.num_workers=2", *PHOTOS]
+    return [f"data.loader={loader}"]
+
+
 @pytest.mark.parametrize(
     ("loader", "extra", "stop_step", "steps"),
     [
@@ -176,17 +193,28 @@ EMA = ["callbacks=ema", "callbacks.ema.decay=0.9"]
         ("dataloader", [], 7, 10),
         ("device", [*SEMI, *EMA], 4, 6),  # 3 steps an epoch: the first with unlabeled images
         ("dataloader", SEMI, 4, 6),
+        ("cache", EMA, 11, 16),  # image files decoded into data.cache, then the device path
+        ("streaming", EMA, 11, 16),  # litdata shards, its loader state saved and restored
     ],
-    ids=["device-ema", "dataloader", "device-ema-fixmatch", "dataloader-fixmatch"],
+    ids=[
+        "device-ema",
+        "dataloader",
+        "device-ema-fixmatch",
+        "dataloader-fixmatch",
+        "cache-ema",
+        "streaming-ema",
+    ],
 )
 def test_a_composed_run_stopped_by_sigterm_resumes_to_the_same_weights(
-    train_config, loader, extra, stop_step, steps
+    train_config, request, tmp_path, loader, extra, stop_step, steps
 ):
-    """The whole stack: the DataModule's loader on either path (batched augmentation on the
-    device, or per image in a DataLoader), batch mixup, an EMA of the weights, and FixMatch's
-    unlabeled stream with its warm-up's best val/acc."""
+    """The whole stack: the DataModule's loader on every path (batched augmentation on the
+    device, per image in a DataLoader, image files through the decoded cache, streamed litdata
+    shards), batch mixup, an EMA of the weights, and FixMatch's unlabeled stream with its
+    warm-up's best val/acc."""
+    data = data_path(loader, request, tmp_path)
     common = [
-        f"data.loader={loader}",
+        *data,
         *extra,
         "trainer.max_epochs=2",
         "trainer.deterministic=true",

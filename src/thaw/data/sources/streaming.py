@@ -110,7 +110,12 @@ class Shards(Sequence[torch.Tensor]):
             raise ValueError("only a whole split streams, not a subset of it")
         litdata = require_litdata()
         return litdata.StreamingDataLoader(
-            self.dataset(shuffle=True, seed=seed), batch_size=batch_size, num_workers=num_workers
+            self.dataset(shuffle=True, seed=seed),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            # Its own generator: a DataLoader without one draws its workers' base seed from the
+            # global RNG at every iter(), and a resumed run would shift dropout by that draw.
+            generator=torch.Generator().manual_seed(seed),
         )
 
 
