@@ -25,6 +25,9 @@ from thaw.preprocess import Preprocessing
 
 # The augmentations that only exist per image.
 _PER_IMAGE_KEYS = ("policy=trivialaugment", "policy=autoaugment")
+# The float work of a batch on a CPU, this many bytes of it at a time (a few 224-px images, or 80
+# of 64 px): it stays in the processor's cache between passes.
+_CPU_CHUNK_BYTES = 4 * 2**20
 # RandomErasing's tries at a rectangle that fits before it leaves the image be (torchvision's).
 ERASE_ATTEMPTS = 10
 
@@ -49,15 +52,22 @@ def jitter_colors(images: torch.Tensor, factors: torch.Tensor, order: torch.Tens
     """torchvision's adjust_brightness, adjust_contrast and adjust_saturation on float images in
     [0, 1] (B, 3, H, W), with per-sample `factors` (B, 3) in that order, applied in each sample's
     own `order` (B, 3: a permutation of 0, 1, 2). Each adjustment is a clamped blend with a target
-    (zero, the grayscale mean, the grayscale image), so one blend per position does all three."""
+    (zero, the grayscale mean, the grayscale image), so one blend per position does all three.
+    On a CPU, where looking costs no device sync, a position where every sample adjusts the
+    brightness (a target of zero) skips the grayscale image."""
+    on_cpu = images.device.type == "cpu"
     for position in range(3):
         op = order[:, position].view(-1, 1, 1, 1)
         factor = factors.gather(1, order[:, position : position + 1]).view(-1, 1, 1, 1)
-        red, green, blue = images.unbind(1)
-        gray = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
-        contrast_target = torch.where(op == 1, gray.mean((-2, -1), keepdim=True), 0.0)
-        target = torch.where(op == 2, gray, contrast_target)
-        images = images.mul(factor).add_(target * (1 - factor)).clamp_(0, 1)
+        target = None
+        if not on_cpu or bool(op.any()):
+            red, green, blue = images.unbind(1)
+            gray = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114).unsqueeze(1)
+            contrast_target = torch.where(op == 1, gray.mean((-2, -1), keepdim=True), 0.0)
+            target = torch.where(op == 2, gray, contrast_target).mul_(1 - factor)
+        # The first blend writes a new tensor (the input may be a view), later ones their own.
+        scaled = images.mul(factor) if position == 0 else images.mul_(factor)
+        images = (scaled if target is None else scaled.add_(target)).clamp_(0, 1)
     return images
 
 
@@ -129,26 +139,40 @@ class BatchAugment:
             images = self._shift_and_flip(images, generator)
         if self.train and self.randaugment is not None:
             images = self.randaugment(images, generator)
-        batch = images.shape[0]
-        images = images.to(torch.float32).mul_(1 / 255).expand(-1, 3, -1, -1)
+        jitter = None
         if self.train and options.color_jitter > 0:
             low, high = max(0.0, 1 - options.color_jitter), 1 + options.color_jitter
             draw = {"generator": generator, "device": images.device}
-            factors = torch.rand(batch, 3, **draw) * (high - low) + low
-            order = torch.rand(batch, 3, **draw).argsort(dim=1)
-            images = jitter_colors(images, factors, order)
-        mean, std = self.mean.to(images.device), self.std.to(images.device)
-        images = images.sub(mean).div_(std)
+            factors = torch.rand(images.shape[0], 3, **draw) * (high - low) + low
+            order = torch.rand(images.shape[0], 3, **draw).argsort(dim=1)
+            jitter = factors, order
+        images = self._normalised(images, jitter)
         if self.train and options.random_erasing > 0:
             images = erase_rectangles(images, options.random_erasing, generator)
         return images
 
+    def _normalised(
+        self, images: torch.Tensor, jitter: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Scaled to [0, 1], colour-jittered with the drawn (factors, order), normalised: float
+        passes over the whole batch that are bound by memory on a CPU, so there they run a few
+        images at a time, while those are still in the processor's cache (the same numbers)."""
+        batch, _, height, width = images.shape
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        out = torch.empty(batch, 3, height, width, device=images.device)
+        for rows in self._chunks(images):
+            part = images[rows].to(torch.float32).mul_(1 / 255).expand(-1, 3, -1, -1)
+            if jitter is not None:
+                part = jitter_colors(part, jitter[0][rows], jitter[1][rows])
+            torch.sub(part, mean, out=out[rows]).div_(std)
+        return out
+
     def _shift_and_flip(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """RandomPadCrop then the flip as one gather: each sample's window of the zero-padded
-        batch, its columns reversed where it flips."""
+        batch, its columns reversed where it flips (on a CPU a few images at a time, as in
+        `_normalised`)."""
         batch, channels, height, width = images.shape
         pad_h, pad_w = (round(self.options.crop_padding * side) for side in (height, width))
-        planes = torch.nn.functional.pad(images, [pad_w, pad_w, pad_h, pad_h]).flatten(2)
         draw = {"generator": generator, "device": images.device}
         top = torch.randint(2 * pad_h + 1, (batch, 1), **draw)
         left = torch.randint(2 * pad_w + 1, (batch, 1), **draw)
@@ -158,5 +182,18 @@ class BatchAugment:
         columns = left + torch.where(flip, columns.flip(0), columns)
         # Into the flattened padded planes: one gather (advanced indexing is slower on CPU).
         index = rows[:, :, None] * (width + 2 * pad_w) + columns[:, None, :]
-        index = index.view(batch, 1, height * width).expand(-1, channels, -1)
-        return planes.gather(2, index).view(batch, channels, height, width)
+        index = index.view(batch, 1, height * width)
+        out = torch.empty_like(images)
+        for part in self._chunks(images):
+            planes = torch.nn.functional.pad(images[part], [pad_w, pad_w, pad_h, pad_h])
+            taken = planes.flatten(2).gather(2, index[part].expand(-1, channels, -1))
+            out[part] = taken.view(-1, channels, height, width)
+        return out
+
+    @staticmethod
+    def _chunks(images: torch.Tensor) -> list[slice]:
+        """The batch in slices of _CPU_CHUNK_BYTES of float pixels on a CPU, whole elsewhere."""
+        batch, _, height, width = images.shape
+        on_cpu = images.device.type == "cpu"
+        step = max(1, _CPU_CHUNK_BYTES // (4 * 3 * height * width)) if on_cpu else max(batch, 1)
+        return [slice(start, start + step) for start in range(0, batch, step)]

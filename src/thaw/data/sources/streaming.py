@@ -99,8 +99,10 @@ class Shards(Sequence[torch.Tensor]):
     def dataset(self, shuffle: bool = False, seed: int = 0) -> Any:
         """litdata's StreamingDataset over every sample of the split."""
         litdata = require_litdata()
+        # batch_decode: litdata's default ("auto") deserialises a window of neighbouring samples
+        # for each one read, and a shuffled epoch uses one of them: many times the work.
         return litdata.StreamingDataset(
-            self.url, cache_dir=self.cache_dir, shuffle=shuffle, seed=seed
+            self.url, cache_dir=self.cache_dir, shuffle=shuffle, seed=seed, batch_decode=False
         )
 
     def loader(self, batch_size: int, num_workers: int, seed: int) -> Any:
