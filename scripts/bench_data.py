@@ -15,14 +15,15 @@ product is) and, at each training size of --sizes, measures one after the other:
   and on a small CPU passing batches between processes costs more than it saves), batches
   augmented on the device;
 - the one-off cost: setting up the data (the cache's build; for streaming, writing the shards),
-  then the first and the second epoch;
+  then the first epoch and the later ones (the median of three);
 - end to end: the second training epoch (validation not included) of resnet18 (random init:
   speed does not depend on the weights) with finetune=linear_probe (the frozen backbone runs
   forward on every augmented batch) and finetune=full, on each path.
 
 Every file is checked to decode once before the first measurement (thaw's record of good files,
-in <out>/user_cache), so no row pays for it. Prints one table and writes <out>/data-<device>.md
-and .csv.
+in <out>/runs/user_cache), so no row pays for it. The photos, caches, shards and runs are kept in
+<out>/runs/ (a rerun reuses the photos). Prints one table and writes <out>/data-<device>.md and
+.csv.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import csv
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ from thaw.renderings import markdown_table, text_table
 
 PHOTO_SIZE = (750, 1000)  # width x height: a phone photo, portrait
 PATHS = ("per-image", "cache", "streaming")
+LATER_EPOCHS = 3
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -81,14 +84,14 @@ def data_overrides(path: str, args: argparse.Namespace, size: int) -> list[str]:
     if path == "streaming":
         workers = f"data.num_workers={args.stream_workers}"
         return ["data=streaming", f"data.root={shards_dir(args, size)}", *common, workers]
-    folder = ["data=imagefolder", f"data.root={args.out / 'photos'}", *common]
+    folder = ["data=imagefolder", f"data.root={args.work / 'photos'}", *common]
     if path == "cache":
-        return [*folder, f"data.cache={args.out / f'cache-{size}'}"]
+        return [*folder, f"data.cache={args.work / f'cache-{size}'}"]
     return [*folder, "data.loader=dataloader"]
 
 
 def shards_dir(args: argparse.Namespace, size: int) -> Path:
-    return args.out / f"shards-{size}"
+    return args.work / f"shards-{size}"
 
 
 def datamodule(overrides: list[str], out: Path) -> Any:
@@ -113,23 +116,24 @@ def prepare(path: str, args: argparse.Namespace, size: int) -> float:
         folder = data_overrides("per-image", args, size)[:3]
         make_shards.main([*folder, f"out={shards_dir(args, size)}", f"workers={args.workers}"])
     elif path == "cache":
-        shutil.rmtree(args.out / f"cache-{size}", ignore_errors=True)
-    datamodule(data_overrides(path, args, size), args.out / "runs" / "setup")
+        shutil.rmtree(args.work / f"cache-{size}", ignore_errors=True)
+    datamodule(data_overrides(path, args, size), args.work / "setup")
     return time.perf_counter() - started
 
 
-def loader_epochs(path: str, args: argparse.Namespace, size: int) -> list[float]:
-    """Images/s of two whole training epochs of the path's loader, nothing trained."""
-    module = datamodule(data_overrides(path, args, size), args.out / "runs" / "loader")
+def loader_epochs(path: str, args: argparse.Namespace, size: int) -> tuple[float, float]:
+    """Images/s of whole training epochs of the path's loader, nothing trained: the first, and
+    the median of the next LATER_EPOCHS (this machine's speed wanders by tens of percent)."""
+    module = datamodule(data_overrides(path, args, size), args.work / "loader")
     loader = module.train_dataloader()
     rates = []
-    for epoch in range(2):
+    for epoch in range(1 + LATER_EPOCHS):
         loader.sampler.set_epoch(epoch)
         started, count = time.perf_counter(), 0
         for images, _ in loader:
             count += len(images)
         rates.append(count / (time.perf_counter() - started))
-    return rates
+    return rates[0], statistics.median(rates[1:])
 
 
 def train_epoch(path: str, args: argparse.Namespace, size: int, finetune: str) -> float:
@@ -160,18 +164,18 @@ def train_epoch(path: str, args: argparse.Namespace, size: int, finetune: str) -
         "test=false",
     ]
     name = f"{path}-{size}-{finetune}"
-    run(compose_config("train", overrides, args.out / "runs" / name), callbacks=[Timing()])
+    run(compose_config("train", overrides, args.work / name), callbacks=[Timing()])
     return marks["end1"] - marks["start1"]
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for size in args.sizes:
-        datamodule(data_overrides("per-image", args, size), args.out / "runs" / "verify")
+        datamodule(data_overrides("per-image", args, size), args.work / "verify")
         for path in PATHS:
             setup_s = prepare(path, args, size)
             first, later = loader_epochs(path, args, size)
-            row = {"size": size, "path": path, "setup_s": setup_s, "epoch1": first, "epoch2": later}
+            row = {"size": size, "path": path, "setup_s": setup_s, "epoch1": first, "later": later}
             for finetune in args.finetune:
                 row[finetune] = train_epoch(path, args, size, finetune)
             print(row, flush=True)
@@ -180,14 +184,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]], finetunes: list[str]) -> list[list[str]]:
-    header = ["size", "path", "setup (s)", "epoch 1 img/s", "epoch 2 img/s", "vs per-image"]
+    header = ["size", "path", "setup (s)", "epoch 1 img/s", "later img/s", "vs per-image"]
     header += [f"{name} epoch (s)" for name in finetunes]
     lines = [header]
-    base = {row["size"]: row["epoch2"] for row in rows if row["path"] == "per-image"}
+    base = {row["size"]: row["later"] for row in rows if row["path"] == "per-image"}
     for row in rows:
         cells = [f"{row['size']} px", row["path"], f"{row['setup_s']:.1f}"]
-        cells += [f"{row['epoch1']:.0f}", f"{row['epoch2']:.0f}"]
-        cells.append(f"{row['epoch2'] / base[row['size']]:.1f}x")
+        cells += [f"{row['epoch1']:.0f}", f"{row['later']:.0f}"]
+        cells.append(f"{row['later'] / base[row['size']]:.1f}x")
         cells += [f"{row[name]:.1f}" for name in finetunes]
         lines.append(cells)
     return lines
@@ -208,8 +212,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args.sizes = [int(size) for size in args.sizes.split(",")]
     args.finetune = [name for name in args.finetune.split(",") if name]
     args.out = args.out.resolve()
-    os.environ["XDG_CACHE_HOME"] = str(args.out / "user_cache")
-    write_photos(args.out / "photos", args.per_class)
+    args.work = args.out / "runs"  # photos, caches, shards and runs: not committed
+    os.environ["XDG_CACHE_HOME"] = str(args.work / "user_cache")
+    write_photos(args.work / "photos", args.per_class)
     rows = measure(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lines = table(rows, args.finetune)
@@ -220,7 +225,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{photos} ({machine}, {args.workers} per-image loader workers, {args.stream_workers} "
         f"for streaming, batches of {args.batch_size}, "
         "augment=basic). img/s: training images per second of a whole epoch of the loader "
-        "alone; vs per-image: epoch 2 against the per-image path's. Setup: the DataModule's "
+        "alone, the first and the median of the next three; vs per-image: later img/s against "
+        "the per-image path's. Setup: the DataModule's "
         "setup, with the cache's build, or writing the shards. Epoch (s): the second training "
         "epoch of resnet18, validation not included.\n"
     )

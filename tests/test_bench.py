@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+from PIL import Image
 
 from conftest import load_script, offline_fmnist
 from thaw.config import compose_config
@@ -298,3 +299,18 @@ def test_bench_multilabel_tiny(fmnist_root, tmp_path):
             for name in bench.COLUMNS:
                 assert float(row[name]) == pytest.approx(metrics[f"test/{name}"], abs=1e-5)
     assert (tmp_path / "multilabel.md").read_text().count("\n| ") == 1 + 2 * len(bench.ARMS)
+
+
+def test_bench_data_tiny(tmp_path):
+    """Every data path, loader and training rows, on a few phone-size JPEGs."""
+    bench = load_script("bench_data")
+    argv = ["--per-class", "4", "--sizes", "32", "--batch-size", "8", "--workers", "1"]
+    rows = bench.main([*argv, "--finetune", "linear_probe", "--out", str(tmp_path)])
+    assert [row["path"] for row in rows] == list(bench.PATHS)
+    assert all(row["later"] > 0 and row["linear_probe"] > 0 for row in rows)
+    photo = next((tmp_path / "runs" / "photos").rglob("*.jpg"))
+    assert Image.open(photo).size == bench.PHOTO_SIZE
+    table = (tmp_path / "data-cpu.md").read_text()
+    assert "| 32 px | streaming |" in table and "vs per-image" in table
+    with open(tmp_path / "data-cpu.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3

@@ -63,7 +63,9 @@ class ImageDataModule(pl.LightningDataModule):
     `preprocessing`
     (see thaw.data.stats: `image_size`, and `mean`/`std`, the backbone's, or with
     `normalize="dataset"` the training split's) unless one is given, as a trained model's is,
-    chooses the data path (thaw.data.loader_choice) and builds that path's transforms.
+    decodes the splits of files into data.cache (thaw.data.cache) where it is set, chooses the
+    data path (thaw.data.loader_choice) and builds that path's transforms. A streamed source
+    (data=streaming) comes split already: its sets are used as they are.
     `augment` is the augment group; its MixUp/CutMix run on training batches after they reach
     the device. `test_only` (with a given `preprocessing`) reads only the test images where the
     source has its own test set, so a model can be evaluated where only they exist.
@@ -130,7 +132,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def loader(self) -> str:
-        """The data path chosen at setup: "device" or "dataloader"."""
+        """The data path chosen at setup: "device", "dataloader" or "streaming"."""
         return self._require(self.loader_choice).path
 
     @property
