@@ -49,7 +49,7 @@ def test_every_config_option_composes_and_instantiates(train_config, group, opti
     if option == "imagefolder" and group != "data":
         extra.append("data=imagefolder")  # as the preset chooses it, without the generated data
     cfg = train_config(f"{group}={option}", *extra)
-    if cfg.data.source._target_.endswith("ImageFolder"):
+    if cfg.data.source._target_.endswith(("ImageFolder", "StreamingSource")):
         cfg.data.root = str(ROOT)  # any existing directory: instantiating reads nothing yet
     if cfg.data.source._target_.endswith("CsvSource"):
         cfg.data.csv = "labels.csv"  # any path, as instantiating reads nothing yet
