@@ -4,6 +4,7 @@ read by index for evaluation. Resume is in test_resume (the streaming case)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -13,14 +14,16 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import FOLDER_CLASSES, FOLDER_SPLITS, load_script
+from conftest import FOLDER_CLASSES, FOLDER_SPLITS, TINY, load_script
 from datamodules import make_datamodule
+from thaw.config import compose_config
 from thaw.data.augment.batch import BatchAugment
 from thaw.data.resumable import StreamingLoader
 from thaw.data.sources.imagefolder import ImageFolder
 from thaw.data.sources.streaming import MANIFEST, StreamingSource
 from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
+from thaw.train import run
 
 MEAN = STD = [0.5, 0.5, 0.5]
 RAW = Preprocessing(input_size=28, mean=(0.0,) * 3, std=(1 / 255,) * 3)  # pixels, as floats
@@ -74,7 +77,8 @@ def _rank_stream(rank: int, shards: str, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         images = StreamingSource(shards).load().train.images
-        loader = StreamingLoader(images, BatchAugment(None, RAW, train=True), 0, 8, 0)
+        labels = torch.zeros(len(images))
+        loader = StreamingLoader(images, labels, BatchAugment(None, RAW, train=True), 0, 8, 0)
         batches = [batch.round().to(torch.uint8) for batch, _ in loader]  # the pixels again
         seen = [tuple(image.flatten().tolist()) for batch in batches for image in batch]
         Path(out, f"{rank}.json").write_text(json.dumps(seen))
@@ -122,3 +126,16 @@ def test_a_root_without_shards_and_make_shards_without_out_are_named(tmp_path):
         StreamingSource(str(tmp_path)).prepare()
     with pytest.raises(UserError, match="out= is required"):
         load_script("make_shards").main(["data=imagefolder", f"data.root={tmp_path}"])
+
+
+def test_a_frozen_backbone_trains_its_head_on_cached_features_of_the_shards(
+    photo_shards, tmp_path, caplog
+):
+    """finetune=linear_probe augment=none: the features of the streamed split are computed
+    once, by index, and served in the sampler's order."""
+    overrides = ["data=streaming", f"data.root={photo_shards}", "data.batch_size=16"]
+    overrides += ["finetune=linear_probe", "augment=none", "test=false"]
+    with caplog.at_level(logging.INFO, logger="thaw.finetune.feature_cache"):
+        metrics = run(compose_config("train", [*TINY, *overrides], tmp_path / "run"))
+    assert "Cached (120, 512) backbone features of the train set" in caplog.text
+    assert 0 <= metrics["val/acc_best"] <= 1

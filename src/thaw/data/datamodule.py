@@ -405,6 +405,7 @@ class ImageDataModule(pl.LightningDataModule):
             device = self.trainer.strategy.root_device if self.trainer is not None else "cpu"
             return StreamingLoader(
                 images.images,
+                images.labels,
                 self.train_transform,
                 seed=self.seed,
                 batch_size=batch_size,

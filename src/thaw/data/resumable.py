@@ -5,7 +5,7 @@ of (seed, epoch, sample), so a run resumed mid-epoch sees the very batches an un
 would, whatever the number of workers or processes. Three kinds share that bookkeeping: a
 DataLoader that augments image by image in workers, a DeviceLoader that keeps a uint8 set on
 the training device and augments whole batches there, and a StreamingLoader that streams litdata
-shards and augments their batches on the device. Either can serve cached backbone features
+shards and augments their batches on the device. Each can serve cached backbone features
 in place of images, in the same order (see thaw.finetune.FeatureCache).
 """
 
@@ -247,13 +247,15 @@ class StreamingLoader(PositionedLoader):
     litdata shuffles them by (seed, epoch), splits them across DDP ranks and loader workers, and
     its loader state resumes mid-epoch; each uint8 batch is moved to the training device and
     transformed there as a whole, as DeviceLoader's are, its draws seeded by (seed, epoch, rank,
-    batch). The sampler only keeps the epoch and the seed: litdata draws the order."""
+    batch). The sampler keeps the epoch and the seed, and draws the order only of cached
+    features (thaw.finetune.FeatureCache), which litdata does not serve."""
 
     batch_sampler = None
 
     def __init__(
         self,
         shards: Any,
+        labels: torch.Tensor,
         transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor],
         seed: int,
         batch_size: int,
@@ -262,6 +264,7 @@ class StreamingLoader(PositionedLoader):
     ) -> None:
         super().__init__()
         self.shards = shards
+        self.labels = labels
         self.transform = transform
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -281,7 +284,7 @@ class StreamingLoader(PositionedLoader):
         return self._streaming
 
     def __len__(self) -> int:
-        return len(self.streaming)
+        return super().__len__() if self.cached is not None else len(self.streaming)
 
     def _image_batches(self) -> Iterator[Batch]:
         epoch, first = self.sampler.epoch, self.sampler.skip // self.batch_size
