@@ -19,6 +19,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from thaw import checks
 from thaw.build import build_datamodule
 from thaw.cli import exit_with, is_user_error
 from thaw.config import config_dir
@@ -80,9 +81,9 @@ def main(argv: list[str]) -> str:
 def _workers(value: str | None) -> int:
     if value is None:
         return usable_cores()
-    if not value.isdigit() or int(value) < 1:
-        raise UserError(f"workers must be a positive integer, got {value!r}")
-    return int(value)
+    number = int(value) if value.isdigit() else value
+    checks.integer("workers", number, 1)
+    return number
 
 
 if __name__ == "__main__":

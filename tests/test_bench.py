@@ -307,8 +307,14 @@ def test_bench_data_tiny(tmp_path):
     argv = ["--per-class", "4", "--sizes", "32", "--batch-size", "8", "--workers", "1"]
     rows = bench.main([*argv, "--finetune", "linear_probe", "--out", str(tmp_path)])
     assert [row["path"] for row in rows] == list(bench.PATHS)
-    assert all(row["later"] > 0 and row["linear_probe"] > 0 for row in rows)
-    photo = next((tmp_path / "runs" / "photos").rglob("*.jpg"))
+    runs = tmp_path / "runs"
+    assert len(list((runs / "cache-32").glob("*.npy"))) == 3  # the cache row read a cache
+    assert (runs / "shards-32" / "train" / "index.json").exists()  # and streaming, shards
+    assert all(
+        (runs / f"{path}-32-linear_probe" / "checkpoints" / "last.ckpt").exists()
+        for path in bench.PATHS
+    )
+    photo = next((runs / "photos").rglob("*.jpg"))
     assert Image.open(photo).size == bench.PHOTO_SIZE
     table = (tmp_path / "data-cpu.md").read_text()
     assert "| 32 px | streaming |" in table and "vs per-image" in table

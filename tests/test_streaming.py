@@ -137,5 +137,6 @@ def test_a_frozen_backbone_trains_its_head_on_cached_features_of_the_shards(
     overrides += ["finetune=linear_probe", "augment=none", "test=false"]
     with caplog.at_level(logging.INFO, logger="thaw.finetune.feature_cache"):
         metrics = run(compose_config("train", [*TINY, *overrides], tmp_path / "run"))
-    assert "Cached (120, 512) backbone features of the train set" in caplog.text
-    assert 0 <= metrics["val/acc_best"] <= 1
+    for split, count in (("train", 120), ("val", 36)):
+        assert f"Cached ({count}, 512) backbone features of the {split} set" in caplog.text
+    assert metrics["val/acc_best"] > 1 / 3  # the head learnt something: three classes
