@@ -26,6 +26,7 @@ from thaw.config import config_dir
 from thaw.data.datamodule import SPLITS
 from thaw.data.sources.streaming import (
     FORMAT,
+    check_output,
     is_remote,
     label_value,
     split_url,
@@ -50,6 +51,7 @@ def main(argv: list[str]) -> str:
     if not own["out"]:
         raise UserError("out= is required: a folder, or s3://bucket/prefix (out=shards/)")
     out = own["out"] if is_remote(own["out"]) else str(Path(own["out"]).resolve())
+    check_output(out)
     workers = _workers(own["workers"])
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         cfg = compose("train", overrides=[*overrides, "semi=none"])

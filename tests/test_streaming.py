@@ -124,8 +124,11 @@ def test_streaming_refuses_what_would_replan_or_leave_its_path(photo_shards, val
 def test_a_root_without_shards_and_make_shards_without_out_are_named(tmp_path):
     with pytest.raises(UserError, match=f"data.root={tmp_path}: no readable {MANIFEST}"):
         StreamingSource(str(tmp_path)).prepare()
+    make_shards = load_script("make_shards")
     with pytest.raises(UserError, match="out= is required"):
-        load_script("make_shards").main(["data=imagefolder", f"data.root={tmp_path}"])
+        make_shards.main(["data=imagefolder", f"data.root={tmp_path}"])
+    with pytest.raises(UserError, match="out=gs://b/p: shards are written to a folder or to s3"):
+        make_shards.main(["data=imagefolder", f"data.root={tmp_path}", "out=gs://b/p"])
 
 
 def test_a_frozen_backbone_trains_its_head_on_cached_features_of_the_shards(

@@ -209,17 +209,19 @@ def write_shards(
     )
 
 
+def check_output(out: str) -> None:
+    """Where shards can be written: a folder (`local:` too) or s3://, checked before any is."""
+    if is_remote(out) and not out.startswith(("s3://", "local:")):
+        raise UserError(f"out={out}: shards are written to a folder or to s3://bucket/prefix")
+
+
 def write_manifest(out: str, manifest: dict[str, Any]) -> None:
     """thaw_shards.json beside the splits: a local file, or an object where `out` is s3://."""
+    check_output(out)
     text = json.dumps(manifest)
-    if not is_remote(out):
-        (Path(out) / MANIFEST).write_text(text)
-        return
-    if out.startswith("local:"):
+    if not out.startswith("s3://"):
         (Path(out.removeprefix("local:")) / MANIFEST).write_text(text)
         return
-    if not out.startswith("s3://"):
-        raise UserError(f"out={out}: shards are written to a folder or to s3://bucket/prefix")
     import boto3  # litdata's own dependency for s3
 
     bucket, _, prefix = out.removeprefix("s3://").partition("/")
