@@ -456,6 +456,7 @@ def test_a_failing_batch_fails_its_requests_and_a_full_queue_refuses_more():
         ("max_image_pixels=0", "max_image_pixels must be an integer >= 1"),
         ("max_pixels_in_flight=1000", "an image at the limit could never be decoded"),
         ("decode_wait_s=-1", "decode_wait_s must be a number >= 0"),
+        ("model_name='a/b'", "model_name='a/b': the Open Inference Protocol's paths take"),
     ],
 )
 def test_a_wrong_setting_is_named(override, words, tmp_path):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from thaw import checks
 from thaw.errors import UserError
 from thaw.inference.predictor import TTA_MODES, best_device, check_rejection, checkpoint_paths
+from thaw.serving import oip
 from thaw.serving.app import ServeSettings, create_app
 from thaw.serving.keys import api_key
 from thaw.serving.memory import give_back_large_blocks
@@ -53,6 +54,11 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         raise UserError("max_upload_mb must be above 0: it is the largest request body accepted")
     checks.choice("tta", cfg.tta, TTA_MODES)
     checks.flag("reject", cfg.reject)
+    if cfg.model_name is not None and not oip.is_model_name(cfg.model_name):
+        raise UserError(
+            f"model_name={cfg.model_name!r}: the Open Inference Protocol's paths take letters, "
+            "digits, '.', '_' and '-' (e.g. model_name=shop-classifier)"
+        )
     return ServeSettings(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=float(cfg.batch_timeout_ms),
@@ -65,6 +71,7 @@ def settings_from(cfg: DictConfig) -> ServeSettings:
         top_k=cfg.top_k,
         reject=cfg.reject,
         api_key=api_key(cfg),
+        model_name=cfg.model_name,
     )
 
 

@@ -4,8 +4,9 @@ Routes: `POST /predict` (one image, multipart field `file` or the raw body; `?ex
 its Grad-CAM overlay, for a checkpoint), `POST /predict/batch` (several multipart files, one
 result or error each, in order), `GET /health`, `GET /info`, `GET /metrics` (JSON, or
 `?format=prometheus`) and the page at `/`. A model with a rejection rule adds `score` and
-`known` to every answer (ServeState._answer). The routes live in routes.py, one app's state in
-state.py; this module puts them together.
+`known` to every answer (ServeState._answer). The Open Inference Protocol's routes, under /v2,
+share the batcher (oip.py). The routes live in routes.py and oip.py, one app's state in state.py;
+this module puts them together.
 
 With an API key, every path but OPEN needs it, /openapi.json and paths that do not exist
 included: what is open is listed, not what is closed. /docs and /redoc are not served (their
@@ -25,14 +26,15 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from thaw.inference.predictor import Predictor
+from thaw.serving import oip
 from thaw.serving.metrics import RequestMetrics
 from thaw.serving.routes import router
 from thaw.serving.state import MB, ServeSettings, ServeState
 
 __all__ = ["MB", "OPEN", "ROUTES", "Guarded", "Measured", "ServeSettings", "create_app"]
 
-ROUTES = ("/", "/predict", "/predict/batch", "/health", "/info", "/metrics")
-OPEN = frozenset({"/", "/health", "/info"})
+ROUTES = ("/", "/predict", "/predict/batch", "/health", "/info", "/metrics", *oip.PATHS)
+OPEN = frozenset({"/", "/health", "/info", *oip.OPEN_PATHS})
 
 
 def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettings) -> FastAPI:
@@ -44,6 +46,7 @@ def create_app(predictor: Predictor, info: dict[str, Any], settings: ServeSettin
         app.add_middleware(Guarded, api_key=settings.api_key)
     app.add_middleware(Measured, metrics=state.metrics)  # outermost: it counts the 401s too
     app.include_router(router)
+    app.include_router(oip.router)
     return app
 
 

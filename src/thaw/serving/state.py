@@ -44,6 +44,7 @@ class ServeSettings:
     top_k: int = 5
     reject: bool = False
     api_key: str | None = None
+    model_name: str | None = None  # on the Open Inference Protocol's routes; None: the model's
 
 
 @dataclass
@@ -96,34 +97,51 @@ class ServeState:
         The files of one batch share a `turn`: one at a time waits for the budget, so each
         file's wait starts when the one before it got its pixels, and a batch larger than the
         budget is decoded in order rather than timing out together."""
-        size = self.predictor.decode_size
-        limit = self.settings.max_image_pixels
-        pixels = await run_in_threadpool(decoded_pixels, data, size, limit)
+        if not explain:
+            return self._answer(*await self.infer(data, turn))
         try:
-            async with AsyncExitStack() as held:
-                async with turn or nullcontext():
-                    await held.enter_async_context(self.budget.hold(pixels))
+            async with self.budget.hold(await self._pixels(data)):
                 with self.batcher.coming():
-                    image, inputs = await run_in_threadpool(self._prepare, data, explain)
-                if image is not None:  # explain
-                    answer = await self._classified(inputs)
-                    if "labels" in answer:  # label sets: each predicted label's own overlay
-                        for item in answer["labels"]:
-                            item["explanation"] = await self._explanation(image, item["label"])
-                        return answer
-                    top = answer["top_k"][0]["label"]  # the label may be the rule's
-                    answer["explanation"] = await self._explanation(image, top)
+                    image, inputs = await run_in_threadpool(self._prepare, data, True)
+                answer = self._answer(*await self.infer_prepared(inputs))
+                if "labels" in answer:  # label sets: each predicted label's own overlay
+                    for item in answer["labels"]:
+                        item["explanation"] = await self._explanation(image, item["label"])
                     return answer
+                top = answer["top_k"][0]["label"]  # the label may be the rule's
+                answer["explanation"] = await self._explanation(image, top)
+                return answer
         except BudgetExhausted as err:
             raise _busy(err) from None
-        return await self._classified(inputs)
 
-    async def _classified(self, inputs: list[torch.Tensor]) -> dict[str, Any]:
+    async def infer(
+        self, data: bytes, turn: asyncio.Lock | None = None
+    ) -> tuple[torch.Tensor, float | None]:
+        """One upload's probabilities and rejection score (None without a rule), its decoded
+        pixels held in the budget until it is preprocessed: what every route's answer is made
+        of (thaw's and the Open Inference Protocol's)."""
+        pixels = await self._pixels(data)
         try:
-            probabilities, score = await self.batcher.submit(inputs)
+            async with AsyncExitStack() as held:
+                async with turn or nullcontext():  # the budget is waited for in turn
+                    await held.enter_async_context(self.budget.hold(pixels))
+                with self.batcher.coming():
+                    _, inputs = await run_in_threadpool(self._prepare, data, False)
+        except BudgetExhausted as err:
+            raise _busy(err) from None
+        return await self.infer_prepared(inputs)
+
+    async def infer_prepared(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, float | None]:
+        """The answer to one image's model inputs (one per member), through the batcher."""
+        try:
+            return await self.batcher.submit(inputs)
         except Overloaded as err:
             raise _busy(err) from None
-        return self._answer(probabilities, score)
+
+    async def _pixels(self, data: bytes) -> int:
+        """The pixels `data` decodes to, read from its header (an UploadError if too many)."""
+        size, limit = self.predictor.decode_size, self.settings.max_image_pixels
+        return await run_in_threadpool(decoded_pixels, data, size, limit)
 
     async def _explanation(self, image: Image.Image, label: str) -> str:
         """The Grad-CAM overlay of `label` on the model's view of `image`, as a PNG data URI."""
