@@ -209,3 +209,15 @@ def test_the_api_key_guards_the_protocol_but_not_its_health(strict_url, test_ima
     assert served.get_model_metadata(NAME, headers=keyed)["name"] == NAME
     result = served.infer(NAME, [image_input(test_images[:1], True)], headers=keyed)
     assert result.as_numpy("label")[0].decode() in classes
+
+
+def test_the_request_metrics_count_the_protocols_routes(url, test_images):  # noqa: F811
+    """By the route's template: one model's infer calls are one line of /metrics."""
+
+    def answered() -> int:
+        routes = httpx.get(f"{url}/metrics").json()["routes"]
+        return routes.get("/v2/models/{name}/infer", {}).get("requests", {}).get("200", 0)
+
+    before = answered()
+    client(url).infer(NAME, [image_input(test_images[:1], True)])
+    assert answered() == before + 1

@@ -79,7 +79,9 @@ class Measured:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            route = scope["path"] if scope["path"] in ROUTES else "other"
+            # The route's template (/v2/models/{name}/infer), which routing left in the scope.
+            template = getattr(scope.get("route"), "path", scope["path"])
+            route = template if template in ROUTES else "other"
             self.metrics.record(route, status, time.perf_counter() - start)
 
 

@@ -39,7 +39,9 @@ from thaw.serving.uploads import UploadError
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")
-PATHS = (*OPEN_PATHS, "/v2")  # the fixed ones, for the request metrics
+# Every route, as the request metrics name it.
+PATHS = (*OPEN_PATHS, "/v2", "/v2/models/{name}", "/v2/models/{name}/ready")
+PATHS += ("/v2/models/{name}/infer",)
 
 router = APIRouter(prefix="/v2")
 
