@@ -341,7 +341,13 @@ INPUT_ERRORS = [
 ]
 # Those that never reach the command line as errors: the server answers them over HTTP (4xx,
 # 503), and a training stopped by a signal exits 128 + its number.
-NOT_INPUT_ERRORS = {"UploadError", "Overloaded", "BudgetExhausted", "TrainingStopped"}
+NOT_INPUT_ERRORS = {
+    "UploadError",
+    "ProtocolError",
+    "Overloaded",
+    "BudgetExhausted",
+    "TrainingStopped",
+}
 
 
 @pytest.mark.parametrize(("module", "name"), INPUT_ERRORS)
