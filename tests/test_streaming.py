@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -33,7 +34,9 @@ def test_make_shards_writes_the_planned_splits_with_the_cached_pixels(
     photo_folder, photo_shards, tmp_path
 ):
     """Every split in order: the manifest's labels are the samples' own, and each sample holds
-    the pixels data.cache decodes for that file."""
+    the pixels data.cache decodes for that file. Writing them left Ctrl-C's handler as it was
+    (litdata.optimize installs its own)."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     manifest = json.loads((photo_shards / MANIFEST).read_text())
     folder = make_datamodule(
         ImageFolder(photo_folder), None, MEAN, STD, image_size=28, cache=str(tmp_path)

@@ -15,6 +15,7 @@ by index from the same shards, each image once, on every rank.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -195,18 +196,23 @@ def write_shards(
     (thaw.data.cache.fitted_image), in the set's order (each worker writes a slice in order), so
     the manifest's labels line up with the samples."""
     litdata = require_litdata()
-    litdata.optimize(
-        fn=partial(_sample, images=images, preprocessing=preprocessing),
-        inputs=list(range(len(images))),
-        output_dir=url,
-        chunk_bytes=chunk_bytes,
-        num_workers=max(1, min(workers, len(images))),
-        keep_data_ordered=True,
-        mode="overwrite",
-        # A forked worker starts at once; a spawned one imports torch and thaw again.
-        start_method="fork" if sys.platform == "linux" else None,
-        verbose=False,
-    )
+    # optimize installs a SIGINT handler of its own and leaves it there: put the caller's back.
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        litdata.optimize(
+            fn=partial(_sample, images=images, preprocessing=preprocessing),
+            inputs=list(range(len(images))),
+            output_dir=url,
+            chunk_bytes=chunk_bytes,
+            num_workers=max(1, min(workers, len(images))),
+            keep_data_ordered=True,
+            mode="overwrite",
+            # A forked worker starts at once; a spawned one imports torch and thaw again.
+            start_method="fork" if sys.platform == "linux" else None,
+            verbose=False,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check_output(out: str) -> None:
