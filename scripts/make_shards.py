@@ -22,7 +22,7 @@ from hydra import compose, initialize_config_dir
 from thaw import checks
 from thaw.build import build_datamodule
 from thaw.cli import exit_with, is_user_error
-from thaw.config import config_dir
+from thaw.config import config_dir, script_arguments
 from thaw.data.datamodule import SPLITS
 from thaw.data.sources.streaming import (
     FORMAT,
@@ -41,13 +41,7 @@ OWN = {"out": None, "workers": None, "chunk_bytes": "64MB"}
 
 def main(argv: list[str]) -> str:
     """Compose the data group from `argv`, write the shards, return where they are."""
-    own, overrides = dict(OWN), []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in own:
-            own[key] = value
-        else:
-            overrides.append(arg)
+    own, overrides = script_arguments(argv, OWN)
     if not own["out"]:
         raise UserError("out= is required: a folder, or s3://bucket/prefix (out=shards/)")
     out = own["out"] if is_remote(own["out"]) else str(Path(own["out"]).resolve())

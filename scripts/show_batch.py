@@ -15,7 +15,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from thaw.build import build_datamodule
-from thaw.config import config_dir
+from thaw.config import config_dir, script_arguments
 from thaw.errors import UserError
 from thaw.visualize import datamodule_batch_grid
 
@@ -24,14 +24,7 @@ OWN = {"out": "batch.png", "n": "32", "columns": "8"}
 
 def main(argv: list[str]) -> Path:
     """Compose the train config from `argv`, draw one training batch, return the PNG's path."""
-    own = dict(OWN)
-    overrides = []
-    for arg in argv:
-        key, _, value = arg.partition("=")
-        if key in own:
-            own[key] = value
-        else:
-            overrides.append(arg)
+    own, overrides = script_arguments(argv, OWN)
     n, columns, out = (
         _positive("n", own["n"]),
         _positive("columns", own["columns"]),

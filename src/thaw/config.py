@@ -41,6 +41,21 @@ def config_dir() -> Path:
     return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf"
 
 
+def script_arguments(
+    argv: list[str], own: dict[str, str | None]
+) -> tuple[dict[str, str | None], list[str]]:
+    """A script's command line: its `own` keys (key=value, defaults given) and the rest, the
+    config overrides it passes on."""
+    values, overrides = dict(own), []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key in values:
+            values[key] = value
+        else:
+            overrides.append(arg)
+    return values, overrides
+
+
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The experiment-defining part of the config, for the TensorBoard hparams tab."""
     container = OmegaConf.to_container(cfg, resolve=True)
