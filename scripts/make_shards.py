@@ -23,7 +23,7 @@ from thaw import checks
 from thaw.build import build_datamodule
 from thaw.cli import exit_with, is_user_error
 from thaw.config import config_dir, script_arguments
-from thaw.data.datamodule import SPLITS
+from thaw.data.sources.base import SPLITS
 from thaw.data.sources.streaming import (
     FORMAT,
     check_output,

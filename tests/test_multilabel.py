@@ -5,6 +5,7 @@ paths the multi-label code touches, unchanged."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -235,8 +236,17 @@ def test_the_checkpoint_its_onnx_export_and_the_server_give_the_same_label_sets(
     for row in rows["explained"]:
         labels = row["labels"].split("|") if row["labels"] else [None]
         assert len(row["explanation"].split("|")) == len(labels)
-    serve = compose_config("serve", ["device=cpu", f"ckpt_path={best}"], tmp_path / "serve")
+    serve = compose_config(
+        "serve", ["device=cpu", f"ckpt_path={best}", "model_name=sets"], tmp_path / "serve"
+    )
     with loopback_server(build_app(serve)) as url, httpx.Client(base_url=url) as client:
+        # The Open Inference Protocol's label is the set, joined as predict's labels column.
+        some = sorted(inputs.glob("*.png"))[:4]
+        files = [base64.b64encode(path.read_bytes()).decode() for path in some]
+        image = {"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": files}
+        answer = client.post("/v2/models/sets/infer", json={"inputs": [image]}).json()
+        (label,) = [o for o in answer["outputs"] if o["name"] == "label"]
+        assert label["data"] == [expected[path.name] for path in some]
         for path in sorted(inputs.glob("*.png"))[:12]:
             answer = client.post("/predict", content=path.read_bytes()).json()
             served = "|".join(item["label"] for item in answer["labels"])

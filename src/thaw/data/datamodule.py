@@ -28,7 +28,7 @@ from thaw.data.resumable import (
     balanced_weights,
 )
 from thaw.data.settings import DataSettings
-from thaw.data.sources.base import ImageSet, Splits
+from thaw.data.sources.base import SPLITS, ImageSet, Splits
 from thaw.data.splits import plan_splits, select_classes
 from thaw.data.stats import resolve_preprocessing
 from thaw.data.unlabeled import unlabeled_pool
@@ -47,7 +47,6 @@ from thaw.semi.stream import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SPLITS = ("train", "val", "test")
 
 
 class ImageDataModule(pl.LightningDataModule):

@@ -191,11 +191,12 @@ def _the_input(header: dict[str, Any], binary: bytes) -> tuple[str, Any]:
     return name, np.asarray(data, dtype=np.float32).reshape(shape)
 
 
-def _binary_elements(data: bytes, datatype: str) -> list[Any]:
+def _binary_elements(data: bytes, datatype: str) -> np.ndarray | list[bytes]:
+    """FP32 as an array read in place; BYTES as its elements."""
     if datatype == "FP32":
         if len(data) % 4:
             raise ProtocolError(400, "FP32 binary data is not a whole number of floats")
-        return np.frombuffer(data, dtype="<f4").tolist()
+        return np.frombuffer(data, dtype="<f4")
     elements, at = [], 0
     while at < len(data):  # BYTES: each element a 4-byte little-endian length, then its bytes
         if at + 4 > len(data):
@@ -262,13 +263,14 @@ def encode_response(
     if predictor.thresholds is not None:  # label sets, as predict's labels column writes them
         sets = predictor.label_sets(probs)
         labels = [LABEL_SEPARATOR.join(label for label, _ in found) for found in sets]
-    for probabilities, score in answers if predictor.thresholds is None else ():
-        top = predictor.classes[int(probabilities.argmax())]
-        judgement = judged(predictor.rejection, top, score, serve.settings.reject)
-        labels.append(judgement["label"])
-        if predictor.rejection is not None:
-            scores.append(float(judgement["score"]))
-            known.append(bool(judgement["known"]))
+    else:
+        for probabilities, score in answers:
+            top = predictor.classes[int(probabilities.argmax())]
+            judgement = judged(predictor.rejection, top, score, serve.settings.reject)
+            labels.append(judgement["label"])
+            if predictor.rejection is not None:
+                scores.append(float(judgement["score"]))
+                known.append(bool(judgement["known"]))
     values: dict[str, tuple[str, list[int], Any]] = {
         "probs": ("FP32", list(probs.shape), probs.numpy().astype("<f4")),
         "label": ("BYTES", [len(labels)], labels),

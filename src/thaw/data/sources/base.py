@@ -14,6 +14,9 @@ from thaw.data.sources.download import archive_path, fetch_and_extract
 if TYPE_CHECKING:
     from thaw.data.sources.streaming import Shards
 
+# A data set's splits, by name, in order.
+SPLITS = ("train", "val", "test")
+
 
 @dataclass(frozen=True)
 class ImageSet:

@@ -20,12 +20,11 @@ from typing import ClassVar
 
 import torch
 
-from thaw.data.sources.base import ImageSet, Splits
+from thaw.data.sources.base import SPLITS, ImageSet, Splits
 from thaw.data.sources.download import DataUnavailableError
 from thaw.errors import UserError
 
 LABEL_SEPARATOR = "|"
-SPLITS = ("train", "val", "test")
 _SHOWN_BAD_ROWS = 5
 
 

@@ -28,14 +28,13 @@ import numpy as np
 import torch
 
 from thaw.data.cache import fitted_image
-from thaw.data.sources.base import ImageSet, Splits
+from thaw.data.sources.base import SPLITS, ImageSet, Splits
 from thaw.errors import UserError
 from thaw.preprocess import Preprocessing
 
 EXTRA = "streaming"  # pip install "thaw-vision[streaming]" brings litdata
 MANIFEST = "thaw_shards.json"
 FORMAT = 1
-SPLITS = ("train", "val", "test")
 _REMOTE = ("s3://", "gs://", "azure://", "r2://", "hf://", "local:")
 
 
